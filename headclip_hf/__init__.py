@@ -1,0 +1,22 @@
+"""headclip_hf: HeadCLIP zero-shot anomaly detection for the Hugging Face ecosystem.
+
+Importing the package registers `HeadCLIPConfig`, `HeadCLIPModel` and `HeadCLIPProcessor` with `AutoConfig`,
+`AutoModel` and `AutoProcessor`, and marks the config and model for Hub remote code (`save_pretrained` ships
+`configuration_headclip.py` and `modeling_headclip.py` with an `auto_map`).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoProcessor
+
+from .configuration_headclip import HeadCLIPConfig
+from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
+from .processing_headclip import HeadCLIPProcessor
+
+__version__ = "0.1.0"
+
+AutoConfig.register(HeadCLIPConfig.model_type, HeadCLIPConfig, exist_ok=True)
+AutoModel.register(HeadCLIPConfig, HeadCLIPModel, exist_ok=True)
+AutoProcessor.register(HeadCLIPConfig, HeadCLIPProcessor, exist_ok=True)
+HeadCLIPConfig.register_for_auto_class()
+HeadCLIPModel.register_for_auto_class("AutoModel")
+
+__all__ = ["HeadCLIPConfig", "HeadCLIPModel", "HeadCLIPOutput", "HeadCLIPProcessor", "__version__"]

@@ -1,0 +1,203 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""HeadCLIP model configuration.
+
+This file imports only `transformers` (and the standard library) so that `save_pretrained` can ship it as Hub remote
+code next to `modeling_headclip.py`.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPConfig
+
+# Token ids of the real CLIP tokenizer (`openai/clip-vit-*`, vocabulary 49,408) for the default prompt templates.
+# A test checks them against the tokenizer; use `HeadCLIPProcessor.prompt_token_ids` to compute your own.
+CLIP_START_OF_TEXT_ID = 49406
+CLIP_END_OF_TEXT_ID = 49407
+# "object."
+DEFAULT_NORMAL_PROMPT_IDS = [14115, 269]
+# "damaged object."
+DEFAULT_ABNORMAL_PROMPT_IDS = [13568, 14115, 269]
+# "a close-up inspection photo of the whole surface of the" (12 tokens): the context vectors of both prompts start
+# as the token embeddings of this phrase, so an untrained HeadCLIP scores "... of the object." against
+# "... of the damaged object.", a usable zero-shot CLIP detector.
+DEFAULT_PROMPT_INIT_IDS = [320, 2660, 268, 705, 15142, 1125, 539, 518, 2954, 7744, 539, 518]
+
+JOINT_POOLING_CHOICES = ("max", "topk_mean")
+
+
+@strict(accept_kwargs=True)
+class HeadCLIPConfig(CLIPConfig):
+    r"""
+    Configuration of a [`HeadCLIPModel`]: a CLIP configuration (`text_config`, `vision_config`, `projection_dim`) plus
+    the HeadCLIP fields below. Defaults are the paper's ViT-L/14@336 setting (`../shared/DESIGN.md`). Layer numbers are
+    1-indexed, as in the papers (layer 24 is the last layer of ViT-L/14).
+
+    Args:
+        prompt_length (`int`, defaults to 12):
+            Learnable context vectors per prompt ("[V1..Vn] object." and "[W1..Wn] damaged object.").
+        normal_prompt_ids (`list[int]`):
+            Token ids of the normal template that follows the context ("object."), without start/end tokens.
+        abnormal_prompt_ids (`list[int]`):
+            Token ids of the abnormal template ("damaged object."), without start/end tokens.
+        prompt_init_ids (`list[int]`):
+            Token ids of the phrase whose token embeddings initialise both prompts' context vectors. The phrase fills
+            the last context positions (next to the template); a longer phrase keeps its last `prompt_length` tokens,
+            and positions a shorter phrase leaves free start from N(0, 0.02) as in AnomalyCLIP.
+        prompt_start_token_id (`int`, defaults to 49406) / prompt_end_token_id (`int`, defaults to 49407):
+            CLIP's start-of-text and end-of-text ids; the text embedding is read at the end-of-text position.
+        deep_prompt_depth (`int`, defaults to 9):
+            Deep prompts are inserted at text layers 2..`deep_prompt_depth`; 1 switches them off.
+        deep_prompt_length (`int`, defaults to 4):
+            Learnable tokens per deep layer; they replace the positions right after the start token.
+        use_head_weights (`bool`, defaults to `True`):
+            Whether the per-head weights of the image encoder are applied and trained.
+        head_weight_layers (`list[int]`, *optional*):
+            Vision layers whose head weights train (all when `None`); the others stay exactly 1.
+        vv_start_layer (`int`, *optional*):
+            First vision layer with the value-value attention path; defaults to the first feature layer.
+        feature_layers (`list[int]`, *optional*):
+            Vision layers whose value-value patch tokens make the pixel maps; defaults to four evenly spaced layers
+            of the vision encoder ([6, 12, 18, 24] for ViT-L/14).
+        temperature (`float`, defaults to 0.07):
+            Softmax temperature of the cosine similarities with the two prompts, for the pixel maps and the global
+            score alike (as in AnomalyCLIP).
+        map_sigma (`float`, defaults to 4.0):
+            Sigma in pixels of the Gaussian that smooths the anomaly map at inference; 0 switches smoothing off.
+        joint_alpha (`float`, defaults to 0.5):
+            Joint anomaly score: `alpha * global + (1 - alpha) * pool(map)`; 1 is plain AnomalyCLIP scoring.
+        joint_pooling (`str`, defaults to `"max"`):
+            How the map is pooled into the joint score: `"max"` or `"topk_mean"` (mean of the top `joint_topk`
+            fraction of pixels).
+        joint_topk (`float`, defaults to 0.01):
+            Fraction of pixels averaged by `"topk_mean"` pooling.
+        global_feature_layernorm (`bool`, defaults to `True`):
+            Apply CLIP's post layer norm to the class token before the visual projection (CLIP does; AnomalyCLIP's
+            reference code does not).
+        focal_gamma (`float`, defaults to 2.0):
+            Focusing parameter of the focal loss on the pixel maps.
+        image_size (`int`, defaults to 518):
+            Working input size in pixels (square); the positional embeddings of the pretrained grid are interpolated.
+
+    Example:
+
+    ```python
+    >>> from headclip_hf import HeadCLIPConfig, HeadCLIPModel
+
+    >>> config = HeadCLIPConfig.from_pretrained("openai/clip-vit-large-patch14-336", joint_alpha=0.5)
+    >>> model = HeadCLIPModel(config)  # random weights; use HeadCLIPModel.from_pretrained for CLIP's
+    ```
+    """
+
+    model_type = "headclip"
+
+    prompt_length: int = 12
+    normal_prompt_ids: list[int] | None = None
+    abnormal_prompt_ids: list[int] | None = None
+    prompt_init_ids: list[int] | None = None
+    prompt_start_token_id: int = CLIP_START_OF_TEXT_ID
+    prompt_end_token_id: int = CLIP_END_OF_TEXT_ID
+    deep_prompt_depth: int = 9
+    deep_prompt_length: int = 4
+    use_head_weights: bool = True
+    head_weight_layers: list[int] | None = None
+    vv_start_layer: int | None = None
+    feature_layers: list[int] | None = None
+    temperature: float | int = 0.07
+    map_sigma: float | int = 4.0
+    joint_alpha: float | int = 0.5
+    joint_pooling: str = "max"
+    joint_topk: float | int = 0.01
+    global_feature_layernorm: bool = True
+    focal_gamma: float | int = 2.0
+    image_size: int = 518
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.normal_prompt_ids is None:
+            self.normal_prompt_ids = list(DEFAULT_NORMAL_PROMPT_IDS)
+        if self.abnormal_prompt_ids is None:
+            self.abnormal_prompt_ids = list(DEFAULT_ABNORMAL_PROMPT_IDS)
+        if self.prompt_init_ids is None:
+            self.prompt_init_ids = list(DEFAULT_PROMPT_INIT_IDS)
+        num_vision_layers = self.vision_config.num_hidden_layers
+        if self.feature_layers is None:
+            self.feature_layers = sorted({max(1, round(num_vision_layers * k / 4)) for k in (1, 2, 3, 4)})
+        if self.vv_start_layer is None:
+            self.vv_start_layer = min(self.feature_layers)
+        self.check_headclip_fields()
+
+    def check_headclip_fields(self) -> None:
+        """Raise a `ValueError` naming the field, its value and the allowed range for any invalid HeadCLIP field."""
+        num_vision_layers = self.vision_config.num_hidden_layers
+        num_text_layers = self.text_config.num_hidden_layers
+        context_length = self.text_config.max_position_embeddings
+
+        def fail(field: str, value, allowed: str):
+            raise ValueError(f"HeadCLIPConfig.{field}={value!r} is invalid: {allowed}.")
+
+        longest_template = max(len(self.normal_prompt_ids), len(self.abnormal_prompt_ids))
+        # start token + context + template + end token must fit the text context.
+        max_prompt_length = context_length - 2 - longest_template
+        if not 1 <= self.prompt_length <= max_prompt_length:
+            fail(
+                "prompt_length",
+                self.prompt_length,
+                f"it must lie in [1, {max_prompt_length}] so that start + context + the {longest_template}-token "
+                f"template + end fit the text context of {context_length} tokens",
+            )
+        for field in ("normal_prompt_ids", "abnormal_prompt_ids"):
+            if len(getattr(self, field)) < 1:
+                fail(field, getattr(self, field), "the template needs at least one token")
+        vocab_size = self.text_config.vocab_size
+        for field in (
+            "normal_prompt_ids",
+            "abnormal_prompt_ids",
+            "prompt_init_ids",
+            "prompt_start_token_id",
+            "prompt_end_token_id",
+        ):
+            value = getattr(self, field)
+            ids = value if isinstance(value, list) else [value]
+            if any(not 0 <= i < vocab_size for i in ids):
+                fail(field, value, f"token ids must lie in [0, {vocab_size - 1}] (the text vocabulary)")
+        if len(self.prompt_init_ids) < 1:
+            fail("prompt_init_ids", self.prompt_init_ids, "it needs at least one token")
+        if not 1 <= self.deep_prompt_depth <= num_text_layers:
+            fail("deep_prompt_depth", self.deep_prompt_depth, f"it must lie in [1, {num_text_layers}] (text layers)")
+        if not 0 <= self.deep_prompt_length <= self.prompt_length:
+            fail(
+                "deep_prompt_length",
+                self.deep_prompt_length,
+                f"it must lie in [0, prompt_length={self.prompt_length}]",
+            )
+        if not self.feature_layers or any(not 1 <= layer <= num_vision_layers for layer in self.feature_layers):
+            fail("feature_layers", self.feature_layers, f"layers must lie in [1, {num_vision_layers}] (vision layers)")
+        if sorted(set(self.feature_layers)) != list(self.feature_layers):
+            fail("feature_layers", self.feature_layers, "layers must be distinct and in increasing order")
+        if not 1 <= self.vv_start_layer <= self.feature_layers[0]:
+            fail(
+                "vv_start_layer",
+                self.vv_start_layer,
+                f"it must lie in [1, {self.feature_layers[0]}] (at or before the first feature layer)",
+            )
+        if self.head_weight_layers is not None and any(
+            not 1 <= layer <= num_vision_layers for layer in self.head_weight_layers
+        ):
+            fail("head_weight_layers", self.head_weight_layers, f"layers must lie in [1, {num_vision_layers}]")
+        if not self.temperature > 0:
+            fail("temperature", self.temperature, "it must be > 0")
+        if not self.map_sigma >= 0:
+            fail("map_sigma", self.map_sigma, "it must be >= 0 (0 switches smoothing off)")
+        if not 0.0 <= self.joint_alpha <= 1.0:
+            fail("joint_alpha", self.joint_alpha, "it must lie in [0, 1]")
+        if self.joint_pooling not in JOINT_POOLING_CHOICES:
+            fail("joint_pooling", self.joint_pooling, f"choose one of {JOINT_POOLING_CHOICES}")
+        if not 0.0 < self.joint_topk <= 1.0:
+            fail("joint_topk", self.joint_topk, "it must lie in (0, 1]")
+        if not self.focal_gamma >= 0:
+            fail("focal_gamma", self.focal_gamma, "it must be >= 0")
+        patch_size = self.vision_config.patch_size
+        if not self.image_size >= patch_size:
+            fail("image_size", self.image_size, f"it must be >= the patch size ({patch_size})")
+
+
+__all__ = ["HeadCLIPConfig"]

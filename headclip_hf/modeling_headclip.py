@@ -1,0 +1,521 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch HeadCLIP model: zero-shot anomaly detection by domain adaptation of CLIP's text prompts and attention heads.
+
+This file imports only `torch`, `transformers` and `configuration_headclip` (relatively), so that `save_pretrained`
+can ship it as Hub remote code and `AutoModel.from_pretrained(..., trust_remote_code=True)` works without
+`headclip_hf` installed.
+
+Shapes: B images, C=3 channels, H x W input pixels, N = (H / patch) * (W / patch) patch tokens, L feature layers,
+D vision width, P projection width, T prompt tokens.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPPreTrainedModel,
+    CLIPTextModel,
+    CLIPVisionModel,
+    eager_attention_forward,
+)
+from transformers.utils import ModelOutput, logging
+
+from .configuration_headclip import HeadCLIPConfig
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class HeadCLIPOutput(ModelOutput):
+    r"""
+    Output of [`HeadCLIPModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `masks` and/or `labels` are passed):
+            Training loss: per feature layer focal + Dice(abnormal, mask) + Dice(normal, 1 - mask) (with `masks`), plus
+            the cross-entropy of `global_logits` against `labels` (with `labels`).
+        anomaly_map (`torch.FloatTensor` of shape `(B, H, W)`):
+            Mean of `layer_maps`, in [0, 1]; Gaussian-smoothed (sigma `config.map_sigma`) unless in training mode.
+        image_score (`torch.FloatTensor` of shape `(B,)`):
+            Joint anomaly score `alpha * global_score + (1 - alpha) * pool(anomaly_map)`, in [0, 1].
+        global_score (`torch.FloatTensor` of shape `(B,)`):
+            Probability of the abnormal prompt for the image embedding.
+        layer_maps (`torch.FloatTensor` of shape `(B, L, H, W)`):
+            Abnormal probability per feature layer, bilinearly upsampled to the input size (not smoothed).
+        global_logits (`torch.FloatTensor` of shape `(B, 2)`):
+            Cosine similarity of the image embedding with (normal, abnormal) prompt embeddings over `temperature`.
+        image_embeds (`torch.FloatTensor` of shape `(B, P)`):
+            L2-normalised image embedding (class token of the original attention path).
+        text_embeds (`torch.FloatTensor` of shape `(2, P)`):
+            L2-normalised (normal, abnormal) prompt embeddings.
+    """
+
+    loss: torch.FloatTensor | None = None
+    anomaly_map: torch.FloatTensor | None = None
+    image_score: torch.FloatTensor | None = None
+    global_score: torch.FloatTensor | None = None
+    layer_maps: torch.FloatTensor | None = None
+    global_logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+
+
+def l2_normalize(features: torch.Tensor) -> torch.Tensor:
+    """Divide by the L2 norm over the last dimension, as CLIP does (`x / x.norm(dim=-1, keepdim=True)`)."""
+    return features / features.norm(p=2, dim=-1, keepdim=True)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """
+    Separable Gaussian smoothing of `maps` of shape `(B, H, W)`, matching `scipy.ndimage.gaussian_filter(map, sigma)`
+    per map: kernel radius `int(4 * sigma + 0.5)` (clipped to the map size minus one), half-sample symmetric padding
+    (scipy's "reflect" mode), computed in the dtype of `maps`.
+    """
+    radius = int(4.0 * sigma + 0.5)
+    radius = min(radius, maps.shape[-2] - 1, maps.shape[-1] - 1)
+    if sigma <= 0 or radius < 1:
+        return maps
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype)
+
+    def blur_last_dim(x: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([x[..., :radius].flip(-1), x, x[..., -radius:].flip(-1)], dim=-1)
+        rows = padded.reshape(-1, 1, padded.shape[-1])
+        return F.conv1d(rows, kernel.view(1, 1, -1)).reshape(x.shape)
+
+    smoothed = blur_last_dim(maps)
+    return blur_last_dim(smoothed.transpose(-1, -2)).transpose(-1, -2)
+
+
+def focal_loss(abnormal_prob: torch.Tensor, masks: torch.Tensor, gamma: float, eps: float = 1e-6) -> torch.Tensor:
+    """
+    Focal loss (Lin et al. 2017) of a 2-class pixel map, averaged over pixels.
+
+    Args:
+        abnormal_prob: `(B, H, W)` probability of the abnormal class.
+        masks: `(B, H, W)` binary ground truth (1 = anomalous pixel).
+    """
+    prob_true = torch.where(masks > 0.5, abnormal_prob, 1.0 - abnormal_prob).clamp(min=eps, max=1.0)
+    return (-((1.0 - prob_true) ** gamma) * prob_true.log()).mean()
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss `1 - (2|p*t| + s) / (|p| + |t| + s)` per image of `(B, H, W)` maps, averaged over images."""
+    prob, target = prob.flatten(1), target.flatten(1)
+    dice = (2.0 * (prob * target).sum(1) + smooth) / (prob.sum(1) + target.sum(1) + smooth)
+    return (1.0 - dice).mean()
+
+
+class HeadCLIPPromptLearner(nn.Module):
+    """
+    The learnable text side: context vectors of the normal and abnormal prompts and the deep prompts.
+
+    The prompts are `[SOT] [V1..Vn] <normal template> [EOT]` and `[SOT] [W1..Wn] <abnormal template> [EOT]`, padded
+    with EOT to a common length T. `prompt_token_ids` holds them with the context positions filled by
+    `prompt_init_ids`, so that CLIP applied to these ids computes what an untrained HeadCLIP computes.
+
+    Parameters:
+        normal_context, abnormal_context: `(prompt_length, text width)`.
+        deep_prompts: `(deep_prompt_depth - 1, deep_prompt_length, text width)`, for text layers 2..depth; `None`
+            when deep prompts are off.
+    """
+
+    def __init__(self, config: HeadCLIPConfig):
+        super().__init__()
+        width = config.text_config.hidden_size
+        self.prompt_length = config.prompt_length
+        self.normal_context = nn.Parameter(torch.empty(config.prompt_length, width))
+        self.abnormal_context = nn.Parameter(torch.empty(config.prompt_length, width))
+        num_deep_layers = config.deep_prompt_depth - 1
+        if num_deep_layers > 0 and config.deep_prompt_length > 0:
+            self.deep_prompts = nn.Parameter(torch.empty(num_deep_layers, config.deep_prompt_length, width))
+        else:
+            self.deep_prompts = None
+
+        self.num_random_context = config.prompt_length - len(config.prompt_init_ids[-config.prompt_length :])
+        token_ids, end_positions = self.build_prompt_token_ids(config)
+        self.register_buffer("prompt_token_ids", token_ids, persistent=False)
+        self.register_buffer("end_positions", end_positions, persistent=False)
+
+    @staticmethod
+    def build_prompt_token_ids(config: HeadCLIPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The two prompts' token ids `(2, T)`, the context positions holding the init phrase right-aligned next to the
+        template (its last `prompt_length` tokens if longer, its first token repeated in front if shorter), and the
+        end-of-text position of each prompt `(2,)`.
+        """
+        init_ids = list(config.prompt_init_ids)[-config.prompt_length :]
+        placeholder_ids = [init_ids[0]] * (config.prompt_length - len(init_ids)) + init_ids
+        rows = [
+            [config.prompt_start_token_id, *placeholder_ids, *template, config.prompt_end_token_id]
+            for template in (config.normal_prompt_ids, config.abnormal_prompt_ids)
+        ]
+        length = max(len(row) for row in rows)
+        padded = [row + [config.prompt_end_token_id] * (length - len(row)) for row in rows]
+        end_positions = [len(row) - 1 for row in rows]
+        return torch.tensor(padded, dtype=torch.long), torch.tensor(end_positions, dtype=torch.long)
+
+    def context(self) -> torch.Tensor:
+        """The (normal, abnormal) context vectors stacked: `(2, prompt_length, text width)`."""
+        return torch.stack([self.normal_context, self.abnormal_context])
+
+
+class HeadCLIPModel(CLIPModel):
+    r"""
+    HeadCLIP (Jeong et al., "Domain Adaptation of Attention Heads for Zero-shot Anomaly Detection"): a frozen CLIP with
+    learnable prompts in the text encoder, a learnable weight per attention head in the image encoder, value-value
+    attention patch features for pixel maps, and a joint anomaly score.
+
+    `HeadCLIPModel.from_pretrained("openai/clip-vit-large-patch14-336")` loads a plain CLIP checkpoint: CLIP's weights
+    load and only the HeadCLIP parameters (`head_weights`, `prompt_learner.*`) initialise: head weights at exactly 1
+    (the image encoder is CLIP's) and prompts from the embeddings of a real phrase (a usable zero-shot detector).
+    Only the HeadCLIP parameters require gradients; the CLIP backbone is frozen.
+    """
+
+    config_class = HeadCLIPConfig
+    config: HeadCLIPConfig
+
+    def __init__(self, config: HeadCLIPConfig):
+        # CLIPModel.__init__ would run post_init (weight initialisation) before the HeadCLIP parameters exist, so the
+        # CLIP modules are built here exactly as CLIPModel builds them, and post_init runs once at the end.
+        CLIPPreTrainedModel.__init__(self, config)
+        config.check_headclip_fields()
+        text_config, vision_config = config.text_config, config.vision_config
+        self.projection_dim = config.projection_dim
+        self.text_embed_dim = text_config.hidden_size
+        self.vision_embed_dim = vision_config.hidden_size
+        self.text_model = CLIPTextModel._from_config(text_config)
+        self.vision_model = CLIPVisionModel._from_config(vision_config)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+
+        self.prompt_learner = HeadCLIPPromptLearner(config)
+        self.head_weights = nn.Parameter(
+            torch.empty(vision_config.num_hidden_layers, vision_config.num_attention_heads)
+        )
+        self.register_buffer("head_weight_trainable", self.build_head_weight_trainable(config), persistent=False)
+        self._prompt_embeds_cache: tuple[tuple, torch.Tensor] | None = None
+        self.post_init()
+        self.freeze_backbone()
+
+    @staticmethod
+    def build_head_weight_trainable(config: HeadCLIPConfig) -> torch.Tensor:
+        """`(layers, 1)` booleans: True for the vision layers in `config.head_weight_layers` (all when `None`)."""
+        num_layers = config.vision_config.num_hidden_layers
+        trainable = torch.zeros(num_layers, 1, dtype=torch.bool)
+        trainable[[layer - 1 for layer in config.head_weight_layers or range(1, num_layers + 1)]] = True
+        return trainable
+
+    def freeze_backbone(self) -> None:
+        """Freeze every CLIP weight; only the prompt learner and (if `use_head_weights`) the head weights train."""
+        self.requires_grad_(False)
+        self.prompt_learner.requires_grad_(True)
+        self.head_weights.requires_grad_(self.config.use_head_weights)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading may create new Parameter objects; re-apply the trainable/frozen split afterwards.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_backbone()
+        return loaded
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # Non-persistent buffers are rebuilt here too: loading leaves them uninitialised.
+        if module is self:
+            init.ones_(self.head_weights)
+            init.copy_(self.head_weight_trainable, self.build_head_weight_trainable(self.config))
+        elif isinstance(module, HeadCLIPPromptLearner):
+            token_ids, end_positions = module.build_prompt_token_ids(self.config)
+            init.copy_(module.prompt_token_ids, token_ids)
+            init.copy_(module.end_positions, end_positions)
+            self._init_prompt_learner(module)
+
+    def _init_prompt_learner(self, prompt_learner: HeadCLIPPromptLearner) -> None:
+        """
+        Context vectors start as the token embeddings of `config.prompt_init_ids` (free leading positions: N(0, 0.02),
+        shared by both prompts). Deep prompts start as the hidden states that those prompts produce at the positions
+        they replace, so the untrained prompt embeddings equal CLIP's text embeddings of the init prompts exactly.
+        """
+        token_embedding = self.text_model.embeddings.token_embedding
+        init_context = token_embedding(prompt_learner.prompt_token_ids[0, 1 : 1 + prompt_learner.prompt_length])
+        if prompt_learner.num_random_context > 0:
+            random_context = torch.randn_like(init_context[: prompt_learner.num_random_context]) * 0.02
+            init_context = torch.cat([random_context, init_context[prompt_learner.num_random_context :]])
+        init.copy_(prompt_learner.normal_context, init_context)
+        init.copy_(prompt_learner.abnormal_context, init_context)
+        if prompt_learner.deep_prompts is not None:
+            _, layer_inputs = self._run_prompt_encoder(prompt_learner.context(), deep_prompts=None)
+            length = prompt_learner.deep_prompts.shape[1]
+            deep_init = torch.stack(
+                [layer_inputs[index][0, 1 : 1 + length] for index in range(1, 1 + len(prompt_learner.deep_prompts))]
+            )
+            init.copy_(prompt_learner.deep_prompts, deep_init)
+
+    def _run_prompt_encoder(
+        self, context: torch.Tensor, deep_prompts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """
+        Run CLIP's text encoder on the two prompts with `context` `(2, n, width)` in place of the context tokens and
+        `deep_prompts` `(depth - 1, k, width)` replacing positions 1..k at the input of text layers 2..depth.
+
+        Returns:
+            The final hidden states `(2, T, width)` (before the final layer norm) and the hidden states entering each
+            text layer (a list of `(2, T, width)`).
+        """
+        text_model = self.text_model
+        token_ids = self.prompt_learner.prompt_token_ids
+        token_embeds = text_model.embeddings.token_embedding(token_ids)
+        num_context = context.shape[1]
+        inputs_embeds = torch.cat(
+            [token_embeds[:, :1], context.to(token_embeds.dtype), token_embeds[:, 1 + num_context :]], dim=1
+        )
+        hidden_states = text_model.embeddings(inputs_embeds=inputs_embeds)
+        causal_mask = create_causal_mask(
+            config=text_model.config, inputs_embeds=hidden_states, attention_mask=None, cache=None
+        )
+        layer_inputs = []
+        for index, layer in enumerate(text_model.encoder.layers):
+            if deep_prompts is not None and 1 <= index <= len(deep_prompts):
+                deep = deep_prompts[index - 1].to(hidden_states.dtype).expand(hidden_states.shape[0], -1, -1)
+                hidden_states = torch.cat([hidden_states[:, :1], deep, hidden_states[:, 1 + deep.shape[1] :]], dim=1)
+            layer_inputs.append(hidden_states)
+            hidden_states = layer(hidden_states, causal_mask, is_causal=True)
+        return hidden_states, layer_inputs
+
+    def _compute_prompt_embeds(self) -> torch.Tensor:
+        prompt_learner = self.prompt_learner
+        hidden_states, _ = self._run_prompt_encoder(prompt_learner.context(), prompt_learner.deep_prompts)
+        hidden_states = self.text_model.final_layer_norm(hidden_states)
+        pooled = hidden_states[
+            torch.arange(hidden_states.shape[0], device=hidden_states.device), prompt_learner.end_positions
+        ]
+        return l2_normalize(self.text_projection(pooled))
+
+    def _prompt_cache_key(self) -> tuple:
+        """Changes whenever a text-side tensor is modified in place (optimizer step, `load_state_dict`) or moved."""
+        tensors = [*self.prompt_learner.parameters(), *self.text_model.parameters(), self.text_projection.weight]
+        versions = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        return versions, torch.is_inference_mode_enabled(), torch.is_autocast_enabled()
+
+    def get_prompt_embeds(self) -> torch.Tensor:
+        """
+        The L2-normalised (normal, abnormal) prompt embeddings, `(2, P)`. They do not depend on the image: in eval mode
+        they are computed once and cached (recomputed after any change to the text-side parameters); in training mode,
+        or when gradients can flow to the prompts, they are computed on every call.
+        """
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.prompt_learner.parameters())
+        if self.training or needs_graph:
+            self._prompt_embeds_cache = None
+            return self._compute_prompt_embeds()
+        key = self._prompt_cache_key()
+        if self._prompt_embeds_cache is None or self._prompt_embeds_cache[0] != key:
+            self._prompt_embeds_cache = (key, self._compute_prompt_embeds())
+        return self._prompt_embeds_cache[1]
+
+    def effective_head_weights(self) -> torch.Tensor | None:
+        """The `(layers, heads)` weights applied to the heads (1 for untrained layers), or `None` when switched off."""
+        if not self.config.use_head_weights:
+            return None
+        return torch.where(self.head_weight_trainable, self.head_weights, torch.ones_like(self.head_weights))
+
+    def _attention(
+        self,
+        attention: CLIPAttention,
+        hidden_states: torch.Tensor,
+        head_weights: torch.Tensor | None,
+        value_value: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        CLIP's multi-head attention on `hidden_states` `(B, N, D)` with each head's output scaled by `head_weights`
+        `(heads,)` before the output projection; with `value_value`, also the value-value attention
+        softmax(v v^T * scale) v of the same values, through the same head weights and output projection.
+
+        Returns:
+            The attention output `(B, N, D)` and the value-value output `(B, N, D)` (or `None`).
+        """
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, attention.head_dim)
+        queries = attention.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        keys = attention.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        values = attention.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attention.config._attn_implementation, eager_attention_forward
+        )
+        dropout = attention.dropout if self.training else 0.0
+
+        def heads_to_output(heads_output: torch.Tensor) -> torch.Tensor:
+            # heads_output: (B, N, heads, head_dim), as returned by the attention interface.
+            if head_weights is not None:
+                heads_output = heads_output * head_weights.to(heads_output.dtype)[:, None]
+            return attention.out_proj(heads_output.reshape(*input_shape, -1).contiguous())
+
+        attn_output, _ = attention_interface(
+            attention, queries, keys, values, None, scaling=attention.scale, dropout=dropout
+        )
+        output = heads_to_output(attn_output)
+        if not value_value:
+            return output, None
+        vv_output, _ = attention_interface(
+            attention, values, values, values, None, scaling=attention.scale, dropout=dropout
+        )
+        return output, heads_to_output(vv_output)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The vision encoder with head weights and the value-value path.
+
+        Args:
+            pixel_values: `(B, 3, H, W)`, any H, W that are multiples of the patch size (positional embeddings are
+                interpolated).
+
+        Returns:
+            The class token of the last layer's original path `(B, D)` and the value-value patch tokens at the
+            feature layers `(L, B, N, D)`.
+        """
+        config = self.config
+        vision_model = self.vision_model
+        hidden_states = vision_model.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden_states = vision_model.pre_layrnorm(hidden_states)
+        head_weights = self.effective_head_weights()
+        feature_layers = set(config.feature_layers)
+        vv_states = None
+        patch_tokens = []
+        for index, layer in enumerate(vision_model.encoder.layers):
+            layer_number = index + 1
+            value_value = config.vv_start_layer <= layer_number <= config.feature_layers[-1]
+            if value_value and vv_states is None:
+                vv_states = hidden_states
+            attn_output, vv_output = self._attention(
+                layer.self_attn,
+                layer.layer_norm1(hidden_states),
+                None if head_weights is None else head_weights[index],
+                value_value,
+            )
+            hidden_states = hidden_states + attn_output
+            hidden_states = hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+            if value_value:
+                vv_states = vv_states + vv_output
+            if layer_number in feature_layers:
+                patch_tokens.append(vv_states[:, 1:])
+        return hidden_states[:, 0], torch.stack(patch_tokens)
+
+    def compute_layer_maps(
+        self, patch_tokens: torch.Tensor, prompt_embeds: torch.Tensor, image_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """
+        Per-layer pixel maps: patch tokens `(L, B, N, D)` -> post layer norm -> visual projection -> L2 norm ->
+        cosine with `prompt_embeds` `(2, P)` / temperature -> softmax -> abnormal probability on the patch grid ->
+        bilinear upsampling to `image_size` (H, W). Returns `(B, L, H, W)` float32 maps in [0, 1].
+        """
+        num_layers, batch_size, _, _ = patch_tokens.shape
+        height, width = image_size
+        patch_size = self.config.vision_config.patch_size
+        grid = (height // patch_size, width // patch_size)
+        patch_embeds = l2_normalize(self.visual_projection(self.vision_model.post_layernorm(patch_tokens)))
+        logits = (patch_embeds @ prompt_embeds.to(patch_embeds.dtype).T).float() / self.config.temperature
+        abnormal = logits.softmax(dim=-1)[..., 1]
+        abnormal = abnormal.reshape(num_layers, batch_size, *grid).transpose(0, 1)
+        return F.interpolate(abnormal, size=image_size, mode="bilinear", align_corners=False)
+
+    def pool_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Pool `(B, H, W)` maps to `(B,)`: the maximum, or the mean of the top `joint_topk` fraction of pixels."""
+        flat = anomaly_map.flatten(1)
+        if self.config.joint_pooling == "max":
+            return flat.amax(dim=1)
+        k = max(1, math.ceil(self.config.joint_topk * flat.shape[1]))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> HeadCLIPOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`):
+                Images preprocessed by [`HeadCLIPProcessor`] (H and W multiples of the patch size; 518 by default).
+            masks (`torch.FloatTensor` of shape `(B, H, W)`, *optional*):
+                Binary ground-truth masks (1 = anomalous pixel); adds the pixel losses.
+            labels (`torch.LongTensor` of shape `(B,)`, *optional*):
+                Image labels (0 normal, 1 anomalous); adds the image cross-entropy.
+
+        Returns:
+            [`HeadCLIPOutput`].
+
+        Example:
+
+        ```python
+        >>> from PIL import Image
+        >>> from headclip_hf import HeadCLIPModel, HeadCLIPProcessor
+
+        >>> model = HeadCLIPModel.from_pretrained("openai/clip-vit-large-patch14-336").eval()
+        >>> processor = HeadCLIPProcessor.from_pretrained("openai/clip-vit-large-patch14-336")
+        >>> inputs = processor(images=Image.open("bottle.png"), return_tensors="pt")
+        >>> outputs = model(**inputs)
+        >>> outputs.anomaly_map.shape, outputs.image_score
+        ```
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        image_size = tuple(pixel_values.shape[-2:])
+        class_token, patch_tokens = self.encode_image(pixel_values)
+        prompt_embeds = self.get_prompt_embeds()
+
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+            layer_maps = self.compute_layer_maps(patch_tokens, prompt_embeds, image_size)
+            if config.global_feature_layernorm:
+                class_token = self.vision_model.post_layernorm(class_token)
+            image_embeds = l2_normalize(self.visual_projection(class_token))
+            global_logits = (image_embeds @ prompt_embeds.to(image_embeds.dtype).T).float() / config.temperature
+            global_score = global_logits.softmax(dim=-1)[:, 1]
+            anomaly_map = layer_maps.mean(dim=1)
+            if not self.training and config.map_sigma > 0:
+                anomaly_map = gaussian_blur(anomaly_map, config.map_sigma)
+            image_score = config.joint_alpha * global_score + (1.0 - config.joint_alpha) * self.pool_map(anomaly_map)
+
+            loss = None
+            if masks is not None:
+                masks = masks.to(layer_maps.dtype)
+                if masks.shape != anomaly_map.shape:
+                    raise ValueError(
+                        f"masks have shape {tuple(masks.shape)}, expected {tuple(anomaly_map.shape)} (B, H, W)"
+                    )
+                loss = 0.0
+                for layer_index in range(layer_maps.shape[1]):
+                    abnormal = layer_maps[:, layer_index]
+                    loss = loss + focal_loss(abnormal, masks, config.focal_gamma)
+                    loss = loss + dice_loss(abnormal, masks) + dice_loss(1.0 - abnormal, 1.0 - masks)
+            if labels is not None:
+                image_loss = F.cross_entropy(global_logits, labels.to(global_logits.device).long())
+                loss = image_loss if loss is None else loss + image_loss
+
+        output = HeadCLIPOutput(
+            loss=loss,
+            anomaly_map=anomaly_map,
+            image_score=image_score,
+            global_score=global_score,
+            layer_maps=layer_maps,
+            global_logits=global_logits,
+            image_embeds=image_embeds,
+            text_embeds=prompt_embeds,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["HeadCLIPModel", "HeadCLIPOutput", "HeadCLIPPromptLearner"]

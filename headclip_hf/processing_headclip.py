@@ -1,0 +1,196 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""HeadCLIP processor: CLIP's image processor at the HeadCLIP working size, CLIP's tokenizer, ground-truth masks."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature, ProcessorMixin
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+ImageLike = Image.Image | np.ndarray | str | Path
+
+# Pixel value that means "full scale" for each integer depth; masks are binarised at half of it.
+_FULL_SCALE = {1: 1.0, 8: 255.0, 16: 65535.0}
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"Cannot read image file {str(path)!r}: {error}") from error
+
+
+def _array_to_unit_range(array: np.ndarray, what: str) -> np.ndarray:
+    """Scale an image or mask array to float64 in [0, 1] from its dtype (bool, uint8, uint16, other ints, float)."""
+    if array.dtype == bool:
+        return array.astype(np.float64)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"The {what} array contains NaN or infinite values.")
+        # Floats are read as [0, 1] when they fit, else as [0, 255].
+        scale = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+        return np.clip(array / scale, 0.0, 1.0)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.dtype == np.uint8:
+            return array / 255.0
+        if array.dtype == np.uint16:
+            return array / 65535.0
+        # Wider integers (PIL mode "I"): 0/1 masks, 8-bit or 16-bit content, by their largest value.
+        largest = array.max(initial=0)
+        scale = next(full for full in _FULL_SCALE.values() if largest <= full) if largest <= 65535 else largest
+        return np.clip(array / scale, 0.0, 1.0)
+    raise ValueError(f"Unsupported {what} array dtype {array.dtype}: use bool, uint8, uint16 or float.")
+
+
+def to_rgb_image(image: ImageLike) -> Image.Image:
+    """
+    Convert an image in any PIL mode (RGB, L, LA, P, RGBA, CMYK, I;16, I, F, ...), a numpy array (HxW, HxWx1, HxWx3,
+    HxWx4; uint8, uint16 or float in [0, 1] or [0, 255]) or an image file path to an 8-bit RGB PIL image. Alpha is
+    dropped; 16-bit and float content is scaled to 8 bits.
+    """
+    if isinstance(image, (str, Path)):
+        image = _open_image(image)
+    if isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            image = np.asarray(image)
+        else:
+            return image.convert("RGB")
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            f"Expected a PIL image, a numpy array or a file path, got {type(image).__name__}. "
+            "Convert tensors with `.numpy()` (HxWxC) first."
+        )
+    array = image
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ValueError(
+            f"Image array of shape {array.shape} is not supported: use HxW, HxWx1, HxWx3 or HxWx4 (channels last)."
+        )
+    if array.ndim == 3:
+        array = array[..., :3]
+    array8 = np.round(_array_to_unit_range(array, "image") * 255.0).astype(np.uint8)
+    return Image.fromarray(array8).convert("RGB")
+
+
+def to_binary_mask(mask: ImageLike) -> np.ndarray:
+    """
+    Convert a ground-truth mask (PIL in any mode: 1, L, RGB, I;16, ...; a numpy array; or a file path) to a bool
+    array `(H, W)`. A pixel is anomalous where its value is above half of full scale: 0/1 masks, 0/255 masks (above
+    127, the MVTec AD convention) and 16-bit masks (above 32767) all work; for colour masks any channel counts.
+    """
+    if isinstance(mask, (str, Path)):
+        mask = _open_image(mask)
+    array = np.asarray(mask)
+    if array.ndim == 3:
+        array = array[..., :3].max(axis=-1) if array.shape[-1] in (3, 4) else array[..., 0]
+    if array.ndim != 2:
+        raise ValueError(f"Mask of shape {array.shape} is not supported: use HxW (or HxWxC, any channel counts).")
+    return _array_to_unit_range(array, "mask") > 0.5
+
+
+def _image_size(image: ImageLike) -> tuple[int, int]:
+    """(width, height) of a PIL image or an array."""
+    if isinstance(image, Image.Image):
+        return image.size
+    array = np.asarray(image)
+    return array.shape[1], array.shape[0]
+
+
+class HeadCLIPProcessor(ProcessorMixin):
+    r"""
+    Prepares images (and optionally ground-truth masks and text) for [`HeadCLIPModel`].
+
+    Images in any PIL mode, numpy arrays or file paths become RGB, are resized (bicubic, aspect ratio not kept, no
+    crop, so defects at the border stay in view; as AnomalyCLIP does) to `image_size` x `image_size` and normalised
+    with CLIP's mean and std. Masks become binary float tensors at the same size (bilinear resize, threshold 0.5).
+
+    Args:
+        image_processor ([`CLIPImageProcessor`], *optional*):
+            CLIP's image processor; its size is set to `image_size` and its center crop switched off.
+        tokenizer ([`CLIPTokenizer`], *optional*):
+            CLIP's tokenizer, to compute prompt template ids (`prompt_token_ids`) and tokenise text.
+        image_size (`int`, *optional*, defaults to 518):
+            Working input size in pixels; match `HeadCLIPConfig.image_size`.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, image_size: int = 518, **kwargs):
+        if image_processor is None:
+            image_processor = CLIPImageProcessorPil()
+        image_processor.size = {"height": image_size, "width": image_size}
+        image_processor.do_center_crop = False
+        image_processor.do_convert_rgb = True
+        self.image_size = image_size
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(
+        self,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        masks: ImageLike | Sequence[ImageLike | None] | None = None,
+        text: str | list[str] | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Args:
+            images: one image or a list (PIL, numpy array or file path).
+            masks: one mask per image (PIL, numpy array, file path, or `None` for an all-normal mask); each must have
+                its image's width and height.
+            text: optional text for the tokenizer.
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` `(B, 3, S, S)`, `masks` `(B, S, S)` float in {0, 1} when masks are
+            given, and the tokenizer's outputs when text is given.
+        """
+        if images is None and text is None:
+            raise ValueError("Pass `images` (and optionally `masks`) or `text`.")
+        data = {}
+        if images is not None:
+            image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+            rgb_images = [to_rgb_image(image) for image in image_list]
+            data["pixel_values"] = self.image_processor(images=rgb_images, return_tensors="pt")["pixel_values"]
+            if masks is not None:
+                mask_list = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+                if len(mask_list) != len(rgb_images):
+                    raise ValueError(f"Got {len(rgb_images)} images but {len(mask_list)} masks: pass one per image.")
+                data["masks"] = torch.stack(
+                    [self.preprocess_mask(mask, image.size) for mask, image in zip(mask_list, rgb_images, strict=True)]
+                )
+        elif masks is not None:
+            raise ValueError("Masks need their images: pass `images` together with `masks`.")
+        if text is not None:
+            data.update(self.tokenizer(text, return_tensors="pt", padding=True, **kwargs))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def preprocess_mask(self, mask: ImageLike | None, image_size: tuple[int, int]) -> torch.Tensor:
+        """
+        A mask for an image of `image_size` (width, height) -> float tensor `(S, S)` in {0, 1}; `None` -> zeros.
+        Raises `ValueError` naming both sizes when the mask and its image differ in size.
+        """
+        size = self.image_size
+        if mask is None:
+            return torch.zeros(size, size)
+        if isinstance(mask, (str, Path)):
+            mask = _open_image(mask)
+        if _image_size(mask) != tuple(image_size):
+            raise ValueError(
+                f"Mask size {_image_size(mask)[0]}x{_image_size(mask)[1]} (width x height) differs from its image's "
+                f"size {image_size[0]}x{image_size[1]}: a mask must have its image's size."
+            )
+        binary = Image.fromarray(to_binary_mask(mask).astype(np.float32))
+        resized = np.asarray(binary.resize((size, size), resample=Image.Resampling.BILINEAR))
+        return torch.from_numpy((resized > 0.5).astype(np.float32))
+
+    def prompt_token_ids(self, phrase: str) -> list[int]:
+        """Token ids of `phrase` without start/end tokens, for `HeadCLIPConfig` prompt fields (e.g. "object.")."""
+        if self.tokenizer is None:
+            raise ValueError("This processor has no tokenizer: load one with HeadCLIPProcessor.from_pretrained(...).")
+        return self.tokenizer(phrase, add_special_tokens=False)["input_ids"]
+
+
+__all__ = ["HeadCLIPProcessor", "to_binary_mask", "to_rgb_image"]
