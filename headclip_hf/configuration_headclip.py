@@ -44,8 +44,9 @@ class HeadCLIPConfig(CLIPConfig):
             and positions a shorter phrase leaves free start from N(0, 0.02) as in AnomalyCLIP.
         prompt_start_token_id (`int`, defaults to 49406) / prompt_end_token_id (`int`, defaults to 49407):
             CLIP's start-of-text and end-of-text ids; the text embedding is read at the end-of-text position.
-        deep_prompt_depth (`int`, defaults to 9):
-            Deep prompts are inserted at text layers 2..`deep_prompt_depth`; 1 switches them off.
+        deep_prompt_depth (`int`, *optional*):
+            Deep prompts are inserted at text layers 2..`deep_prompt_depth`; 1 switches them off. Defaults to 9 (the
+            paper's setting), or the text depth if the text encoder is shallower.
         deep_prompt_length (`int`, defaults to 4):
             Learnable tokens per deep layer; they replace the positions right after the start token.
         use_head_weights (`bool`, defaults to `True`):
@@ -95,7 +96,7 @@ class HeadCLIPConfig(CLIPConfig):
     prompt_init_ids: list[int] | None = None
     prompt_start_token_id: int = CLIP_START_OF_TEXT_ID
     prompt_end_token_id: int = CLIP_END_OF_TEXT_ID
-    deep_prompt_depth: int = 9
+    deep_prompt_depth: int | None = None
     deep_prompt_length: int = 4
     use_head_weights: bool = True
     head_weight_layers: list[int] | None = None
@@ -111,6 +112,8 @@ class HeadCLIPConfig(CLIPConfig):
     image_size: int = 518
 
     def __post_init__(self, **kwargs):
+        # A plain CLIP config.json (loaded to build a HeadCLIP from CLIP) says model_type "clip": the class decides.
+        kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
         if self.normal_prompt_ids is None:
             self.normal_prompt_ids = list(DEFAULT_NORMAL_PROMPT_IDS)
@@ -118,6 +121,8 @@ class HeadCLIPConfig(CLIPConfig):
             self.abnormal_prompt_ids = list(DEFAULT_ABNORMAL_PROMPT_IDS)
         if self.prompt_init_ids is None:
             self.prompt_init_ids = list(DEFAULT_PROMPT_INIT_IDS)
+        if self.deep_prompt_depth is None:
+            self.deep_prompt_depth = min(9, self.text_config.num_hidden_layers)
         num_vision_layers = self.vision_config.num_hidden_layers
         if self.feature_layers is None:
             self.feature_layers = sorted({max(1, round(num_vision_layers * k / 4)) for k in (1, 2, 3, 4)})

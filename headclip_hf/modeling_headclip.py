@@ -94,7 +94,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return F.conv1d(rows, kernel.view(1, 1, -1)).reshape(x.shape)
 
     smoothed = blur_last_dim(maps)
-    return blur_last_dim(smoothed.transpose(-1, -2)).transpose(-1, -2)
+    return blur_last_dim(smoothed.transpose(-1, -2)).transpose(-1, -2).contiguous()
 
 
 def focal_loss(abnormal_prob: torch.Tensor, masks: torch.Tensor, gamma: float, eps: float = 1e-6) -> torch.Tensor:

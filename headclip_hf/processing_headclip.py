@@ -12,9 +12,6 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 ImageLike = Image.Image | np.ndarray | str | Path
 
-# Pixel value that means "full scale" for each integer depth; masks are binarised at half of it.
-_FULL_SCALE = {1: 1.0, 8: 255.0, 16: 65535.0}
-
 
 def _open_image(path: str | Path) -> Image.Image:
     try:
@@ -25,26 +22,32 @@ def _open_image(path: str | Path) -> Image.Image:
         raise ValueError(f"Cannot read image file {str(path)!r}: {error}") from error
 
 
-def _array_to_unit_range(array: np.ndarray, what: str) -> np.ndarray:
-    """Scale an image or mask array to float64 in [0, 1] from its dtype (bool, uint8, uint16, other ints, float)."""
+def _full_scale(array: np.ndarray) -> float:
+    """The value that means "full intensity" judged from the content of an array: 1, 255 or 65535."""
+    largest = array.max(initial=0)
+    if largest <= 1:
+        return 1.0
+    return 255.0 if largest <= 255 else 65535.0
+
+
+def _image_array_to_unit_range(array: np.ndarray) -> np.ndarray:
+    """
+    Scale image content to float64 in [0, 1]: uint8 by 255, uint16 by 65535, wider integers (PIL mode "I") by 255 or
+    65535 from their content, floats as [0, 1] when they fit, else as [0, 255].
+    """
     if array.dtype == bool:
         return array.astype(np.float64)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise ValueError(f"The {what} array contains NaN or infinite values.")
-        # Floats are read as [0, 1] when they fit, else as [0, 255].
-        scale = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
-        return np.clip(array / scale, 0.0, 1.0)
+            raise ValueError("The image array contains NaN or infinite values.")
+        return np.clip(array / (1.0 if array.max(initial=0.0) <= 1.0 else 255.0), 0.0, 1.0)
+    if array.dtype == np.uint8:
+        return array / 255.0
+    if array.dtype == np.uint16:
+        return array / 65535.0
     if np.issubdtype(array.dtype, np.integer):
-        if array.dtype == np.uint8:
-            return array / 255.0
-        if array.dtype == np.uint16:
-            return array / 65535.0
-        # Wider integers (PIL mode "I"): 0/1 masks, 8-bit or 16-bit content, by their largest value.
-        largest = array.max(initial=0)
-        scale = next(full for full in _FULL_SCALE.values() if largest <= full) if largest <= 65535 else largest
-        return np.clip(array / scale, 0.0, 1.0)
-    raise ValueError(f"Unsupported {what} array dtype {array.dtype}: use bool, uint8, uint16 or float.")
+        return np.clip(array / max(_full_scale(array), 255.0), 0.0, 1.0)
+    raise ValueError(f"Unsupported image array dtype {array.dtype}: use bool, uint8, uint16 or float.")
 
 
 def to_rgb_image(image: ImageLike) -> Image.Image:
@@ -74,15 +77,16 @@ def to_rgb_image(image: ImageLike) -> Image.Image:
         )
     if array.ndim == 3:
         array = array[..., :3]
-    array8 = np.round(_array_to_unit_range(array, "image") * 255.0).astype(np.uint8)
+    array8 = np.round(_image_array_to_unit_range(array) * 255.0).astype(np.uint8)
     return Image.fromarray(array8).convert("RGB")
 
 
 def to_binary_mask(mask: ImageLike) -> np.ndarray:
     """
     Convert a ground-truth mask (PIL in any mode: 1, L, RGB, I;16, ...; a numpy array; or a file path) to a bool
-    array `(H, W)`. A pixel is anomalous where its value is above half of full scale: 0/1 masks, 0/255 masks (above
-    127, the MVTec AD convention) and 16-bit masks (above 32767) all work; for colour masks any channel counts.
+    array `(H, W)`. A pixel is anomalous where its value is above half of full scale, full scale being 1, 255 or 65535
+    by the mask's largest value: 0/1 masks, 0/255 masks (above 127, the MVTec AD convention) and 16-bit masks (above
+    32767) all work, as do bool and float masks in [0, 1]; for colour masks any channel counts.
     """
     if isinstance(mask, (str, Path)):
         mask = _open_image(mask)
@@ -91,7 +95,11 @@ def to_binary_mask(mask: ImageLike) -> np.ndarray:
         array = array[..., :3].max(axis=-1) if array.shape[-1] in (3, 4) else array[..., 0]
     if array.ndim != 2:
         raise ValueError(f"Mask of shape {array.shape} is not supported: use HxW (or HxWxC, any channel counts).")
-    return _array_to_unit_range(array, "mask") > 0.5
+    if array.dtype == bool:
+        return array
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"Unsupported mask dtype {array.dtype}: use bool, integers or floats.")
+    return array > _full_scale(array) / 2.0
 
 
 def _image_size(image: ImageLike) -> tuple[int, int]:
@@ -113,13 +121,18 @@ class HeadCLIPProcessor(ProcessorMixin):
     Args:
         image_processor ([`CLIPImageProcessor`], *optional*):
             CLIP's image processor; its size is set to `image_size` and its center crop switched off.
-        tokenizer ([`CLIPTokenizer`], *optional*):
+        tokenizer ([`CLIPTokenizer`]):
             CLIP's tokenizer, to compute prompt template ids (`prompt_token_ids`) and tokenise text.
         image_size (`int`, *optional*, defaults to 518):
             Working input size in pixels; match `HeadCLIPConfig.image_size`.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, image_size: int = 518, **kwargs):
+        if tokenizer is None:
+            raise ValueError(
+                "HeadCLIPProcessor needs CLIP's tokenizer: use HeadCLIPProcessor.from_pretrained(<a CLIP or HeadCLIP "
+                "checkpoint>) or pass tokenizer=CLIPTokenizer.from_pretrained(...)."
+            )
         if image_processor is None:
             image_processor = CLIPImageProcessorPil()
         image_processor.size = {"height": image_size, "width": image_size}
@@ -188,8 +201,6 @@ class HeadCLIPProcessor(ProcessorMixin):
 
     def prompt_token_ids(self, phrase: str) -> list[int]:
         """Token ids of `phrase` without start/end tokens, for `HeadCLIPConfig` prompt fields (e.g. "object.")."""
-        if self.tokenizer is None:
-            raise ValueError("This processor has no tokenizer: load one with HeadCLIPProcessor.from_pretrained(...).")
         return self.tokenizer(phrase, add_special_tokens=False)["input_ids"]
 
 

@@ -29,3 +29,69 @@ def clip_tokenizer_dir() -> Path:
     if not (path / "vocab.json").is_file():
         pytest.skip(f"real CLIP tokenizer not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(clip_tokenizer_dir):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
+
+
+def build_tiny_config(**overrides):
+    """A tiny random-weight HeadCLIP config: CLIP's real text vocabulary (so the default prompt ids are valid)."""
+    from headclip_hf import HeadCLIPConfig
+
+    kwargs = dict(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            patch_size=8,
+            image_size=32,
+        ),
+        projection_dim=16,
+        prompt_length=6,
+        deep_prompt_depth=3,
+        deep_prompt_length=2,
+        image_size=64,
+    )
+    kwargs.update(overrides)
+    return HeadCLIPConfig(**kwargs)
+
+
+@pytest.fixture
+def tiny_config_factory():
+    """`factory(**overrides)` -> a tiny `HeadCLIPConfig` (hidden 32, 3 text / 4 vision layers, 4 heads, patch 8)."""
+    return build_tiny_config
+
+
+@pytest.fixture
+def tiny_model():
+    """A tiny untrained `HeadCLIPModel` in eval mode, seeded."""
+    import torch
+
+    from headclip_hf import HeadCLIPModel
+
+    torch.manual_seed(0)
+    return HeadCLIPModel(build_tiny_config()).eval()
+
+
+@pytest.fixture
+def clip_checkpoint(tmp_path, tiny_model):
+    """A plain `CLIPModel` folder holding the CLIP weights of `tiny_model` (safetensors + config.json)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config=tiny_model.config.text_config.to_dict(),
+        vision_config=tiny_model.config.vision_config.to_dict(),
+        projection_dim=tiny_model.config.projection_dim,
+    )
+    clip = CLIPModel(config)
+    missing, unexpected = clip.load_state_dict(tiny_model.state_dict(), strict=False)
+    assert not missing
+    path = tmp_path / "clip"
+    clip.save_pretrained(path)
+    return path

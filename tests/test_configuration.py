@@ -1,0 +1,86 @@
+"""HeadCLIPConfig: defaults (checked against the real CLIP tokenizer), derived layers, validation, serialisation."""
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, CLIPTokenizer
+
+from headclip_hf import HeadCLIPConfig, HeadCLIPProcessor
+
+REAL_CONFIGS = Path(__file__).resolve().parent.parent.parent / "shared" / "configs"
+
+
+def test_default_prompt_ids_match_the_real_clip_tokenizer(clip_tokenizer_dir):
+    tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
+    processor = HeadCLIPProcessor(tokenizer=tokenizer)
+    config = HeadCLIPConfig()
+    assert config.normal_prompt_ids == processor.prompt_token_ids("object.")
+    assert config.abnormal_prompt_ids == processor.prompt_token_ids("damaged object.")
+    phrase = "a close-up inspection photo of the whole surface of the"
+    assert config.prompt_init_ids == processor.prompt_token_ids(phrase)
+    assert len(config.prompt_init_ids) == config.prompt_length == 12
+    full = tokenizer("x").input_ids
+    assert (config.prompt_start_token_id, config.prompt_end_token_id) == (full[0], full[-1])
+
+
+def test_paper_defaults_on_the_real_vit_l14_336_architecture():
+    path = REAL_CONFIGS / "clip-vit-large-patch14-336"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"real CLIP configs not found at {path}")
+    config = HeadCLIPConfig.from_pretrained(path)
+    assert config.model_type == "headclip"
+    assert config.feature_layers == [6, 12, 18, 24]
+    assert config.vv_start_layer == 6
+    assert (config.prompt_length, config.deep_prompt_depth, config.deep_prompt_length) == (12, 9, 4)
+    assert (config.temperature, config.map_sigma, config.joint_alpha, config.image_size) == (0.07, 4.0, 0.5, 518)
+    assert config.vision_config.num_hidden_layers == 24 and config.text_config.num_hidden_layers == 12
+
+
+@pytest.mark.parametrize("depth,expected", [(12, [3, 6, 9, 12]), (4, [1, 2, 3, 4]), (2, [1, 2]), (6, [2, 3, 4, 6])])
+def test_feature_layers_default_to_four_evenly_spaced_layers(tiny_config_factory, depth, expected):
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=depth, num_attention_heads=4, patch_size=8)
+    config = tiny_config_factory(vision_config=vision)
+    assert config.feature_layers == expected
+    assert config.vv_start_layer == expected[0]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(feature_layers=[2, 5]), r"feature_layers=\[2, 5\] is invalid: layers must lie in \[1, 4\]"),
+        (
+            dict(feature_layers=[3, 2]),
+            r"feature_layers=\[3, 2\] is invalid: layers must be distinct and in increasing",
+        ),
+        (dict(feature_layers=[2, 4], vv_start_layer=3), r"vv_start_layer=3 is invalid: it must lie in \[1, 2\]"),
+        (dict(joint_alpha=1.5), r"joint_alpha=1.5 is invalid: it must lie in \[0, 1\]"),
+        (dict(joint_alpha=-0.1), r"joint_alpha=-0.1 is invalid: it must lie in \[0, 1\]"),
+        (dict(prompt_length=73), r"prompt_length=73 is invalid: it must lie in \[1, 72\] so that start \+ context"),
+        (dict(deep_prompt_depth=5), r"deep_prompt_depth=5 is invalid: it must lie in \[1, 3\]"),
+        (dict(deep_prompt_length=7), r"deep_prompt_length=7 is invalid: it must lie in \[0, prompt_length=6\]"),
+        (dict(head_weight_layers=[0]), r"head_weight_layers=\[0\] is invalid: layers must lie in \[1, 4\]"),
+        (dict(joint_pooling="mean"), r"joint_pooling='mean' is invalid: choose one of \('max', 'topk_mean'\)"),
+        (dict(joint_topk=0.0), r"joint_topk=0.0 is invalid: it must lie in \(0, 1\]"),
+        (dict(temperature=0.0), r"temperature=0.0 is invalid: it must be > 0"),
+        (dict(map_sigma=-1.0), r"map_sigma=-1.0 is invalid: it must be >= 0"),
+        (dict(normal_prompt_ids=[]), r"normal_prompt_ids=\[\] is invalid: the template needs at least one token"),
+        (dict(abnormal_prompt_ids=[60000]), r"abnormal_prompt_ids=\[60000\] is invalid: token ids must lie in"),
+    ],
+)
+def test_invalid_values_raise_value_error_naming_field_value_and_range(tiny_config_factory, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config_factory(**overrides)
+
+
+def test_longest_prompt_that_fits_the_text_context_is_accepted(tiny_config_factory):
+    # 72 = 77 positions - start - end - 3 tokens of "damaged object.".
+    assert tiny_config_factory(prompt_length=72).prompt_length == 72
+
+
+def test_config_round_trip_and_auto_registration(tiny_config_factory, tmp_path):
+    config = tiny_config_factory(joint_alpha=0.25, joint_pooling="topk_mean", head_weight_layers=[1, 3])
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, HeadCLIPConfig)
+    saved = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+    assert {k: v for k, v in loaded.to_dict().items() if k != "_name_or_path"} == saved
