@@ -8,6 +8,7 @@ Importing the package registers `HeadCLIPConfig`, `HeadCLIPModel` and `HeadCLIPP
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_headclip import HeadCLIPConfig
+from .data import ANOMALY_FEATURES, AnomalyCollator, load_anomaly_dataset, make_transform
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
 from .processing_headclip import HeadCLIPProcessor
 
@@ -19,4 +20,14 @@ AutoProcessor.register(HeadCLIPConfig, HeadCLIPProcessor, exist_ok=True)
 HeadCLIPConfig.register_for_auto_class()
 HeadCLIPModel.register_for_auto_class("AutoModel")
 
-__all__ = ["HeadCLIPConfig", "HeadCLIPModel", "HeadCLIPOutput", "HeadCLIPProcessor", "__version__"]
+__all__ = [
+    "ANOMALY_FEATURES",
+    "AnomalyCollator",
+    "HeadCLIPConfig",
+    "HeadCLIPModel",
+    "HeadCLIPOutput",
+    "HeadCLIPProcessor",
+    "__version__",
+    "load_anomaly_dataset",
+    "make_transform",
+]

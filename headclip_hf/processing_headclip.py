@@ -22,14 +22,6 @@ def _open_image(path: str | Path) -> Image.Image:
         raise ValueError(f"Cannot read image file {str(path)!r}: {error}") from error
 
 
-def _full_scale(array: np.ndarray) -> float:
-    """The value that means "full intensity" judged from the content of an array: 1, 255 or 65535."""
-    largest = array.max(initial=0)
-    if largest <= 1:
-        return 1.0
-    return 255.0 if largest <= 255 else 65535.0
-
-
 def _image_array_to_unit_range(array: np.ndarray) -> np.ndarray:
     """
     Scale image content to float64 in [0, 1]: uint8 by 255, uint16 by 65535, wider integers (PIL mode "I") by 255 or
@@ -46,7 +38,7 @@ def _image_array_to_unit_range(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint16:
         return array / 65535.0
     if np.issubdtype(array.dtype, np.integer):
-        return np.clip(array / max(_full_scale(array), 255.0), 0.0, 1.0)
+        return np.clip(array / (255.0 if array.max(initial=0) <= 255 else 65535.0), 0.0, 1.0)
     raise ValueError(f"Unsupported image array dtype {array.dtype}: use bool, uint8, uint16 or float.")
 
 
@@ -83,10 +75,15 @@ def to_rgb_image(image: ImageLike) -> Image.Image:
 
 def to_binary_mask(mask: ImageLike) -> np.ndarray:
     """
-    Convert a ground-truth mask (PIL in any mode: 1, L, RGB, I;16, ...; a numpy array; or a file path) to a bool
-    array `(H, W)`. A pixel is anomalous where its value is above half of full scale, full scale being 1, 255 or 65535
-    by the mask's largest value: 0/1 masks, 0/255 masks (above 127, the MVTec AD convention) and 16-bit masks (above
-    32767) all work, as do bool and float masks in [0, 1]; for colour masks any channel counts.
+    Convert a ground-truth mask (PIL in any mode: 1, L, P, RGB, I;16, ...; a numpy array; or a file path) to a bool
+    array `(H, W)`, whatever convention it was saved in:
+
+    - bool masks as they are; masks whose largest value is at most 1 (0/1 integers, float masks in [0, 1]) above 0.5;
+    - label maps, masks whose largest value is at most 127 (VisA numbers defect regions 1, 2, ...): any non-zero value;
+    - otherwise above half of full scale: above 127 for 8-bit masks (0/255, MVTec AD; JPEG masks such as Kvasir-SEG's
+      whose compression leaves values near 0 and 255), above 32767 for 16-bit masks.
+
+    For colour masks any channel counts.
     """
     if isinstance(mask, (str, Path)):
         mask = _open_image(mask)
@@ -99,7 +96,12 @@ def to_binary_mask(mask: ImageLike) -> np.ndarray:
         return array
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise ValueError(f"Unsupported mask dtype {array.dtype}: use bool, integers or floats.")
-    return array > _full_scale(array) / 2.0
+    largest = array.max(initial=0)
+    if largest <= 1:
+        return array > 0.5
+    if largest <= 127:
+        return array > 0
+    return array > (127.5 if largest <= 255 else 32767.5)
 
 
 def _image_size(image: ImageLike) -> tuple[int, int]:

@@ -107,10 +107,11 @@ def test_numpy_arrays_become_rgb(array):
         Image.fromarray(np.array([[0, 255], [128, 127]], np.uint8)).convert("RGB"),
         Image.fromarray(np.array([[0, 65535], [40000, 20000]], np.uint16)),
         np.array([[0, 1], [1, 0]], np.uint8),
+        np.array([[0, 2], [1, 0]], np.uint8),
         np.array([[False, True], [True, False]]),
         np.array([[0.0, 1.0], [0.9, 0.2]], np.float32),
     ],
-    ids=["L-0-255", "mode-1", "RGB", "I;16", "0-1", "bool", "float"],
+    ids=["L-0-255", "mode-1", "RGB", "I;16", "0-1", "label-map", "bool", "float"],
 )
 def test_masks_in_any_format_binarise(mask):
     np.testing.assert_array_equal(to_binary_mask(mask), np.array([[False, True], [True, False]]))

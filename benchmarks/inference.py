@@ -1,0 +1,79 @@
+"""Per-image inference time of HeadCLIP (anomaly map + joint score) against a bare CLIP vision forward.
+
+Builds the real architectures from `../shared/configs` with random weights (only the cost matters here), and times,
+in one run and interleaved, on the same weights, input size and batch:
+
+- bare: `CLIPVisionModel` forward (`interpolate_pos_encoding=True`), the floor any CLIP-based detector pays;
+- headclip: `HeadCLIPModel` forward in eval mode (head weights, value-value path, 4 pixel maps, Gaussian smoothing,
+  global and joint scores; the prompt embeddings are cached after the first call).
+
+Usage:
+    python benchmarks/inference.py                       # ViT-B/16 @ 224 and ViT-L/14@336 @ 518, batch 1 and 4
+    python benchmarks/inference.py --cases base:224 --batch-sizes 1 --repeats 5
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from headclip_hf import HeadCLIPConfig, HeadCLIPModel
+
+ARCHITECTURES = {"base": "clip-vit-base-patch16", "large": "clip-vit-large-patch14-336"}
+DEFAULT_CONFIGS = Path(__file__).resolve().parent.parent.parent / "shared" / "configs"
+
+
+def seconds(module: torch.nn.Module, **inputs) -> float:
+    """Wall time of one forward of `module`."""
+    start = time.perf_counter()
+    module(**inputs)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs-dir", type=Path, default=DEFAULT_CONFIGS, help="folder with the real CLIP configs")
+    parser.add_argument("--cases", nargs="+", default=["base:224", "large:518"], help="architecture:image_size")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model and case (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    print(
+        f"torch {torch.__version__}, device cpu, float32, threads {torch.get_num_threads()}, "
+        f"repeats {args.repeats} (median reported), inference_mode"
+    )
+    print()
+    print("| model | image | batch | bare CLIP vision (s/img) | HeadCLIP (s/img) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for case in args.cases:
+        name, size = case.split(":")
+        size = int(size)
+        config = HeadCLIPConfig.from_pretrained(args.configs_dir / ARCHITECTURES[name], image_size=size)
+        model = HeadCLIPModel(config).eval()
+        bare = model.vision_model  # a CLIPVisionModel holding the very same weights
+        for batch_size in args.batch_sizes:
+            pixel_values = torch.randn(batch_size, 3, size, size)
+            bare_inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=True)
+            with torch.inference_mode():
+                seconds(bare, **bare_inputs), seconds(model, pixel_values=pixel_values)  # warm-up, prompt encoding
+                bare_times, headclip_times = [], []
+                for _ in range(args.repeats):  # interleaved, so drift hits both alike
+                    bare_times.append(seconds(bare, **bare_inputs))
+                    headclip_times.append(seconds(model, pixel_values=pixel_values))
+            bare_s = statistics.median(bare_times) / batch_size
+            headclip_s = statistics.median(headclip_times) / batch_size
+            print(
+                f"| {config.vision_config.num_hidden_layers}-layer ViT/{config.vision_config.patch_size} ({name}) "
+                f"| {size} | {batch_size} | {bare_s:.3f} | {headclip_s:.3f} | {headclip_s / bare_s:.2f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
