@@ -22,6 +22,7 @@ DEFAULT_ABNORMAL_PROMPT_IDS = [13568, 14115, 269]
 DEFAULT_PROMPT_INIT_IDS = [320, 2660, 268, 705, 15142, 1125, 539, 518, 2954, 7744, 539, 518]
 
 JOINT_POOLING_CHOICES = ("max", "topk_mean")
+POSITION_INTERPOLATION_CHOICES = ("bicubic", "bilinear")
 
 
 @strict(accept_kwargs=True)
@@ -77,6 +78,9 @@ class HeadCLIPConfig(CLIPConfig):
             Focusing parameter of the focal loss on the pixel maps.
         image_size (`int`, defaults to 518):
             Working input size in pixels (square); the positional embeddings of the pretrained grid are interpolated.
+        position_interpolation (`str`, defaults to `"bicubic"`):
+            How the pretrained positional embeddings are resized to the input's patch grid: `"bicubic"` (as
+            transformers' `interpolate_pos_encoding`) or `"bilinear"` (as the AnomalyCLIP reference code).
 
     Example:
 
@@ -110,6 +114,7 @@ class HeadCLIPConfig(CLIPConfig):
     global_feature_layernorm: bool = True
     focal_gamma: float | int = 2.0
     image_size: int = 518
+    position_interpolation: str = "bicubic"
 
     def __post_init__(self, **kwargs):
         # A plain CLIP config.json (loaded to build a HeadCLIP from CLIP) says model_type "clip": the class decides.
@@ -200,6 +205,12 @@ class HeadCLIPConfig(CLIPConfig):
             fail("joint_topk", self.joint_topk, "it must lie in (0, 1]")
         if not self.focal_gamma >= 0:
             fail("focal_gamma", self.focal_gamma, "it must be >= 0")
+        if self.position_interpolation not in POSITION_INTERPOLATION_CHOICES:
+            fail(
+                "position_interpolation",
+                self.position_interpolation,
+                f"choose one of {POSITION_INTERPOLATION_CHOICES}",
+            )
         patch_size = self.vision_config.patch_size
         if not self.image_size >= patch_size:
             fail("image_size", self.image_size, f"it must be >= the patch size ({patch_size})")

@@ -374,6 +374,33 @@ class HeadCLIPModel(CLIPModel):
         )
         return output, heads_to_output(vv_output)
 
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        CLIP's patch + class embeddings of `pixel_values` `(B, 3, H, W)` with the positional embeddings of the
+        pretrained grid resized to the (H / patch) x (W / patch) grid (`config.position_interpolation`, without
+        corner alignment; unchanged when the grids match). Returns `(B, 1 + N, D)`.
+        """
+        embeddings = self.vision_model.embeddings
+        batch_size, _, height, width = pixel_values.shape
+        patch_embeds = embeddings.patch_embedding(pixel_values.to(dtype=embeddings.patch_embedding.weight.dtype))
+        patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
+        class_embeds = embeddings.class_embedding.expand(batch_size, 1, -1)
+        position_embeds = embeddings.position_embedding.weight.unsqueeze(0)  # (1, 1 + pretrained grid^2, D)
+        grid = (height // embeddings.patch_size, width // embeddings.patch_size)
+        pretrained_side = int(math.sqrt(position_embeds.shape[1] - 1))
+        if grid != (pretrained_side, pretrained_side):
+            dim = position_embeds.shape[-1]
+            patch_positions = position_embeds[:, 1:].reshape(1, pretrained_side, pretrained_side, dim)
+            patch_positions = F.interpolate(
+                patch_positions.permute(0, 3, 1, 2),
+                size=grid,
+                mode=self.config.position_interpolation,
+                align_corners=False,
+            )
+            patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, -1, dim)
+            position_embeds = torch.cat([position_embeds[:, :1], patch_positions], dim=1)
+        return torch.cat([class_embeds, patch_embeds], dim=1) + position_embeds
+
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """
         The vision encoder with head weights and the value-value path.
@@ -388,7 +415,7 @@ class HeadCLIPModel(CLIPModel):
         """
         config = self.config
         vision_model = self.vision_model
-        hidden_states = vision_model.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden_states = self.embed_image(pixel_values)
         hidden_states = vision_model.pre_layrnorm(hidden_states)
         head_weights = self.effective_head_weights()
         feature_layers = set(config.feature_layers)

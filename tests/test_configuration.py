@@ -62,6 +62,7 @@ def test_feature_layers_default_to_four_evenly_spaced_layers(tiny_config_factory
         (dict(joint_pooling="mean"), r"joint_pooling='mean' is invalid: choose one of \('max', 'topk_mean'\)"),
         (dict(joint_topk=0.0), r"joint_topk=0.0 is invalid: it must lie in \(0, 1\]"),
         (dict(temperature=0.0), r"temperature=0.0 is invalid: it must be > 0"),
+        (dict(position_interpolation="nearest"), r"position_interpolation=.nearest. is invalid: choose one of"),
         (dict(map_sigma=-1.0), r"map_sigma=-1.0 is invalid: it must be >= 0"),
         (dict(normal_prompt_ids=[]), r"normal_prompt_ids=\[\] is invalid: the template needs at least one token"),
         (dict(abnormal_prompt_ids=[60000]), r"abnormal_prompt_ids=\[60000\] is invalid: token ids must lie in"),

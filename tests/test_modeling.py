@@ -318,3 +318,21 @@ def test_save_and_load_round_trip_is_bit_exact(tiny_model, tmp_path):
         a, b = tiny_model(pixel_values=pixel_values), loaded(pixel_values=pixel_values)
     for key in a.keys():
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_position_embeddings_resized_to_the_input_grid(tiny_config_factory, mode):
+    torch.manual_seed(0)
+    model = HeadCLIPModel(tiny_config_factory(position_interpolation=mode)).eval()
+    embeddings = model.vision_model.embeddings
+    pixel_values = torch.randn(1, 3, 48, 80)  # a 6 x 10 grid from the pretrained 4 x 4 grid
+    with torch.no_grad():
+        embedded = model.embed_image(pixel_values)
+        patches = embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+    grid_positions = embeddings.position_embedding.weight[1:].reshape(4, 4, 32).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(grid_positions, size=(6, 10), mode=mode, align_corners=False)
+    expected_positions = resized[0].permute(1, 2, 0).reshape(60, 32)
+    torch.testing.assert_close(embedded[0, 1:] - patches[0], expected_positions, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        embedded[0, 0], embeddings.class_embedding + embeddings.position_embedding.weight[0], rtol=0, atol=0
+    )
