@@ -1,0 +1,739 @@
+"""Anomaly detection metrics: image AUROC / AP / F1-max, pixel AUROC / AP / F1-max / AUPRO, per category and mean.
+
+This module is the one home of the metric math. Its conventions are those of the field (DESIGN.md, "Metrics"):
+label / mask value 1 means anomalous, a higher score means more anomalous, every metric is computed per category
+and then averaged over categories, mAD image is the mean of the three image metrics and mAD pixel the mean of the
+four pixel metrics.
+
+Two ways in, one computation:
+
+- Functions named for what they compute (`image_auroc`, `image_ap`, `image_f1_max`, `pixel_auroc`, `pixel_ap`,
+  `pixel_f1_max`, `pixel_aupro`) for arrays held in memory. They return a plain `float`; when a metric is undefined
+  (one class only, no masks) they raise `UndefinedMetricError` (a `ValueError`) carrying the reason, the way
+  scikit-learn raises on a single class, so an undefined metric can never pass for a number.
+- `AnomalyMetricsAccumulator`, which streams batches of any number of categories in bounded memory, merges across
+  processes and computes `AnomalyDetectionResults`: per category and mean `MetricResult`s, where an undefined metric
+  is `value=None` plus a `reason` (JSON null, "n/a" in markdown), never 0, 0.5 or NaN.
+
+The functions and the accumulator share the pixel-level code below, so they give identical numbers; the `evaluate`
+module in `metrics/anomaly_detection` delegates to the accumulator.
+
+Image level. All scores are kept (one float per image, 1,725 for the whole MVTec AD test set) and scikit-learn
+computes AUROC (`roc_auc_score`), AP (`average_precision_score`: the step-wise sum of precision times recall
+increments, no interpolation) and F1-max (the maximum of 2PR / (P + R) over the points of `precision_recall_curve`).
+
+Pixel level, streaming. Holding every pixel is not an option (463 M pixels for MVTec AD at 518 x 518), so each
+category keeps fixed-size histograms over `num_bins` equal bins of [0, 1] (anomaly maps are probabilities):
+
+- `negative_counts[k]` / `positive_counts[k]`: number of normal / anomalous ground-truth pixels whose score falls in
+  bin k, i.e. k = floor(score * num_bins), with a score of exactly 1 in the top bin;
+- `region_overlap[k]`: sum, over the anomalous pixels in bin k, of 1 / (size of the ground-truth region holding the
+  pixel). Regions are the 8-connected components of each mask (`scipy.ndimage.label` with a 3 x 3 structuring
+  element, as in the MVTec AD evaluation code), labelled once per image;
+- `num_regions`: number of ground-truth regions seen.
+
+Thresholds are the bin edges t_k = k / num_bins and a pixel is predicted anomalous when its score is >= t_k. Summing
+the histograms from the top bin down to bin k gives, at t_k, the true positives, the false positives, and the sum
+over regions of the fraction of each region above the threshold. From these cumulative sums:
+
+- pixel AUROC: trapezoidal area under the ROC curve through (0, 0) and every occupied threshold;
+- pixel AP: sum over thresholds of (recall increment) x precision, scikit-learn's definition;
+- pixel F1-max: maximum over thresholds of 2 TP / (2 TP + FP + FN);
+- pixel AUPRO: PRO(t) = mean over all regions of the fraction of the region with score >= t (= cumulative
+  `region_overlap` / `num_regions`), FPR(t) = false positives / normal pixels (normal pixels of all images, including
+  anomaly-free ones). The curve (FPR, PRO) starts at (0, 0); its trapezoidal area for FPR in [0, `fpr_limit`] (0.3),
+  with the curve linearly interpolated at exactly FPR = `fpr_limit`, is divided by `fpr_limit`, so a perfect map
+  scores 1. This is the definition of the MVTec AD evaluation code (Bergmann et al., IJCV 2021); note that
+  AnomalyCLIP's `cal_pro_score` instead samples 200 thresholds and min-max rescales the FPRs below 0.3, which can
+  differ slightly.
+
+The binned metrics are exactly the metrics of the quantised scores floor(score * num_bins) / num_bins: the only
+approximation is that two scores in the same bin count as tied. With the default 2**16 bins (a bin is 1.5e-5 wide) the
+difference from the unbinned metrics stays far below 1e-3 for real and random maps (the tests check it); maps squeezed
+into a tiny range would need more bins (`num_bins`). A power of two makes `score * num_bins` exact in floating
+point, so bin edges are exact. The state is O(num_bins) per category whatever the number of images: 1.5 MiB per
+category at 2**16 bins, plus 16 bytes per image for the image labels and scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+DEFAULT_NUM_BINS = 2**16
+DEFAULT_FPR_LIMIT = 0.3
+
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+METRIC_NAMES = IMAGE_METRICS + ("mad_image",) + PIXEL_METRICS + ("mad_pixel",)
+
+# 8-connectivity inside each image of a [B, H, W] batch, none across images: one `ndimage.label` call per batch.
+_IN_IMAGE_8_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
+_IN_IMAGE_8_CONNECTIVITY[1] = True
+
+
+class UndefinedMetricError(ValueError):
+    """A metric is undefined on the given data (one class only, no masks); `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"undefined: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric value, or why there is none.
+
+    Args:
+        value: the metric in [0, 1], or `None` when it is undefined.
+        reason: why the metric is undefined (`None` when it is defined).
+        num_categories: for a mean over categories, how many categories it averages (the defined ones).
+    """
+
+    value: float | None
+    reason: str | None = None
+    num_categories: int | None = None
+
+    @property
+    def is_defined(self) -> bool:
+        return self.value is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        result = {"value": self.value, "reason": self.reason}
+        if self.num_categories is not None:
+            result["num_categories"] = self.num_categories
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input conversion and validation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _as_numpy(array: Any) -> np.ndarray:
+    """numpy view of a numpy array, a torch tensor (any device; half precision goes to float32) or a nested list."""
+    if hasattr(array, "detach") and hasattr(array, "cpu"):  # a torch.Tensor, without importing torch here
+        array = array.detach().cpu()
+        if array.is_floating_point() and array.element_size() < 4:  # bfloat16 / float16 have no (exact) numpy twin
+            array = array.float()
+        array = array.numpy()
+    return np.asarray(array)
+
+
+def _check_binary(array: np.ndarray, name: str) -> np.ndarray:
+    """`array` as bool, after checking that it only holds 0 and 1."""
+    if array.dtype == bool:
+        return array
+    if not ((array == 0) | (array == 1)).all():
+        found = np.unique(array[(array != 0) & (array != 1)])[:5]
+        raise ValueError(
+            f"`{name}` must be binary (0/1 or bool, 1 = anomalous); found values such as {found.tolist()}"
+            + (" (a 0/255 mask image must be thresholded or divided by 255 first)" if name == "masks" else "")
+        )
+    return array.astype(bool)
+
+
+def _check_scores(array: np.ndarray, name: str, *, unit_interval: bool) -> np.ndarray:
+    """`array` as float32 / float64 after checking it is finite (and in [0, 1] when `unit_interval`)."""
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise TypeError(f"`{name}` must hold numbers; got dtype {array.dtype}")
+    # float16 would overflow at score * 2**16; integers and bools become float32 like the maps models produce.
+    array = array if array.dtype == np.float64 else array.astype(np.float32)
+    if array.size == 0:
+        return array
+    low, high = array.min(), array.max()
+    if np.isnan(low) or np.isnan(high):
+        raise ValueError(f"`{name}` contains NaN")
+    if unit_interval and (low < 0 or high > 1):
+        raise ValueError(f"`{name}` must lie in [0, 1] (anomaly probabilities); found values in [{low}, {high}]")
+    if not unit_interval and not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(f"`{name}` contains infinite values")
+    return array
+
+
+def _image_inputs(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validated image labels (bool [N]) and scores (float [N])."""
+    labels, scores = _as_numpy(labels), _as_numpy(scores)
+    if labels.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(
+            f"`labels` and `scores` must both have shape [N]; got labels {labels.shape} and scores {scores.shape}"
+        )
+    return _check_binary(labels, "labels"), _check_scores(scores, "scores", unit_interval=False)
+
+
+def _pixel_inputs(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validated masks (bool [N, H, W]) and anomaly maps (float in [0, 1], [N, H, W])."""
+    masks, maps = _as_numpy(masks), _as_numpy(maps)
+    if maps.ndim != 3 or masks.shape != maps.shape:
+        raise ValueError(
+            f"`masks` and `maps` must both have shape [N, H, W]; got masks {masks.shape} and maps {maps.shape}"
+        )
+    return _check_binary(masks, "masks"), _check_scores(maps, "maps", unit_interval=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image level
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _require_both_image_classes(labels: np.ndarray) -> None:
+    num_images, num_anomalous = labels.size, int(labels.sum())
+    if num_images == 0:
+        raise UndefinedMetricError("no images")
+    if num_anomalous == num_images:
+        raise UndefinedMetricError(f"no normal images (all {num_images} images are anomalous)")
+    if num_anomalous == 0:
+        raise UndefinedMetricError(f"no anomalous images (all {num_images} images are normal)")
+
+
+def image_auroc(labels: Any, scores: Any) -> float:
+    """Image-level area under the ROC curve.
+
+    Args:
+        labels: [N] 0 (normal) / 1 (anomalous), numpy, torch or list.
+        scores: [N] anomaly scores, higher = more anomalous.
+
+    Raises:
+        UndefinedMetricError: when the images are all normal or all anomalous.
+    """
+    labels, scores = _image_inputs(labels, scores)
+    _require_both_image_classes(labels)
+    return float(roc_auc_score(labels, scores))
+
+
+def image_ap(labels: Any, scores: Any) -> float:
+    """Image-level average precision (scikit-learn's step-wise definition). Arguments as in `image_auroc`."""
+    labels, scores = _image_inputs(labels, scores)
+    _require_both_image_classes(labels)
+    return float(average_precision_score(labels, scores))
+
+
+def image_f1_max(labels: Any, scores: Any) -> float:
+    """Image-level F1-max: the best F1 over all thresholds. Arguments as in `image_auroc`."""
+    labels, scores = _image_inputs(labels, scores)
+    _require_both_image_classes(labels)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return float(_f1(precision, recall).max())
+
+
+def _f1(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    denominator = precision + recall
+    return np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pixel level: streaming histograms
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoidal area under the polyline (x, y) for x in [x[0], x_max], interpolating y linearly at x_max.
+
+    `x` is non-decreasing and reaches `x_max` (ROC-like curves end at 1).
+    """
+    end = int(np.searchsorted(x, x_max, side="right"))  # x[:end] <= x_max < x[end:]
+    x_kept, y_kept = x[:end], y[:end]
+    if end < x.size and x_kept[-1] < x_max:
+        y_at_max = y_kept[-1] + (y[end] - y_kept[-1]) * (x_max - x_kept[-1]) / (x[end] - x_kept[-1])
+        x_kept, y_kept = np.append(x_kept, x_max), np.append(y_kept, y_at_max)
+    return _trapezoid(x_kept, y_kept)
+
+
+@dataclass
+class PixelScoreHistograms:
+    """Sufficient statistics of the pixel-level metrics of one category (see the module docstring).
+
+    All fields are plain numpy arrays / ints that add up across batches and processes (`merge`).
+
+    Attributes:
+        positive_counts: [num_bins] int64, anomalous pixels per score bin.
+        negative_counts: [num_bins] int64, normal pixels per score bin.
+        region_overlap: [num_bins] float64, sum of 1 / region size over the anomalous pixels of each bin.
+        num_regions: number of ground-truth regions (8-connected components of the masks).
+        num_images: number of images with a mask that were added.
+    """
+
+    positive_counts: np.ndarray
+    negative_counts: np.ndarray
+    region_overlap: np.ndarray
+    num_regions: int = 0
+    num_images: int = 0
+
+    @classmethod
+    def empty(cls, num_bins: int = DEFAULT_NUM_BINS) -> PixelScoreHistograms:
+        if num_bins < 2:
+            raise ValueError(f"`num_bins` must be at least 2; got {num_bins}")
+        return cls(
+            positive_counts=np.zeros(num_bins, dtype=np.int64),
+            negative_counts=np.zeros(num_bins, dtype=np.int64),
+            region_overlap=np.zeros(num_bins, dtype=np.float64),
+        )
+
+    @property
+    def num_bins(self) -> int:
+        return self.positive_counts.size
+
+    @property
+    def num_positive(self) -> int:
+        return int(self.positive_counts.sum())
+
+    @property
+    def num_negative(self) -> int:
+        return int(self.negative_counts.sum())
+
+    def update(self, masks: np.ndarray, maps: np.ndarray) -> None:
+        """Add a batch. `masks`: bool [B, H, W]; `maps`: float [B, H, W] in [0, 1] (already validated)."""
+        if masks.shape[0] == 0:
+            return
+        # Bin index k = floor(score * num_bins), score 1.0 in the top bin; then one bincount over (bin, label) codes.
+        codes = (maps * self.num_bins).astype(np.intp)
+        np.minimum(codes, self.num_bins - 1, out=codes)
+        codes <<= 1
+        codes |= masks
+        counts = np.bincount(codes.ravel(), minlength=2 * self.num_bins)
+        self.negative_counts += counts[0::2]
+        self.positive_counts += counts[1::2]
+
+        # Regions: label each mask once; every anomalous pixel adds 1 / (its region's size) to its bin.
+        regions, num_regions = ndimage.label(masks, structure=_IN_IMAGE_8_CONNECTIVITY)
+        if num_regions:
+            region_of_pixel = regions[masks]  # [num anomalous pixels], values 1..num_regions
+            region_sizes = np.bincount(region_of_pixel, minlength=num_regions + 1)
+            self.region_overlap += np.bincount(
+                codes[masks] >> 1, weights=1.0 / region_sizes[region_of_pixel], minlength=self.num_bins
+            )
+        self.num_regions += num_regions
+        self.num_images += masks.shape[0]
+
+    def merge(self, other: PixelScoreHistograms) -> None:
+        """Add the statistics of `other` (same `num_bins`) into these."""
+        if other.num_bins != self.num_bins:
+            raise ValueError(f"cannot merge histograms with {other.num_bins} bins into ones with {self.num_bins}")
+        self.positive_counts += other.positive_counts
+        self.negative_counts += other.negative_counts
+        self.region_overlap += other.region_overlap
+        self.num_regions += other.num_regions
+        self.num_images += other.num_images
+
+    def require_both_classes(self) -> None:
+        """Raise `UndefinedMetricError` unless there are anomalous and normal ground-truth pixels."""
+        if self.num_images == 0:
+            raise UndefinedMetricError("no pixel-level ground truth (no image has a mask)")
+        if self.num_positive == 0:
+            raise UndefinedMetricError(f"no anomalous pixels (all {self.num_images} masks are empty)")
+        if self.num_negative == 0:
+            raise UndefinedMetricError(f"no normal pixels (all {self.num_images} masks are fully anomalous)")
+
+    def _cumulative(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """True positives, false positives and summed region overlap at each occupied threshold, highest first."""
+        self.require_both_classes()
+        occupied = np.flatnonzero((self.positive_counts + self.negative_counts) > 0)[::-1]
+        return (
+            np.cumsum(self.positive_counts[occupied]),
+            np.cumsum(self.negative_counts[occupied]),
+            np.cumsum(self.region_overlap[occupied]),
+        )
+
+    def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(false positive rate, true positive rate), each [T + 1], from (0, 0) to (1, 1)."""
+        true_positives, false_positives, _ = self._cumulative()
+        fpr = np.concatenate([[0.0], false_positives / self.num_negative])
+        tpr = np.concatenate([[0.0], true_positives / self.num_positive])
+        return fpr, tpr
+
+    def precision_recall_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(recall, precision), each [T], for thresholds from the highest to the lowest occupied bin."""
+        true_positives, false_positives, _ = self._cumulative()
+        return true_positives / self.num_positive, true_positives / (true_positives + false_positives)
+
+    def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(false positive rate, mean per-region overlap), each [T + 1], from (0, 0) to (1, 1)."""
+        _, false_positives, overlap = self._cumulative()
+        fpr = np.concatenate([[0.0], false_positives / self.num_negative])
+        pro = np.concatenate([[0.0], np.minimum(overlap / self.num_regions, 1.0)])  # clip float round-off
+        return fpr, pro
+
+    def auroc(self) -> float:
+        return _trapezoid(*self.roc_curve())
+
+    def average_precision(self) -> float:
+        recall, precision = self.precision_recall_curve()
+        return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+    def f1_max(self) -> float:
+        true_positives, false_positives, _ = self._cumulative()
+        return float(np.max(2 * true_positives / (true_positives + false_positives + self.num_positive)))
+
+    def aupro(self, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
+        if not 0 < fpr_limit <= 1:
+            raise ValueError(f"`fpr_limit` must be in (0, 1]; got {fpr_limit}")
+        fpr, pro = self.pro_curve()
+        return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+def _pixel_histograms(masks: Any, maps: Any, num_bins: int) -> PixelScoreHistograms:
+    histograms = PixelScoreHistograms.empty(num_bins)
+    histograms.update(*_pixel_inputs(masks, maps))
+    return histograms
+
+
+def pixel_auroc(masks: Any, maps: Any, *, num_bins: int = DEFAULT_NUM_BINS) -> float:
+    """Pixel-level AUROC over all pixels of all images.
+
+    Args:
+        masks: [N, H, W] ground truth, 0 (normal) / 1 (anomalous); numpy or torch.
+        maps: [N, H, W] anomaly maps in [0, 1].
+        num_bins: score histogram resolution (see the module docstring).
+
+    Raises:
+        UndefinedMetricError: when there are no anomalous or no normal pixels.
+    """
+    return _pixel_histograms(masks, maps, num_bins).auroc()
+
+
+def pixel_ap(masks: Any, maps: Any, *, num_bins: int = DEFAULT_NUM_BINS) -> float:
+    """Pixel-level average precision. Arguments as in `pixel_auroc`."""
+    return _pixel_histograms(masks, maps, num_bins).average_precision()
+
+
+def pixel_f1_max(masks: Any, maps: Any, *, num_bins: int = DEFAULT_NUM_BINS) -> float:
+    """Pixel-level F1-max: the best F1 over all thresholds. Arguments as in `pixel_auroc`."""
+    return _pixel_histograms(masks, maps, num_bins).f1_max()
+
+
+def pixel_aupro(
+    masks: Any, maps: Any, *, fpr_limit: float = DEFAULT_FPR_LIMIT, num_bins: int = DEFAULT_NUM_BINS
+) -> float:
+    """Area under the per-region-overlap curve up to FPR `fpr_limit`, divided by `fpr_limit` (module docstring).
+
+    Arguments as in `pixel_auroc`; regions are the 8-connected components of each mask.
+    """
+    return _pixel_histograms(masks, maps, num_bins).aupro(fpr_limit)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CategoryResult:
+    """Metrics of one category.
+
+    Attributes:
+        name: the category.
+        metrics: a `MetricResult` for each name of `METRIC_NAMES`.
+        counts: num_images, num_normal_images, num_anomalous_images, num_pixel_images (images with a mask),
+            num_normal_pixels, num_anomalous_pixels, num_regions.
+        curves: for plotting, the curves of the defined metrics: "image_roc" and "pixel_roc" (fpr, tpr),
+            "image_pr" and "pixel_pr" (recall ascending, precision), "pixel_pro" (fpr, pro). Not serialised.
+        image_labels, image_scores: [num_images] the image-level inputs, for plotting score distributions.
+    """
+
+    name: str
+    metrics: dict[str, MetricResult]
+    counts: dict[str, int]
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    image_labels: np.ndarray | None = field(default=None, repr=False)
+    image_scores: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": {name: result.to_dict() for name, result in self.metrics.items()}, "counts": self.counts}
+
+
+@dataclass
+class AnomalyDetectionResults:
+    """Per-category results and their means over categories.
+
+    `mean[name]` averages the categories on which `name` is defined and says how many (`num_categories`); it is
+    undefined only when the metric is undefined on every category. The mean of mAD image / mAD pixel is the mean of
+    the per-category mADs. Values are fractions in [0, 1]; the markdown report shows percentages.
+    """
+
+    categories: dict[str, CategoryResult]
+    mean: dict[str, MetricResult]
+    num_bins: int = DEFAULT_NUM_BINS
+    fpr_limit: float = DEFAULT_FPR_LIMIT
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: undefined values are `None` (null) next to their reason."""
+        return {
+            "categories": {name: category.to_dict() for name, category in self.categories.items()},
+            "mean": {name: result.to_dict() for name, result in self.mean.items()},
+            "num_categories": len(self.categories),
+            "settings": {"num_bins": self.num_bins, "aupro_fpr_limit": self.fpr_limit},
+        }
+
+
+def _metric_result(compute: Callable[[], float], category: str) -> MetricResult:
+    """Run `compute()`; an `UndefinedMetricError` becomes an undefined result whose reason names the category."""
+    try:
+        return MetricResult(float(compute()))
+    except UndefinedMetricError as error:
+        return MetricResult(None, f"category '{category}': {error.reason}")
+
+
+def _mean_of_parts(parts: list[MetricResult]) -> MetricResult:
+    """mAD: the mean of its parts, undefined (with the first part's reason) when one part is undefined."""
+    for part in parts:
+        if not part.is_defined:
+            return MetricResult(None, part.reason)
+    return MetricResult(float(np.mean([part.value for part in parts])))
+
+
+def _mean_over_categories(categories: dict[str, CategoryResult]) -> dict[str, MetricResult]:
+    means = {}
+    for name in METRIC_NAMES:
+        results = [category.metrics[name] for category in categories.values()]
+        values = [result.value for result in results if result.is_defined]
+        if values:
+            means[name] = MetricResult(float(np.mean(values)), None, num_categories=len(values))
+        elif results:
+            reason = f"undefined on all {len(results)} categories, e.g. {results[0].reason}"
+            means[name] = MetricResult(None, reason, num_categories=0)
+        else:
+            means[name] = MetricResult(None, "no category was evaluated", num_categories=0)
+    return means
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming accumulator
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CategoryState:
+    labels: list[np.ndarray]
+    scores: list[np.ndarray]
+    pixels: PixelScoreHistograms
+
+
+class AnomalyMetricsAccumulator:
+    """Streams batches of image scores and anomaly maps, per category, into the state all metrics need.
+
+    Memory does not grow with the number of pixels: per category the state is the image labels and scores (16 bytes
+    an image) and the pixel histograms of `PixelScoreHistograms` (3 x `num_bins` x 8 bytes, 1.5 MiB at 2**16 bins).
+    A batch only needs temporary arrays a few times its own size.
+
+    Distributed evaluation: the state is plain numpy arrays that add up (histograms, counts) or concatenate (image
+    labels and scores). Give every process its own accumulator, then bring them together with `merge`, e.g. with
+    accelerate: `states = accelerate.utils.gather_object([accumulator.state_dict()])`, then
+    `AnomalyMetricsAccumulator.from_state_dict(states[0])` merged with the others (drop the samples a distributed
+    sampler duplicates to even out the last batch before `update`, as `gather_for_metrics` does).
+
+    Args:
+        num_bins: resolution of the pixel score histograms (module docstring); a power of two keeps bin edges exact.
+        fpr_limit: the FPR up to which the PRO curve is integrated for AUPRO.
+
+    Example:
+        ```python
+        accumulator = AnomalyMetricsAccumulator()
+        for batch in dataloader:
+            output = model(pixel_values=batch["pixel_values"])
+            accumulator.update(
+                category=batch["category"], labels=batch["label"], scores=output.image_score,
+                masks=batch["mask"], maps=output.anomaly_map,
+            )
+        results = accumulator.compute()
+        results.mean["image_auroc"].value
+        ```
+    """
+
+    def __init__(self, num_bins: int = DEFAULT_NUM_BINS, fpr_limit: float = DEFAULT_FPR_LIMIT):
+        if num_bins < 2:
+            raise ValueError(f"`num_bins` must be at least 2; got {num_bins}")
+        if not 0 < fpr_limit <= 1:
+            raise ValueError(f"`fpr_limit` must be in (0, 1]; got {fpr_limit}")
+        self.num_bins = num_bins
+        self.fpr_limit = fpr_limit
+        self._states: dict[str, _CategoryState] = {}
+
+    @property
+    def categories(self) -> list[str]:
+        """The categories seen so far, in the order they first appeared."""
+        return list(self._states)
+
+    def _state(self, category: str) -> _CategoryState:
+        if category not in self._states:
+            self._states[category] = _CategoryState([], [], PixelScoreHistograms.empty(self.num_bins))
+        return self._states[category]
+
+    def update(
+        self,
+        *,
+        category: str | Sequence[str],
+        labels: Any,
+        scores: Any,
+        masks: Any | None = None,
+        maps: Any | None = None,
+        mask_valid: Any | None = None,
+    ) -> None:
+        """Add a batch of B images.
+
+        Args:
+            category: the category of every image (one string) or of each image ([B] strings).
+            labels: [B] 0 (normal) / 1 (anomalous); numpy, torch or list.
+            scores: [B] image anomaly scores, higher = more anomalous.
+            masks: [B, H, W] ground-truth masks, 0 / 1 or bool. `None`: no pixel-level ground truth in this batch.
+            maps: [B, H, W] anomaly maps in [0, 1]; required with `masks` (pass neither for image-level only).
+            mask_valid: [B] bool; images whose mask is unknown (False) are left out of the pixel metrics.
+                Default: every mask is valid.
+        """
+        labels, scores = _image_inputs(labels, scores)
+        batch_size = labels.shape[0]
+        if isinstance(category, str):
+            groups = [(category, slice(None))]
+        else:
+            categories = np.asarray(category, dtype=object)
+            if categories.shape != (batch_size,):
+                raise ValueError(
+                    f"`category` must be one string or [B] strings; got {categories.shape} for B={batch_size}"
+                )
+            groups = [(name, categories == name) for name in dict.fromkeys(categories.tolist())]
+
+        if masks is None and mask_valid is not None:
+            raise ValueError("`mask_valid` was given without `masks`")
+        if (masks is None) != (maps is None):
+            raise ValueError("`masks` and `maps` go together: pass both for pixel-level metrics or neither")
+        if masks is not None:
+            masks, maps = _pixel_inputs(masks, maps)
+            if masks.shape[0] != batch_size:
+                raise ValueError(
+                    f"`masks` / `maps` need one entry per image; got labels {labels.shape} and masks {masks.shape}"
+                )
+            valid = np.ones(batch_size, dtype=bool) if mask_valid is None else _as_numpy(mask_valid)
+            if valid.shape != (batch_size,):
+                raise ValueError(f"`mask_valid` must have shape [B]; got {valid.shape} with labels {labels.shape}")
+            valid = _check_binary(valid, "mask_valid")
+
+        for name, selection in groups:
+            state = self._state(str(name))
+            state.labels.append(labels[selection].copy())  # a copy: the caller may reuse its buffers
+            state.scores.append(scores[selection].copy())
+            if masks is not None:
+                pixel_selection = valid if isinstance(selection, slice) else valid & selection
+                if pixel_selection.all():
+                    state.pixels.update(masks, maps)
+                elif pixel_selection.any():
+                    state.pixels.update(masks[pixel_selection], maps[pixel_selection])
+
+    def merge(self, other: AnomalyMetricsAccumulator) -> AnomalyMetricsAccumulator:
+        """Add the state of `other` (e.g. another process's) into this accumulator; returns `self`."""
+        if (other.num_bins, other.fpr_limit) != (self.num_bins, self.fpr_limit):
+            raise ValueError(
+                f"cannot merge an accumulator with num_bins={other.num_bins}, fpr_limit={other.fpr_limit} into one "
+                f"with num_bins={self.num_bins}, fpr_limit={self.fpr_limit}"
+            )
+        for name, other_state in other._states.items():
+            state = self._state(name)
+            state.labels.extend(other_state.labels)
+            state.scores.extend(other_state.scores)
+            state.pixels.merge(other_state.pixels)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as plain numpy arrays and numbers (picklable, for gathering across processes).
+
+        Returns:
+            `{"num_bins": int, "fpr_limit": float, "categories": {name: {"labels": bool [N], "scores": float [N],
+            "positive_counts": int64 [num_bins], "negative_counts": int64 [num_bins], "region_overlap": float64
+            [num_bins], "num_regions": int, "num_pixel_images": int}}}`.
+        """
+        categories = {}
+        for name, state in self._states.items():
+            categories[name] = {
+                "labels": np.concatenate(state.labels),
+                "scores": np.concatenate(state.scores),
+                "positive_counts": state.pixels.positive_counts.copy(),
+                "negative_counts": state.pixels.negative_counts.copy(),
+                "region_overlap": state.pixels.region_overlap.copy(),
+                "num_regions": state.pixels.num_regions,
+                "num_pixel_images": state.pixels.num_images,
+            }
+        return {"num_bins": self.num_bins, "fpr_limit": self.fpr_limit, "categories": categories}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> AnomalyMetricsAccumulator:
+        """Rebuild an accumulator from `state_dict()` output."""
+        accumulator = cls(num_bins=int(state["num_bins"]), fpr_limit=float(state["fpr_limit"]))
+        for name, category in state["categories"].items():
+            pixels = PixelScoreHistograms(
+                positive_counts=np.asarray(category["positive_counts"], dtype=np.int64).copy(),
+                negative_counts=np.asarray(category["negative_counts"], dtype=np.int64).copy(),
+                region_overlap=np.asarray(category["region_overlap"], dtype=np.float64).copy(),
+                num_regions=int(category["num_regions"]),
+                num_images=int(category["num_pixel_images"]),
+            )
+            if pixels.num_bins != accumulator.num_bins:
+                raise ValueError(f"category '{name}' has {pixels.num_bins} bins; expected {accumulator.num_bins}")
+            labels, scores = _image_inputs(category["labels"], category["scores"])
+            accumulator._state(name).pixels.merge(pixels)
+            accumulator._states[name].labels.append(labels)
+            accumulator._states[name].scores.append(scores)
+        return accumulator
+
+    def reset(self) -> None:
+        """Forget everything added so far."""
+        self._states = {}
+
+    def compute(self) -> AnomalyDetectionResults:
+        """Metrics per category (in order of first appearance) and their means over categories."""
+        categories = {name: self._compute_category(name, state) for name, state in self._states.items()}
+        return AnomalyDetectionResults(
+            categories=categories,
+            mean=_mean_over_categories(categories),
+            num_bins=self.num_bins,
+            fpr_limit=self.fpr_limit,
+        )
+
+    def _compute_category(self, name: str, state: _CategoryState) -> CategoryResult:
+        labels, scores, pixels = np.concatenate(state.labels), np.concatenate(state.scores), state.pixels
+        metrics = {
+            "image_auroc": _metric_result(lambda: image_auroc(labels, scores), name),
+            "image_ap": _metric_result(lambda: image_ap(labels, scores), name),
+            "image_f1_max": _metric_result(lambda: image_f1_max(labels, scores), name),
+            "pixel_auroc": _metric_result(pixels.auroc, name),
+            "pixel_ap": _metric_result(pixels.average_precision, name),
+            "pixel_f1_max": _metric_result(pixels.f1_max, name),
+            "pixel_aupro": _metric_result(lambda: pixels.aupro(self.fpr_limit), name),
+        }
+        metrics["mad_image"] = _mean_of_parts([metrics[metric] for metric in IMAGE_METRICS])
+        metrics["mad_pixel"] = _mean_of_parts([metrics[metric] for metric in PIXEL_METRICS])
+
+        curves = {}
+        if metrics["image_auroc"].is_defined:
+            fpr, tpr, _ = roc_curve(labels, scores)
+            precision, recall, _ = precision_recall_curve(labels, scores)  # recall descending: flip to ascending
+            curves["image_roc"], curves["image_pr"] = (fpr, tpr), (recall[::-1], precision[::-1])
+        if metrics["pixel_auroc"].is_defined:
+            curves["pixel_roc"] = pixels.roc_curve()
+            curves["pixel_pr"] = pixels.precision_recall_curve()
+            curves["pixel_pro"] = pixels.pro_curve()
+
+        num_anomalous = int(labels.sum())
+        counts = {
+            "num_images": int(labels.size),
+            "num_normal_images": int(labels.size) - num_anomalous,
+            "num_anomalous_images": num_anomalous,
+            "num_pixel_images": pixels.num_images,
+            "num_normal_pixels": pixels.num_negative,
+            "num_anomalous_pixels": pixels.num_positive,
+            "num_regions": pixels.num_regions,
+        }
+        return CategoryResult(
+            name=name,
+            metrics={metric: metrics[metric] for metric in METRIC_NAMES},
+            counts=counts,
+            curves=curves,
+            image_labels=labels,
+            image_scores=scores,
+        )

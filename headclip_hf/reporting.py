@@ -1,0 +1,192 @@
+"""Reports of anomaly detection results: a markdown table, a JSON file and ROC / PR / PRO curve plots per category.
+
+Everything here reads an `AnomalyDetectionResults` (from `headclip_hf.metrics`); no metric is computed here.
+
+- Markdown: one row per category plus the mean, values in percent with one decimal like the papers. An undefined
+  value is "n/a [k]", footnote k giving the reason; a mean over fewer than all categories says over how many.
+- JSON: `results.to_dict()`: fractions in [0, 1], `null` plus the reason for an undefined value.
+- PNG: per category a 2 x 3 grid: image ROC, image PR, image score distributions; pixel ROC, pixel PR, PRO curve up to
+  the AUPRO FPR limit. Figures are drawn with `matplotlib.figure.Figure` and saved by the Agg renderer, without pyplot,
+  so the caller's matplotlib backend and open figures are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, MetricResult, _f1
+
+METRIC_TITLES = {
+    "image_auroc": "Image AUROC",
+    "image_ap": "Image AP",
+    "image_f1_max": "Image F1-max",
+    "mad_image": "mAD image",
+    "pixel_auroc": "Pixel AUROC",
+    "pixel_ap": "Pixel AP",
+    "pixel_f1_max": "Pixel F1-max",
+    "pixel_aupro": "Pixel AUPRO",
+    "mad_pixel": "mAD pixel",
+}
+
+
+def results_to_markdown(results: AnomalyDetectionResults) -> str:
+    """A markdown table of every category and the mean, in percent with one decimal, then footnotes for n/a cells."""
+    footnotes: dict[str, int] = {}  # reason -> footnote number, so a reason shared by several cells is listed once
+
+    def cell(result: MetricResult, num_categories: int | None = None) -> str:
+        if not result.is_defined:
+            number = footnotes.setdefault(result.reason, len(footnotes) + 1)
+            return f"n/a [{number}]"
+        text = f"{100 * result.value:.1f}"
+        if num_categories is not None and result.num_categories != num_categories:
+            text += f" ({result.num_categories}/{num_categories})"
+        return text
+
+    header = ["Category"] + [METRIC_TITLES[name] for name in METRIC_NAMES]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(METRIC_NAMES)) + "|"]
+    for name, category in results.categories.items():
+        lines.append("| " + " | ".join([name] + [cell(category.metrics[m]) for m in METRIC_NAMES]) + " |")
+    total = len(results.categories)
+    mean_cells = [cell(results.mean[m], total) for m in METRIC_NAMES]
+    lines.append("| " + " | ".join([f"**Mean** ({total} categories)"] + mean_cells) + " |")
+
+    notes = [
+        "",
+        f"Values in percent. AUPRO: per-region overlap integrated up to FPR {results.fpr_limit:g}, divided by "
+        f"{results.fpr_limit:g}. Pixel metrics from {results.num_bins:,}-bin score histograms. A mean marked (k/n) "
+        "averages the k of n categories on which the metric is defined.",
+    ]
+    if footnotes:
+        notes.append("")
+        notes.extend(f"- [{number}] undefined: {reason}" for reason, number in footnotes.items())
+    return "\n".join(lines + notes) + "\n"
+
+
+def save_results(results: AnomalyDetectionResults, output_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write `results.json`, `results.md` and (if `plots`) `plots/<category>.png` under `output_dir`.
+
+    Returns:
+        The written paths: keys "json", "markdown" and "plot/<category>".
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
+    paths["json"].write_text(json.dumps(results.to_dict(), indent=2) + "\n")
+    paths["markdown"].write_text(results_to_markdown(results))
+    if plots:
+        for name, category in results.categories.items():
+            path = output_dir / "plots" / f"{_file_name(name)}.png"
+            paths[f"plot/{name}"] = plot_category_curves(category, path, fpr_limit=results.fpr_limit)
+    return paths
+
+
+def _file_name(category: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", category).strip("._") or "category"
+
+
+def plot_category_curves(category: CategoryResult, path: str | Path, *, fpr_limit: float = 0.3) -> Path:
+    """Plot one category's ROC, PR and PRO curves (image and pixel level) into the PNG `path`."""
+    metrics, curves = category.metrics, category.curves
+    figure = Figure(figsize=(15, 9.5), layout="constrained")
+    axes = figure.subplots(2, 3)
+    counts = category.counts
+    figure.suptitle(
+        f"{category.name}: {counts['num_images']} images ({counts['num_normal_images']} normal, "
+        f"{counts['num_anomalous_images']} anomalous), {counts['num_pixel_images']} with masks, "
+        f"{counts['num_regions']} anomalous regions",
+        fontsize=13,
+    )
+
+    for row, level in enumerate(("image", "pixel")):
+        roc_axes, pr_axes = axes[row, 0], axes[row, 1]
+        level_title = level.capitalize()
+        if f"{level}_roc" in curves:
+            fpr, tpr = curves[f"{level}_roc"]
+            roc_axes.plot(fpr, tpr, color="tab:blue", label=f"AUROC {_percent(metrics[f'{level}_auroc'])}")
+            roc_axes.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="chance")
+            recall, precision = curves[f"{level}_pr"]
+            # Recall ascending; the precision at recall r_i holds on (r_(i-1), r_i], which is what AP sums.
+            ap_label = f"AP {_percent(metrics[f'{level}_ap'])}"
+            pr_axes.step(recall, precision, where="pre", color="tab:orange", label=ap_label)
+            best = int(np.argmax(_f1(precision, recall)))
+            pr_axes.plot(
+                recall[best],
+                precision[best],
+                "o",
+                color="tab:red",
+                label=f"F1-max {_percent(metrics[f'{level}_f1_max'])}",
+            )
+            prevalence = _prevalence(category, level)
+            pr_axes.axhline(prevalence, color="gray", linestyle="--", linewidth=1, label=f"chance ({prevalence:.1%})")
+        else:
+            _undefined(roc_axes, metrics[f"{level}_auroc"])
+            _undefined(pr_axes, metrics[f"{level}_ap"])
+        _style(roc_axes, f"{level_title} ROC", "False positive rate", "True positive rate")
+        _style(pr_axes, f"{level_title} precision-recall", "Recall", "Precision")
+
+    _plot_score_distributions(axes[0, 2], category)
+
+    pro_axes = axes[1, 2]
+    if "pixel_pro" in curves:
+        fpr, pro = curves["pixel_pro"]
+        shown = np.searchsorted(fpr, fpr_limit, side="right") + 1  # up to the first point past the limit
+        pro_axes.plot(fpr[:shown], pro[:shown], color="tab:green", label=f"AUPRO {_percent(metrics['pixel_aupro'])}")
+        pro_axes.fill_between(fpr[:shown], pro[:shown], where=fpr[:shown] <= fpr_limit, color="tab:green", alpha=0.15)
+        pro_axes.axvline(fpr_limit, color="gray", linestyle="--", linewidth=1, label=f"FPR limit {fpr_limit:g}")
+    else:
+        _undefined(pro_axes, metrics["pixel_aupro"])
+    _style(pro_axes, "Per-region overlap (PRO)", "False positive rate (pixels)", "Mean per-region overlap", fpr_limit)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _percent(result: MetricResult) -> str:
+    return f"{100 * result.value:.1f}%"
+
+
+def _prevalence(category: CategoryResult, level: str) -> float:
+    counts = category.counts
+    if level == "image":
+        return counts["num_anomalous_images"] / counts["num_images"]
+    return counts["num_anomalous_pixels"] / (counts["num_anomalous_pixels"] + counts["num_normal_pixels"])
+
+
+def _plot_score_distributions(axes, category: CategoryResult) -> None:
+    labels, scores = category.image_labels, category.image_scores
+    bins = np.histogram_bin_edges(scores, bins=30)
+    for value, name, color in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
+        selected = scores[labels == value]
+        if selected.size:
+            axes.hist(selected, bins=bins, alpha=0.55, color=color, label=f"{name} ({selected.size})")
+    axes.set_title("Image score distribution")
+    axes.set_xlabel("Image anomaly score")
+    axes.set_ylabel("Images")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend(loc="upper center")
+    axes.grid(alpha=0.3)
+
+
+def _undefined(axes, result: MetricResult) -> None:
+    text = "\n".join(textwrap.wrap(f"undefined: {result.reason}", width=40))
+    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, fontsize=10, color="dimgray")
+
+
+def _style(axes, title: str, xlabel: str, ylabel: str, x_max: float = 1.0) -> None:
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_xlim(0, x_max * 1.02)
+    axes.set_ylim(0, 1.02)
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(loc="lower left" if "precision" in title else "lower right")
