@@ -9,8 +9,10 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_headclip import HeadCLIPConfig
 from .data import ANOMALY_FEATURES, AnomalyCollator, load_anomaly_dataset, make_transform
+from .metrics import AnomalyDetectionResults, AnomalyMetricsAccumulator, MetricResult, UndefinedMetricError
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
 from .processing_headclip import HeadCLIPProcessor
+from .reporting import save_results
 
 __version__ = "0.1.0"
 
@@ -23,11 +25,16 @@ HeadCLIPModel.register_for_auto_class("AutoModel")
 __all__ = [
     "ANOMALY_FEATURES",
     "AnomalyCollator",
+    "AnomalyDetectionResults",
+    "AnomalyMetricsAccumulator",
     "HeadCLIPConfig",
     "HeadCLIPModel",
     "HeadCLIPOutput",
     "HeadCLIPProcessor",
+    "MetricResult",
+    "UndefinedMetricError",
     "__version__",
     "load_anomaly_dataset",
     "make_transform",
+    "save_results",
 ]

@@ -170,6 +170,32 @@ class HeadCLIPPromptLearner(nn.Module):
         return torch.stack([self.normal_context, self.abnormal_context])
 
 
+class HeadCLIPHeadWeights(nn.Module):
+    """
+    One learnable scalar per attention head of the image encoder: `weight` `(vision layers, heads)` multiplies each
+    head's output before the attention output projection. Initialised to 1 (the image encoder is then CLIP's).
+    Layers outside `config.head_weight_layers` stay at exactly 1 whatever `weight` holds.
+    """
+
+    def __init__(self, config: HeadCLIPConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.weight = nn.Parameter(torch.empty(vision_config.num_hidden_layers, vision_config.num_attention_heads))
+        self.register_buffer("trainable_layers", self.build_trainable_layers(config), persistent=False)
+
+    @staticmethod
+    def build_trainable_layers(config: HeadCLIPConfig) -> torch.Tensor:
+        """`(layers, 1)` booleans: True for the vision layers in `config.head_weight_layers` (all when `None`)."""
+        num_layers = config.vision_config.num_hidden_layers
+        trainable = torch.zeros(num_layers, 1, dtype=torch.bool)
+        trainable[[layer - 1 for layer in config.head_weight_layers or range(1, num_layers + 1)]] = True
+        return trainable
+
+    def forward(self) -> torch.Tensor:
+        """The `(layers, heads)` weights applied to the heads: `weight` in trainable layers, 1 elsewhere."""
+        return torch.where(self.trainable_layers, self.weight, torch.ones_like(self.weight))
+
+
 class HeadCLIPModel(CLIPModel):
     r"""
     HeadCLIP (Jeong et al., "Domain Adaptation of Attention Heads for Zero-shot Anomaly Detection"): a frozen CLIP with
@@ -177,8 +203,9 @@ class HeadCLIPModel(CLIPModel):
     attention patch features for pixel maps, and a joint anomaly score.
 
     `HeadCLIPModel.from_pretrained("openai/clip-vit-large-patch14-336")` loads a plain CLIP checkpoint: CLIP's weights
-    load and only the HeadCLIP parameters (`head_weights`, `prompt_learner.*`) initialise: head weights at exactly 1
-    (the image encoder is CLIP's) and prompts from the embeddings of a real phrase (a usable zero-shot detector).
+    load and only the HeadCLIP parameters (`attention_head_weights.weight`, `prompt_learner.*`) initialise: head
+    weights at exactly 1 (the image encoder is CLIP's) and prompts from the embeddings of a real phrase (a usable
+    zero-shot detector).
     Only the HeadCLIP parameters require gradients; the CLIP backbone is frozen.
     """
 
@@ -201,27 +228,21 @@ class HeadCLIPModel(CLIPModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
 
         self.prompt_learner = HeadCLIPPromptLearner(config)
-        self.head_weights = nn.Parameter(
-            torch.empty(vision_config.num_hidden_layers, vision_config.num_attention_heads)
-        )
-        self.register_buffer("head_weight_trainable", self.build_head_weight_trainable(config), persistent=False)
+        self.attention_head_weights = HeadCLIPHeadWeights(config)
         self._prompt_embeds_cache: tuple[tuple, torch.Tensor] | None = None
         self.post_init()
         self.freeze_backbone()
 
-    @staticmethod
-    def build_head_weight_trainable(config: HeadCLIPConfig) -> torch.Tensor:
-        """`(layers, 1)` booleans: True for the vision layers in `config.head_weight_layers` (all when `None`)."""
-        num_layers = config.vision_config.num_hidden_layers
-        trainable = torch.zeros(num_layers, 1, dtype=torch.bool)
-        trainable[[layer - 1 for layer in config.head_weight_layers or range(1, num_layers + 1)]] = True
-        return trainable
+    @property
+    def head_weights(self) -> nn.Parameter:
+        """The learnable head weights, `(vision layers, heads)` (stored as `attention_head_weights.weight`)."""
+        return self.attention_head_weights.weight
 
     def freeze_backbone(self) -> None:
         """Freeze every CLIP weight; only the prompt learner and (if `use_head_weights`) the head weights train."""
         self.requires_grad_(False)
         self.prompt_learner.requires_grad_(True)
-        self.head_weights.requires_grad_(self.config.use_head_weights)
+        self.attention_head_weights.requires_grad_(self.config.use_head_weights)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -235,9 +256,9 @@ class HeadCLIPModel(CLIPModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         # Non-persistent buffers are rebuilt here too: loading leaves them uninitialised.
-        if module is self:
-            init.ones_(self.head_weights)
-            init.copy_(self.head_weight_trainable, self.build_head_weight_trainable(self.config))
+        if isinstance(module, HeadCLIPHeadWeights):
+            init.ones_(module.weight)
+            init.copy_(module.trainable_layers, module.build_trainable_layers(self.config))
         elif isinstance(module, HeadCLIPPromptLearner):
             token_ids, end_positions = module.build_prompt_token_ids(self.config)
             init.copy_(module.prompt_token_ids, token_ids)
@@ -328,9 +349,7 @@ class HeadCLIPModel(CLIPModel):
 
     def effective_head_weights(self) -> torch.Tensor | None:
         """The `(layers, heads)` weights applied to the heads (1 for untrained layers), or `None` when switched off."""
-        if not self.config.use_head_weights:
-            return None
-        return torch.where(self.head_weight_trainable, self.head_weights, torch.ones_like(self.head_weights))
+        return self.attention_head_weights() if self.config.use_head_weights else None
 
     def _attention(
         self,
@@ -545,4 +564,4 @@ class HeadCLIPModel(CLIPModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["HeadCLIPModel", "HeadCLIPOutput", "HeadCLIPPromptLearner"]
+__all__ = ["HeadCLIPHeadWeights", "HeadCLIPModel", "HeadCLIPOutput", "HeadCLIPPromptLearner"]

@@ -60,7 +60,7 @@ def test_from_plain_clip_checkpoint_initialises_only_headclip_parameters(tiny_mo
     overrides = dict(prompt_length=6, deep_prompt_depth=3, deep_prompt_length=2, image_size=64)
     model, info = HeadCLIPModel.from_pretrained(clip_checkpoint, output_loading_info=True, **overrides)
     assert set(info["missing_keys"]) == {
-        "head_weights",
+        "attention_head_weights.weight",
         "prompt_learner.normal_context",
         "prompt_learner.abnormal_context",
         "prompt_learner.deep_prompts",
@@ -213,12 +213,15 @@ def test_loss_backward_reaches_only_headclip_parameters(tiny_model):
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     grads = {name: p.grad for name, p in tiny_model.named_parameters()}
-    assert grads["head_weights"] is not None
-    assert torch.all(grads["head_weights"].abs().sum(dim=1) > 0), "every layer's head weights get a gradient"
+    head_grad = grads["attention_head_weights.weight"]
+    assert head_grad is not None and tiny_model.head_weights.grad is head_grad
+    assert torch.all(head_grad.abs().sum(dim=1) > 0), "every layer's head weights get a gradient"
     for name in ("normal_context", "abnormal_context", "deep_prompts"):
         grad = grads[f"prompt_learner.{name}"]
         assert grad is not None and grad.abs().sum() > 0, name
-    backbone = [n for n, g in grads.items() if g is not None and not n.startswith(("head_weights", "prompt_learner"))]
+    backbone = [
+        n for n, g in grads.items() if g is not None and not n.startswith(("attention_head_weights", "prompt_learner"))
+    ]
     assert backbone == []
 
 
