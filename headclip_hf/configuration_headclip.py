@@ -5,6 +5,8 @@ This file imports only `transformers` (and the standard library) so that `save_p
 code next to `modeling_headclip.py`.
 """
 
+import dataclasses
+
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig
 
@@ -134,6 +136,15 @@ class HeadCLIPConfig(CLIPConfig):
         if self.vv_start_layer is None:
             self.vv_start_layer = min(self.feature_layers)
         self.check_headclip_fields()
+
+    def headclip_fields(self) -> dict:
+        """The HeadCLIP fields (those this class adds to `CLIPConfig`) and their values."""
+        clip_fields = {field.name for field in dataclasses.fields(CLIPConfig)}
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name not in clip_fields
+        }
 
     def check_headclip_fields(self) -> None:
         """Raise a `ValueError` naming the field, its value and the allowed range for any invalid HeadCLIP field."""

@@ -1,0 +1,165 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""HeadCLIP adapters: the trained HeadCLIP parameters alone, saved apart from the CLIP backbone they adapt.
+
+A trained HeadCLIP differs from its base CLIP only in the prompt learner and the head weights: tens of thousands of
+numbers (43,392 for ViT-L/14@336, 170 KB in float32), against 428 M for the backbone. An adapter folder holds:
+
+- `headclip_adapter.safetensors`: those tensors (`prompt_learner.*`, `attention_head_weights.weight`);
+- `headclip_adapter_config.json`: the base checkpoint (`base_model_name_or_path`), every HeadCLIP config field (so the
+  base is rebuilt as the same HeadCLIP) and a format version.
+
+Saving is atomic: the files are written to a temporary folder next to the target and moved into place, so a crash or
+Ctrl-C never leaves a half-written adapter under the final name.
+
+The optional PEFT LoRA path (`headclip_hf.training.add_lora`) saves with PEFT's own `save_pretrained`, where the
+HeadCLIP modules travel as `modules_to_save`.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .configuration_headclip import HeadCLIPConfig
+from .modeling_headclip import HeadCLIPModel
+
+ADAPTER_WEIGHTS_NAME = "headclip_adapter.safetensors"
+ADAPTER_CONFIG_NAME = "headclip_adapter_config.json"
+ADAPTER_FORMAT_VERSION = 1
+HEADCLIP_PARAMETER_PREFIXES = ("prompt_learner.", "attention_head_weights.")
+# from_pretrained arguments that say where and how to fetch files, passed on to the config too.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token")
+
+
+def headclip_state_dict(model: HeadCLIPModel) -> dict[str, torch.Tensor]:
+    """The HeadCLIP parameters of `model` (prompt learner and head weights), detached, contiguous, on the CPU."""
+    return {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in model.state_dict().items()
+        if name.startswith(HEADCLIP_PARAMETER_PREFIXES)
+    }
+
+
+def is_headclip_adapter(path: str | os.PathLike) -> bool:
+    """Whether `path` is a local folder holding a HeadCLIP adapter."""
+    return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
+
+
+def save_headclip_adapter(
+    model: HeadCLIPModel, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> Path:
+    """
+    Save the HeadCLIP parameters of `model` as an adapter folder (atomically replacing any previous one).
+
+    Args:
+        model: the trained model.
+        save_directory: the adapter folder to write.
+        base_model_name_or_path: the CLIP checkpoint the adapter applies to; by default the one `model` came from.
+
+    Returns:
+        The adapter folder.
+    """
+    save_directory = Path(save_directory)
+    base = base_model_name_or_path or model.config._name_or_path
+    if not base:
+        raise ValueError(
+            "The adapter must name its base CLIP checkpoint: pass base_model_name_or_path (the model was not loaded "
+            "with from_pretrained, so its origin is unknown)."
+        )
+    adapter_config = {
+        "adapter_format": "headclip",
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "base_model_name_or_path": str(base),
+        "headclip_config": model.config.headclip_fields(),
+    }
+    save_directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{save_directory.name}.", dir=save_directory.parent))
+    try:
+        save_file(headclip_state_dict(model), staging / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        if save_directory.exists():
+            previous = save_directory.with_name(f".{save_directory.name}.previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(save_directory, previous)
+            os.replace(staging, save_directory)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, save_directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return save_directory
+
+
+def read_adapter_config(adapter_path: str | os.PathLike) -> dict:
+    """The adapter's JSON config; `ValueError` naming the file when it is missing or not a HeadCLIP adapter."""
+    config_file = Path(adapter_path) / ADAPTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise ValueError(f"{adapter_path} is not a HeadCLIP adapter: {ADAPTER_CONFIG_NAME} is missing.")
+    config = json.loads(config_file.read_text())
+    if config.get("adapter_format") != "headclip" or config.get("format_version") != ADAPTER_FORMAT_VERSION:
+        raise ValueError(
+            f"{config_file} is not a HeadCLIP adapter of format version {ADAPTER_FORMAT_VERSION} "
+            f"(adapter_format={config.get('adapter_format')!r}, format_version={config.get('format_version')!r})."
+        )
+    return config
+
+
+def load_headclip_adapter(model: HeadCLIPModel, adapter_path: str | os.PathLike) -> HeadCLIPModel:
+    """
+    Load an adapter's tensors into `model` in place. Every HeadCLIP parameter must be in the adapter with the model's
+    shape; a missing, unexpected or mis-shaped tensor raises `ValueError` naming it (a model of another shape).
+    """
+    read_adapter_config(adapter_path)
+    weights_file = Path(adapter_path) / ADAPTER_WEIGHTS_NAME
+    tensors = load_file(weights_file)
+    expected = headclip_state_dict(model)
+    problems = [f"missing {name} {tuple(t.shape)}" for name, t in expected.items() if name not in tensors]
+    problems += [f"unexpected {name}" for name in tensors if name not in expected]
+    problems += [
+        f"{name} has shape {tuple(tensors[name].shape)}, the model expects {tuple(t.shape)}"
+        for name, t in expected.items()
+        if name in tensors and tensors[name].shape != t.shape
+    ]
+    if problems:
+        raise ValueError(f"The adapter {weights_file} does not fit this model: " + "; ".join(problems) + ".")
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def load_headclip_model(
+    model_name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None, **kwargs
+) -> HeadCLIPModel:
+    """
+    Load a HeadCLIP in one call: `model_name_or_path` is a CLIP or HeadCLIP checkpoint, or an adapter folder (its base
+    is then loaded from the adapter's config); `adapter` is an optional adapter folder to load on top. Extra `kwargs`
+    go to `HeadCLIPModel.from_pretrained` (e.g. `local_files_only=True`, `dtype`).
+    """
+    if adapter is None and is_headclip_adapter(model_name_or_path):
+        adapter = model_name_or_path
+        model_name_or_path = read_adapter_config(adapter)["base_model_name_or_path"]
+    if adapter is None:
+        return HeadCLIPModel.from_pretrained(model_name_or_path, **kwargs)
+    fields = read_adapter_config(adapter)["headclip_config"]
+    hub_kwargs = {key: value for key, value in kwargs.items() if key in _HUB_KWARGS}
+    config = HeadCLIPConfig.from_pretrained(model_name_or_path, **hub_kwargs)
+    for name, value in fields.items():
+        setattr(config, name, value)
+    config.check_headclip_fields()
+    model = HeadCLIPModel.from_pretrained(model_name_or_path, config=config, **kwargs)
+    return load_headclip_adapter(model, adapter)
+
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "headclip_state_dict",
+    "is_headclip_adapter",
+    "load_headclip_adapter",
+    "load_headclip_model",
+    "read_adapter_config",
+    "save_headclip_adapter",
+]

@@ -1,0 +1,89 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""Zero-shot evaluation: run a HeadCLIP over an anomaly data set and compute the field's metrics per category.
+
+Maps and masks are compared at the model's working size (the processor resizes both, 518 x 518 by default), as the
+AnomalyCLIP protocol does. Under `accelerate`, each process evaluates a contiguous shard of the data set (no sample
+is duplicated to even out batches) and the metric states are gathered and merged, so every process returns the
+same results.
+"""
+
+from typing import Any
+
+import datasets
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import AnomalyCollator
+from .metrics import DEFAULT_NUM_BINS, AnomalyDetectionResults, AnomalyMetricsAccumulator
+from .modeling_headclip import HeadCLIPModel
+
+
+def _collate_with_categories(collator: AnomalyCollator):
+    def collate(rows: list[dict[str, Any]]) -> tuple[dict, list[str]]:
+        return collator(rows), [row["category"] for row in rows]
+
+    return collate
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: HeadCLIPModel,
+    processor: Any,
+    dataset: datasets.Dataset,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    num_bins: int = DEFAULT_NUM_BINS,
+    show_progress: bool = True,
+) -> AnomalyDetectionResults:
+    """
+    Evaluate `model` on `dataset` (rows of `load_anomaly_dataset`).
+
+    Args:
+        model: a HeadCLIP (put in eval mode here; its training mode is restored afterwards).
+        processor: the `HeadCLIPProcessor` that prepares images and masks.
+        dataset: the data set; pixel metrics use the rows whose `mask_valid` is true.
+        batch_size, num_workers: the `DataLoader` settings.
+        num_bins: score histogram bins of the streaming pixel metrics.
+        show_progress: show a progress bar (on the main process only).
+
+    Returns:
+        Per-category and mean metrics (`AnomalyDetectionResults`), identical on every process.
+    """
+    state = PartialState()
+    shard = dataset.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_with_categories(AnomalyCollator(processor)),
+    )
+    accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
+    was_training = model.training
+    model.eval()
+    device, dtype = model.device, model.dtype
+    for batch, categories in tqdm(
+        loader, desc="Evaluating", unit="batch", disable=not (show_progress and state.is_main_process)
+    ):
+        outputs = model(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype))
+        accumulator.update(
+            category=categories,
+            labels=batch["labels"],
+            scores=outputs.image_score.float().cpu(),
+            masks=batch["masks"],
+            maps=outputs.anomaly_map.float().cpu(),
+            mask_valid=batch["mask_valid"],
+        )
+    model.train(was_training)
+    if state.num_processes > 1:
+        merged = AnomalyMetricsAccumulator(num_bins=num_bins)
+        for process_state in gather_object([accumulator.state_dict()]):
+            merged.merge(AnomalyMetricsAccumulator.from_state_dict(process_state))
+        accumulator = merged
+    return accumulator.compute()
+
+
+__all__ = ["evaluate_model"]
