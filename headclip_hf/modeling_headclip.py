@@ -485,11 +485,45 @@ class HeadCLIPModel(CLIPModel):
         k = max(1, math.ceil(self.config.joint_topk * flat.shape[1]))
         return flat.topk(k, dim=1).values.mean(dim=1)
 
+    def compute_loss(
+        self,
+        layer_maps: torch.Tensor,
+        global_logits: torch.Tensor,
+        masks: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        mask_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        The training loss: per feature layer, focal loss + Dice(abnormal map, mask) + Dice(normal map, 1 - mask) on
+        the images with known masks (`masks` `(B, H, W)`, `mask_valid` `(B,)`), plus the cross-entropy of
+        `global_logits` `(B, 2)` against `labels` `(B,)`. Either part is left out when its targets are `None`.
+        """
+        loss = layer_maps.new_zeros(())
+        if masks is not None:
+            masks = masks.to(device=layer_maps.device, dtype=layer_maps.dtype)
+            if masks.shape != (layer_maps.shape[0], *layer_maps.shape[2:]):
+                raise ValueError(
+                    f"masks have shape {tuple(masks.shape)}, expected "
+                    f"{(layer_maps.shape[0], *layer_maps.shape[2:])} (B, H, W)"
+                )
+            if mask_valid is not None:
+                known = mask_valid.to(device=layer_maps.device, dtype=torch.bool)
+                layer_maps, masks = layer_maps[known], masks[known]
+            if masks.shape[0] > 0:
+                for layer_index in range(layer_maps.shape[1]):
+                    abnormal = layer_maps[:, layer_index]
+                    loss = loss + focal_loss(abnormal, masks, self.config.focal_gamma)
+                    loss = loss + dice_loss(abnormal, masks) + dice_loss(1.0 - abnormal, 1.0 - masks)
+        if labels is not None:
+            loss = loss + F.cross_entropy(global_logits, labels.to(global_logits.device).long())
+        return loss
+
     def forward(
         self,
         pixel_values: torch.Tensor,
         masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        mask_valid: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> HeadCLIPOutput | tuple:
         r"""
@@ -500,6 +534,8 @@ class HeadCLIPModel(CLIPModel):
                 Binary ground-truth masks (1 = anomalous pixel); adds the pixel losses.
             labels (`torch.LongTensor` of shape `(B,)`, *optional*):
                 Image labels (0 normal, 1 anomalous); adds the image cross-entropy.
+            mask_valid (`torch.BoolTensor` of shape `(B,)`, *optional*):
+                Which `masks` are known (see `load_anomaly_dataset`); the pixel losses use only those images.
 
         Returns:
             [`HeadCLIPOutput`].
@@ -536,20 +572,8 @@ class HeadCLIPModel(CLIPModel):
             image_score = config.joint_alpha * global_score + (1.0 - config.joint_alpha) * self.pool_map(anomaly_map)
 
             loss = None
-            if masks is not None:
-                masks = masks.to(layer_maps.dtype)
-                if masks.shape != anomaly_map.shape:
-                    raise ValueError(
-                        f"masks have shape {tuple(masks.shape)}, expected {tuple(anomaly_map.shape)} (B, H, W)"
-                    )
-                loss = 0.0
-                for layer_index in range(layer_maps.shape[1]):
-                    abnormal = layer_maps[:, layer_index]
-                    loss = loss + focal_loss(abnormal, masks, config.focal_gamma)
-                    loss = loss + dice_loss(abnormal, masks) + dice_loss(1.0 - abnormal, 1.0 - masks)
-            if labels is not None:
-                image_loss = F.cross_entropy(global_logits, labels.to(global_logits.device).long())
-                loss = image_loss if loss is None else loss + image_loss
+            if masks is not None or labels is not None:
+                loss = self.compute_loss(layer_maps, global_logits, masks, labels, mask_valid)
 
         output = HeadCLIPOutput(
             loss=loss,

@@ -256,6 +256,15 @@ def test_loss_terms(tiny_model):
     torch.testing.assert_close(full.anomaly_map, full.layer_maps.mean(dim=1))
     with pytest.raises(ValueError, match=r"masks have shape \(2, 32, 32\), expected \(2, 64, 64\)"):
         tiny_model(pixel_values=pixel_values, masks=torch.zeros(2, 32, 32))
+    # Unknown masks (mask_valid False) are left out of the pixel losses.
+    with torch.no_grad():
+        first_only = tiny_model(pixel_values=pixel_values[:1], masks=masks[:1])
+        valid_first = tiny_model(pixel_values=pixel_values, masks=masks, mask_valid=torch.tensor([True, False]))
+        none_valid = tiny_model(
+            pixel_values=pixel_values, masks=masks, labels=labels, mask_valid=torch.zeros(2, dtype=torch.bool)
+        )
+    torch.testing.assert_close(valid_first.loss, first_only.loss)
+    torch.testing.assert_close(none_valid.loss, expected_ce)
 
 
 def test_head_weight_layers_and_switch(tiny_config_factory):
