@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from .configuration_headclip import HeadCLIPConfig
@@ -30,6 +31,7 @@ from .modeling_headclip import HeadCLIPModel
 ADAPTER_WEIGHTS_NAME = "headclip_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "headclip_adapter_config.json"
 ADAPTER_FORMAT_VERSION = 1
+PEFT_CONFIG_NAME = "adapter_config.json"
 HEADCLIP_PARAMETER_PREFIXES = ("prompt_learner.", "attention_head_weights.")
 # from_pretrained arguments that say where and how to fetch files, passed on to the config too.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token")
@@ -47,6 +49,11 @@ def headclip_state_dict(model: HeadCLIPModel) -> dict[str, torch.Tensor]:
 def is_headclip_adapter(path: str | os.PathLike) -> bool:
     """Whether `path` is a local folder holding a HeadCLIP adapter."""
     return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
+
+
+def is_peft_adapter(path: str | os.PathLike) -> bool:
+    """Whether `path` is a local folder holding a PEFT adapter (HeadCLIP trained with LoRA)."""
+    return (Path(path) / PEFT_CONFIG_NAME).is_file()
 
 
 def save_headclip_adapter(
@@ -134,18 +141,31 @@ def load_headclip_model(
     model_name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None, **kwargs
 ) -> HeadCLIPModel:
     """
-    Load a HeadCLIP in one call: `model_name_or_path` is a CLIP or HeadCLIP checkpoint, or an adapter folder (its base
-    is then loaded from the adapter's config); `adapter` is an optional adapter folder to load on top. Extra `kwargs`
-    go to `HeadCLIPModel.from_pretrained` (e.g. `local_files_only=True`, `dtype`).
+    Load a HeadCLIP in one call.
+
+    Args:
+        model_name_or_path: a CLIP or HeadCLIP checkpoint (Hub id or folder), or an adapter folder (its base is then
+            read from the adapter's config).
+        adapter: an adapter folder to load on top: a HeadCLIP adapter, or a PEFT adapter from LoRA training (its LoRA
+            weights are merged into the backbone, so the result is a plain `HeadCLIPModel`).
+        kwargs: passed to `HeadCLIPModel.from_pretrained` (e.g. `local_files_only=True`, `dtype`).
     """
-    if adapter is None and is_headclip_adapter(model_name_or_path):
+    if adapter is None and (is_headclip_adapter(model_name_or_path) or is_peft_adapter(model_name_or_path)):
         adapter = model_name_or_path
-        model_name_or_path = read_adapter_config(adapter)["base_model_name_or_path"]
+        model_name_or_path = _adapter_base(adapter)
     if adapter is None:
         return HeadCLIPModel.from_pretrained(model_name_or_path, **kwargs)
-    fields = read_adapter_config(adapter)["headclip_config"]
+    if is_peft_adapter(adapter):
+        model = HeadCLIPModel.from_pretrained(model_name_or_path, **kwargs)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model.freeze_backbone()
+        return model
     hub_kwargs = {key: value for key, value in kwargs.items() if key in _HUB_KWARGS}
     config = HeadCLIPConfig.from_pretrained(model_name_or_path, **hub_kwargs)
+    # The adapter's fields rebuild the model it was trained as; HeadCLIP fields in kwargs (inference choices such as
+    # joint_alpha or image_size) then apply on top.
+    fields = read_adapter_config(adapter)["headclip_config"]
+    fields.update({key: kwargs.pop(key) for key in list(kwargs) if key in fields})
     for name, value in fields.items():
         setattr(config, name, value)
     config.check_headclip_fields()
@@ -153,11 +173,18 @@ def load_headclip_model(
     return load_headclip_adapter(model, adapter)
 
 
+def _adapter_base(adapter: str | os.PathLike) -> str:
+    if is_peft_adapter(adapter):
+        return json.loads((Path(adapter) / PEFT_CONFIG_NAME).read_text())["base_model_name_or_path"]
+    return read_adapter_config(adapter)["base_model_name_or_path"]
+
+
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "headclip_state_dict",
     "is_headclip_adapter",
+    "is_peft_adapter",
     "load_headclip_adapter",
     "load_headclip_model",
     "read_adapter_config",

@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""
+Zero-shot evaluation: a trained HeadCLIP (model or adapter) on one or more data sets it was not trained on ->
+per-category metrics (image AUROC / AP / F1-max, pixel AUROC / AP / F1-max / AUPRO), as a markdown table, JSON and
+ROC / PR / PRO plots per category.
+
+    python examples/evaluate_headclip.py --model runs/mvtec/adapter --data data/visa data/mpdd --output_dir eval/
+
+writes `eval/<data set>/results.md`, `results.json` and `plots/<category>.png` for each data set.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from headclip_hf import HeadCLIPProcessor, load_anomaly_dataset
+from headclip_hf.adapters import load_headclip_model
+from headclip_hf.evaluation import evaluate_model
+from headclip_hf.reporting import results_to_markdown, save_results
+
+
+@dataclass
+class EvaluationArguments:
+    model: str = field(metadata={"help": "HeadCLIP or CLIP checkpoint (Hub id or folder), or an adapter folder."})
+    data: list[str] = field(metadata={"help": "Data set folders to evaluate on."})
+    output_dir: str = field(metadata={"help": "Where each data set's table, JSON and plots go."})
+    adapter: str | None = field(default=None, metadata={"help": "An adapter folder to load on top of --model."})
+    layout: str = field(default="auto", metadata={"help": "Layout of the data folders (see load_anomaly_dataset)."})
+    image_size: int = field(default=518, metadata={"help": "Working input size in pixels."})
+    batch_size: int = field(default=8, metadata={"help": "Images per batch."})
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses()
+    model = load_headclip_model(args.model, adapter=args.adapter, image_size=args.image_size)
+    processor = HeadCLIPProcessor.from_pretrained(model.config._name_or_path, image_size=args.image_size)
+    for data in args.data:
+        results = evaluate_model(model, processor, load_anomaly_dataset(data, layout=args.layout), args.batch_size)
+        written = save_results(results, Path(args.output_dir) / Path(data).resolve().name)
+        print(f"{data}:\n{results_to_markdown(results)}\nWritten: {', '.join(str(p) for p in written.values())}")
+
+
+if __name__ == "__main__":
+    main()
