@@ -1,0 +1,46 @@
+"""evaluate_model: the metrics of a whole data set equal the metric functions applied to the model's own outputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from headclip_hf import HeadCLIPProcessor, load_anomaly_dataset
+from headclip_hf.evaluation import evaluate_model
+from headclip_hf.metrics import image_ap, image_auroc, pixel_aupro, pixel_auroc
+
+
+def test_evaluate_model_on_bottle_matches_direct_metrics(tiny_model, clip_tokenizer, test_data_dir, tmp_path):
+    processor = HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=64)
+    dataset = load_anomaly_dataset(test_data_dir / "mvtec_ad" / "bottle", cache_dir=str(tmp_path))
+    dataset = dataset.select(range(0, len(dataset), 4))  # 21 images, both classes
+    results = evaluate_model(tiny_model, processor, dataset, batch_size=5, show_progress=False)
+
+    inputs = processor(images=list(dataset["image"]), masks=list(dataset["mask"]))
+    with torch.no_grad():
+        outputs = tiny_model(pixel_values=inputs["pixel_values"])
+    labels = np.array(dataset["label"])
+    masks, maps = inputs["masks"].numpy(), outputs.anomaly_map.numpy()
+    bottle = results.categories["bottle"].metrics
+    assert bottle["image_auroc"].value == pytest.approx(image_auroc(labels, outputs.image_score.numpy()), abs=1e-9)
+    assert bottle["image_ap"].value == pytest.approx(image_ap(labels, outputs.image_score.numpy()), abs=1e-9)
+    assert bottle["pixel_auroc"].value == pytest.approx(pixel_auroc(masks, maps), abs=1e-9)
+    assert bottle["pixel_aupro"].value == pytest.approx(pixel_aupro(masks, maps), abs=1e-9)
+    assert results.mean["image_auroc"].value == bottle["image_auroc"].value
+    assert tiny_model.training is False
+
+
+def test_evaluate_model_leaves_unknown_masks_out_and_restores_training_mode(
+    tiny_model, clip_tokenizer, test_data_dir, tmp_path
+):
+    processor = HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=64)
+    dataset = load_anomaly_dataset(test_data_dir / "kvasir_seg" / "colon", cache_dir=str(tmp_path)).select(range(6))
+    unknown_first = dataset.map(lambda row, index: {"mask_valid": index > 0}, with_indices=True)
+    tiny_model.train()
+    results = evaluate_model(tiny_model, processor, unknown_first, batch_size=4, show_progress=False)
+    assert tiny_model.training is True
+    colon = results.categories["colon"]
+    assert colon.metrics["image_auroc"].value is None and "no normal images" in colon.metrics["image_auroc"].reason
+    inputs = processor(images=list(dataset["image"])[1:], masks=list(dataset["mask"])[1:])
+    with torch.no_grad():
+        maps = tiny_model.eval()(pixel_values=inputs["pixel_values"]).anomaly_map.numpy()
+    assert colon.metrics["pixel_auroc"].value == pytest.approx(pixel_auroc(inputs["masks"].numpy(), maps), abs=1e-9)
