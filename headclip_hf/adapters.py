@@ -46,6 +46,18 @@ def headclip_state_dict(model: HeadCLIPModel) -> dict[str, torch.Tensor]:
     }
 
 
+def state_dict_mismatches(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `saved` tensors from loading into `expected` ones: missing and unexpected names, other shapes."""
+    problems = [f"missing {name} {tuple(t.shape)}" for name, t in expected.items() if name not in saved]
+    problems += [f"unexpected {name}" for name in saved if name not in expected]
+    problems += [
+        f"{name} has shape {tuple(saved[name].shape)}, the model expects {tuple(t.shape)}"
+        for name, t in expected.items()
+        if name in saved and saved[name].shape != t.shape
+    ]
+    return problems
+
+
 def is_headclip_adapter(path: str | os.PathLike) -> bool:
     """Whether `path` is a local folder holding a HeadCLIP adapter."""
     return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
@@ -123,14 +135,7 @@ def load_headclip_adapter(model: HeadCLIPModel, adapter_path: str | os.PathLike)
     read_adapter_config(adapter_path)
     weights_file = Path(adapter_path) / ADAPTER_WEIGHTS_NAME
     tensors = load_file(weights_file)
-    expected = headclip_state_dict(model)
-    problems = [f"missing {name} {tuple(t.shape)}" for name, t in expected.items() if name not in tensors]
-    problems += [f"unexpected {name}" for name in tensors if name not in expected]
-    problems += [
-        f"{name} has shape {tuple(tensors[name].shape)}, the model expects {tuple(t.shape)}"
-        for name, t in expected.items()
-        if name in tensors and tensors[name].shape != t.shape
-    ]
+    problems = state_dict_mismatches(tensors, headclip_state_dict(model))
     if problems:
         raise ValueError(f"The adapter {weights_file} does not fit this model: " + "; ".join(problems) + ".")
     model.load_state_dict(tensors, strict=False)
@@ -189,4 +194,5 @@ __all__ = [
     "load_headclip_model",
     "read_adapter_config",
     "save_headclip_adapter",
+    "state_dict_mismatches",
 ]

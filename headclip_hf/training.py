@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from .adapters import save_headclip_adapter
+from .adapters import save_headclip_adapter, state_dict_mismatches
 from .data import AnomalyCollator, load_anomaly_dataset
 from .evaluation import evaluate_model
 from .modeling_headclip import HeadCLIPModel
@@ -204,13 +204,7 @@ def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
             weights_file = Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
             saved = load_file(weights_file)
             expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
-            problems = [f"missing {name}" for name in expected if name not in saved]
-            problems += [f"unexpected {name}" for name in saved if name not in expected]
-            problems += [
-                f"{name} has shape {tuple(saved[name].shape)}, the model has {tuple(p.shape)}"
-                for name, p in expected.items()
-                if name in saved and saved[name].shape != p.shape
-            ]
+            problems = state_dict_mismatches(saved, expected)
             if problems:
                 raise ValueError(
                     f"The checkpoint {input_dir} comes from a model of another shape: " + "; ".join(problems) + "."
