@@ -34,7 +34,7 @@ ADAPTER_FORMAT_VERSION = 1
 PEFT_CONFIG_NAME = "adapter_config.json"
 HEADCLIP_PARAMETER_PREFIXES = ("prompt_learner.", "attention_head_weights.")
 # from_pretrained arguments that say where and how to fetch files, passed on to the config too.
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token")
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 def headclip_state_dict(model: HeadCLIPModel) -> dict[str, torch.Tensor]:
@@ -165,7 +165,7 @@ def load_headclip_model(
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model.freeze_backbone()
         return model
-    hub_kwargs = {key: value for key, value in kwargs.items() if key in _HUB_KWARGS}
+    hub_kwargs = {key: value for key, value in kwargs.items() if key in HUB_KWARGS}
     config = HeadCLIPConfig.from_pretrained(model_name_or_path, **hub_kwargs)
     # The adapter's fields rebuild the model it was trained as; HeadCLIP fields in kwargs (inference choices such as
     # joint_alpha or image_size) then apply on top.
