@@ -11,6 +11,7 @@ from .configuration_headclip import HeadCLIPConfig
 from .data import ANOMALY_FEATURES, AnomalyCollator, load_anomaly_dataset, make_transform
 from .metrics import AnomalyDetectionResults, AnomalyMetricsAccumulator, MetricResult, UndefinedMetricError
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
+from .pipeline_headclip import ZeroShotAnomalyDetectionPipeline, register_pipeline
 from .processing_headclip import HeadCLIPProcessor
 from .reporting import save_results
 
@@ -21,6 +22,8 @@ AutoModel.register(HeadCLIPConfig, HeadCLIPModel, exist_ok=True)
 AutoProcessor.register(HeadCLIPConfig, HeadCLIPProcessor, exist_ok=True)
 HeadCLIPConfig.register_for_auto_class()
 HeadCLIPModel.register_for_auto_class("AutoModel")
+HeadCLIPProcessor.register_for_auto_class("AutoProcessor")
+register_pipeline()
 
 __all__ = [
     "ANOMALY_FEATURES",
@@ -33,6 +36,7 @@ __all__ = [
     "HeadCLIPProcessor",
     "MetricResult",
     "UndefinedMetricError",
+    "ZeroShotAnomalyDetectionPipeline",
     "__version__",
     "load_anomaly_dataset",
     "make_transform",

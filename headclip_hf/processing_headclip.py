@@ -182,6 +182,14 @@ class HeadCLIPProcessor(ProcessorMixin):
             data.update(self.tokenizer(text, return_tensors="pt", padding=True, **kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    @staticmethod
+    def to_rgb_image(image: ImageLike) -> Image.Image:
+        """
+        The 8-bit RGB image that `__call__` resizes ([`to_rgb_image`]), for callers that also need the image itself
+        (its own size, an overlay), such as the anomaly-detection pipeline.
+        """
+        return to_rgb_image(image)
+
     def preprocess_mask(self, mask: ImageLike | None, image_size: tuple[int, int]) -> torch.Tensor:
         """
         A mask for an image of `image_size` (width, height) -> float tensor `(S, S)` in {0, 1}; `None` -> zeros.

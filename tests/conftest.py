@@ -95,3 +95,18 @@ def clip_checkpoint(tmp_path, tiny_model):
     path = tmp_path / "clip"
     clip.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def headclip_checkpoint(tmp_path, tiny_model, clip_tokenizer):
+    """A saved HeadCLIP folder: `tiny_model` (head weights moved off 1) and a processor at its 64 px working size."""
+    import torch
+
+    from headclip_hf import HeadCLIPProcessor
+
+    with torch.no_grad():
+        tiny_model.head_weights.uniform_(0.5, 1.5)
+    path = tmp_path / "headclip"
+    tiny_model.save_pretrained(path)
+    HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=tiny_model.config.image_size).save_pretrained(path)
+    return path

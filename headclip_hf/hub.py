@@ -1,0 +1,212 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""Publishing a trained HeadCLIP on the Hugging Face Hub: the repository folder, its model card, the upload.
+
+Two kinds of repository (`save_hub_folder`):
+
+- **Full model** (default): the weights saved by `save_pretrained` (backbone included: `AutoModel` needs them all),
+  the processor, the remote code (`configuration_headclip.py`, `modeling_headclip.py`, `processing_headclip.py`,
+  `pipeline_headclip.py`) and the `custom_pipelines` declaration in `config.json`. It loads without this package:
+  `AutoModel.from_pretrained(repo, trust_remote_code=True)` or
+  `pipeline("zero-shot-anomaly-detection", model=repo, trust_remote_code=True)`.
+- **Adapter only** (`adapter_only=True`): the HeadCLIP parameters alone (`headclip_adapter.safetensors`, ~170 KB for
+  ViT-L/14) with the Hub id of their base CLIP, and the processor. Loading needs this package:
+  `load_headclip_model(snapshot_download(repo))` downloads the base from its own repository.
+
+Both carry the model card (`README.md`, rendered from the `model_card.md` template with the metrics of an evaluation
+run in its table and in the `model-index` metadata) and that run's `results.json`, `results.md` and plots under
+`evaluation/`. `headclip push --dry-run` writes exactly the folder that `upload_hub_folder` would upload.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers.dynamic_module_utils import custom_object_save
+
+from .adapters import save_headclip_adapter
+from .metrics import METRIC_NAMES
+from .modeling_headclip import HeadCLIPModel
+from .pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
+from .processing_headclip import HeadCLIPProcessor
+from .reporting import METRIC_TITLES
+
+MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
+EVALUATION_FOLDER = "evaluation"
+RESULTS_JSON = "results.json"
+RESULTS_MARKDOWN = "results.md"
+DEFAULT_LICENSE = "cc-by-nc-sa-4.0"  # MVTec AD's licence, inherited by models trained on it
+CARD_TAGS = ["anomaly-detection", "zero-shot-anomaly-detection", "headclip", "clip", "vision"]
+
+
+def custom_pipeline_declaration() -> dict[str, dict]:
+    """The `custom_pipelines` entry of `config.json`: `pipeline(..., trust_remote_code=True)` finds the task there."""
+    module_name = ZeroShotAnomalyDetectionPipeline.__module__.rsplit(".", 1)[-1]
+    implementation = f"{module_name}.{ZeroShotAnomalyDetectionPipeline.__name__}"
+    return {TASK: {"impl": implementation, "pt": ["AutoModel"], "type": "image"}}
+
+
+def eval_results_from_json(results: dict, dataset_name: str, dataset_type: str | None = None) -> list[EvalResult]:
+    """
+    `model-index` entries for the mean metrics of an evaluation run (the dict of `results.json`, written by
+    `save_results`): one `EvalResult` per defined metric, its value in percent rounded to one decimal like the results
+    table, its name saying over how many categories it is averaged; undefined metrics are left out.
+
+    Args:
+        results: `AnomalyDetectionResults.to_dict()`.
+        dataset_name: the evaluation data set, e.g. "VisA".
+        dataset_type: its identifier; by default `dataset_name` in lower case with `_` for other characters.
+    """
+    dataset_type = dataset_type or re.sub(r"[^a-z0-9]+", "_", dataset_name.lower()).strip("_")
+    total = results["num_categories"]
+
+    def averaged_over(count: int) -> str:
+        return f"mean of {count} categories" if count == total else f"mean of {count} of {total} categories"
+
+    return [
+        EvalResult(
+            task_type=TASK,
+            task_name="Zero-shot anomaly detection",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split="test",
+            metric_type=name,
+            metric_name=f"{METRIC_TITLES[name]} ({averaged_over(results['mean'][name]['num_categories'])})",
+            metric_value=round(100 * results["mean"][name]["value"], 1),
+        )
+        for name in METRIC_NAMES
+        if results["mean"][name]["value"] is not None
+    ]
+
+
+def render_model_card(
+    model: HeadCLIPModel,
+    results_dir: str | os.PathLike,
+    *,
+    repo_id: str,
+    train_dataset: str,
+    eval_dataset: str,
+    license: str = DEFAULT_LICENSE,
+    base_model: str | None = None,
+    adapter_only: bool = False,
+    template_path: str | os.PathLike = MODEL_CARD_TEMPLATE,
+) -> ModelCard:
+    """
+    The model card of a published HeadCLIP, from the `model_card.md` template (a Jinja template rendered by
+    `ModelCard.from_template`).
+
+    Args:
+        model: the model to publish (its config fills the method settings).
+        results_dir: the output folder of `headclip evaluate` / `save_results`: `results.json` fills the `model-index`
+            metadata, `results.md` the results table.
+        repo_id: the Hub repository, `user/name`.
+        train_dataset: the auxiliary data set the model was trained on, e.g. "MVTec AD".
+        eval_dataset: the data set of the evaluation run, e.g. "VisA".
+        license: a Hub licence id; the default is MVTec AD's (CC BY-NC-SA 4.0).
+        base_model: the Hub id of the CLIP checkpoint the model adapts (metadata `base_model`).
+        adapter_only: whether the repository holds the adapter only (changes the usage section).
+        template_path: the card template.
+    """
+    results_dir = Path(results_dir)
+    results = json.loads((results_dir / RESULTS_JSON).read_text())
+    card_data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        license=license,
+        library_name="transformers",
+        base_model=base_model,
+        tags=CARD_TAGS,
+        eval_results=eval_results_from_json(results, eval_dataset) or None,
+    )
+    config = model.config
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        repo_id=repo_id,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        results_table=(results_dir / RESULTS_MARKDOWN).read_text().strip(),
+        adapter_only=adapter_only,
+        task=TASK,
+        image_size=config.image_size,
+        feature_layers=config.feature_layers,
+        joint_alpha=config.joint_alpha,
+    )
+
+
+def save_hub_folder(
+    model: HeadCLIPModel,
+    processor: HeadCLIPProcessor,
+    folder: str | os.PathLike,
+    card: ModelCard,
+    results_dir: str | os.PathLike,
+    *,
+    adapter_only: bool = False,
+    base_model: str | None = None,
+) -> Path:
+    """
+    Write the folder of a Hub repository (see the module docstring for its two kinds).
+
+    Args:
+        model, processor: what to publish. For a full model, `model.config` gains the `custom_pipelines` entry.
+        folder: the folder to write; it must not exist or be empty, so that it holds exactly what is uploaded.
+        card: the model card (`render_model_card`), saved as `README.md`.
+        results_dir: the evaluation run, copied to `evaluation/`.
+        adapter_only: publish the HeadCLIP parameters only.
+        base_model: for `adapter_only`, the Hub id of the base CLIP checkpoint the adapter names.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty: the Hub folder must hold only what is uploaded.")
+    if adapter_only:
+        if base_model is None:
+            raise ValueError("An adapter-only repository must name its base CLIP on the Hub: pass base_model.")
+        save_headclip_adapter(model, folder, base_model_name_or_path=base_model)
+    else:
+        model.config.custom_pipelines = custom_pipeline_declaration()
+        model.save_pretrained(folder)
+        custom_object_save(ZeroShotAnomalyDetectionPipeline, folder)
+    processor.save_pretrained(folder)
+    card.save(folder / "README.md")
+    shutil.copytree(results_dir, folder / EVALUATION_FOLDER)
+    return folder
+
+
+def upload_hub_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload HeadCLIP",
+) -> str:
+    """
+    Upload `folder` to the model repository `repo_id`, creating the repository (and the branch `revision`) when
+    missing. `private` applies when the repository is created.
+
+    Returns:
+        The URL of the commit.
+    """
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision, commit_message=commit_message
+    )
+    return commit.commit_url
+
+
+__all__ = [
+    "MODEL_CARD_TEMPLATE",
+    "custom_pipeline_declaration",
+    "eval_results_from_json",
+    "render_model_card",
+    "save_hub_folder",
+    "upload_hub_folder",
+]

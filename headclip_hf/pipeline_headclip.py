@@ -1,0 +1,204 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""The "zero-shot-anomaly-detection" pipeline: per image a HeadCLIP anomaly score, label, map, mask and heatmap.
+
+This file imports only numpy, PIL, torch and transformers (no relative imports, nothing from headclip_hf), so it ships
+as Hub remote code next to a saved HeadCLIP: with `custom_pipelines` in `config.json`,
+`pipeline("zero-shot-anomaly-detection", model=<folder or Hub id>, trust_remote_code=True)` works on a machine without
+the headclip_hf package. Importing headclip_hf registers the task (`register_pipeline`).
+
+Conventions (all documented on the pipeline's `__call__`):
+
+- The map is computed at the model's working size (518 x 518 by default) and resized back to the input image's own
+  width and height by bilinear interpolation of the float map (`align_corners=False`), so it lines up with the image.
+- `label` is "anomaly" when `score >= threshold` (default 0.5 on the joint anomaly score), else "normal"; the `mask`
+  marks the pixels whose map value is `>= pixel_threshold` (default: `threshold`).
+- The heatmap is the map through the "jet" colour map (blue = normal, red = anomalous; the colour map AnomalyCLIP's
+  visualisations use), blended over the image with weight `heatmap_alpha` (0.5).
+"""
+
+from typing import Any
+
+import numpy as np
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+TASK = "zero-shot-anomaly-detection"
+LABELS = ("normal", "anomaly")
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_HEATMAP_ALPHA = 0.5
+
+
+def _check_unit_interval(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def jet_colormap(values: np.ndarray) -> np.ndarray:
+    """
+    The "jet" colour map: values in [0, 1] (clipped) -> uint8 RGB, shape `values.shape + (3,)`. 0 is dark blue
+    (0, 0, 128), 0.5 light green (128, 255, 128), 1 dark red (128, 0, 0); each channel is
+    `clip(1.5 - |4 v - c|, 0, 1)` with c = 3 (red), 2 (green), 1 (blue).
+    """
+    values = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    channels = np.clip(1.5 - np.abs(4.0 * values[..., None] - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return np.round(channels * 255.0).astype(np.uint8)
+
+
+def anomaly_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = DEFAULT_HEATMAP_ALPHA) -> Image.Image:
+    """
+    Overlay `anomaly_map` (H, W) in [0, 1] on the RGB `image` of the same size: `(1 - alpha) * image + alpha *
+    jet(map)`, an RGB PIL image (`alpha` 0 gives the image, 1 the coloured map alone).
+    """
+    if anomaly_map.shape != (image.height, image.width):
+        raise ValueError(
+            f"The anomaly map has shape {anomaly_map.shape}, the image is {image.width}x{image.height} (width x "
+            "height): the map must have the image's size (H, W)."
+        )
+    alpha = _check_unit_interval("heatmap_alpha", alpha)
+    return Image.blend(image.convert("RGB"), Image.fromarray(jet_colormap(anomaly_map)), alpha)
+
+
+class ZeroShotAnomalyDetectionPipeline(Pipeline):
+    """
+    Zero-shot anomaly detection with a HeadCLIP model: per image an anomaly score and label, a pixel anomaly map at the
+    image's own size, a binary mask and a heatmap overlay.
+
+    Example:
+
+    ```python
+    >>> import headclip_hf  # registers the task
+    >>> from transformers import pipeline
+
+    >>> detector = pipeline("zero-shot-anomaly-detection", model="path/to/headclip")
+    >>> result = detector("bottle.png", threshold=0.5)
+    >>> result["score"], result["label"], result["anomaly_map"].shape  # map at the image's (height, width)
+    >>> result["heatmap"].save("bottle_heatmap.png")
+    ```
+
+    A published HeadCLIP (config with `custom_pipelines`) loads without the package:
+    `pipeline("zero-shot-anomaly-detection", model="user/headclip-mvtec", trust_remote_code=True)`. A model built in
+    Python (e.g. `load_headclip_model(base, adapter=...)`) is passed with its processor:
+    `pipeline("zero-shot-anomaly-detection", model=model, processor=processor)`.
+
+    The pipeline needs a HeadCLIP model and a HeadCLIP processor (the processor defines the preprocessing, so the
+    score equals `model(**processor(images=image)).image_score`). The model runs as given: `from_pretrained` returns
+    it in eval mode, where its maps are Gaussian-smoothed; call `model.eval()` on a model fresh from training.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if getattr(self.model.config, "model_type", None) != "headclip":
+            raise ValueError(
+                f"The {TASK} pipeline needs a HeadCLIP model, got {type(self.model).__name__}. For a plain CLIP "
+                "checkpoint, load it as a HeadCLIP first: `model = HeadCLIPModel.from_pretrained(name)`, "
+                "`processor = HeadCLIPProcessor.from_pretrained(name)`, then `pipeline(task, model=model, "
+                "processor=processor)`."
+            )
+        if type(self.processor).__name__ != "HeadCLIPProcessor":
+            raise ValueError(
+                f"The {TASK} pipeline needs a HeadCLIPProcessor, got {type(self.processor).__name__}: pass "
+                "`processor=HeadCLIPProcessor.from_pretrained(...)`."
+            )
+
+    def __call__(self, inputs: Any, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
+        """
+        Detect anomalies in one image or a list of images.
+
+        Args:
+            inputs (`str`, `Path`, `PIL.Image`, `np.ndarray`, or a list of them):
+                Image file paths, PIL images in any mode, or numpy arrays (HxW, HxWx1, HxWx3, HxWx4; uint8, uint16 or
+                float), converted to RGB as [`HeadCLIPProcessor`] does. An unreadable file raises `ValueError` naming
+                it.
+            batch_size (`int`, *optional*, defaults to 1):
+                Images per model forward pass.
+            threshold (`float`, *optional*, defaults to 0.5):
+                `label` is "anomaly" when `score >= threshold`, else "normal".
+            pixel_threshold (`float`, *optional*, defaults to `threshold`):
+                A pixel is in `mask` when its `anomaly_map` value is `>= pixel_threshold`.
+            heatmap_alpha (`float`, *optional*, defaults to 0.5):
+                Weight of the coloured map in `heatmap` (0: the image only, 1: the colour map only).
+
+        Returns:
+            A dict per image (a list of dicts for a list input):
+
+            - **score** (`float`) -- the joint anomaly score in [0, 1], the model's `image_score`.
+            - **label** (`str`) -- "normal" or "anomaly".
+            - **anomaly_map** (`np.ndarray` float32 of shape (height, width)) -- the model's (Gaussian-smoothed) map,
+              bilinearly resized from the working size to the input image's own size, in [0, 1].
+            - **mask** (`PIL.Image`, mode "L", 0 or 255) -- `anomaly_map >= pixel_threshold`, at the image's size.
+            - **heatmap** (`PIL.Image`, RGB) -- the map through the "jet" colour map blended over the image.
+        """
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        heatmap_alpha: float | None = None,
+    ) -> tuple[dict, dict, dict]:
+        postprocess_params = {}
+        if threshold is not None:
+            postprocess_params["threshold"] = _check_unit_interval("threshold", threshold)
+        if pixel_threshold is not None:
+            postprocess_params["pixel_threshold"] = _check_unit_interval("pixel_threshold", pixel_threshold)
+        if heatmap_alpha is not None:
+            postprocess_params["heatmap_alpha"] = _check_unit_interval("heatmap_alpha", heatmap_alpha)
+        return {}, {}, postprocess_params
+
+    def preprocess(self, image: Any) -> dict[str, Any]:
+        rgb_image = self.processor.to_rgb_image(image)
+        pixel_values = self.processor(images=rgb_image, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "image": rgb_image}
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        outputs = self.model(pixel_values=model_inputs["pixel_values"].to(self.model.dtype))
+        return {"image_score": outputs.image_score, "anomaly_map": outputs.anomaly_map, "image": model_inputs["image"]}
+
+    def postprocess(
+        self,
+        model_outputs: dict[str, Any],
+        threshold: float = DEFAULT_THRESHOLD,
+        pixel_threshold: float | None = None,
+        heatmap_alpha: float = DEFAULT_HEATMAP_ALPHA,
+    ) -> dict[str, Any]:
+        image = model_outputs["image"]
+        score = model_outputs["image_score"][0].item()
+        working_map = model_outputs["anomaly_map"][:1, None].float()  # (1, 1, S, S)
+        resized = F.interpolate(working_map, size=(image.height, image.width), mode="bilinear", align_corners=False)
+        anomaly_map = resized[0, 0].clamp(0.0, 1.0).numpy()
+        pixel_threshold = threshold if pixel_threshold is None else pixel_threshold
+        mask = Image.fromarray(np.where(anomaly_map >= pixel_threshold, 255, 0).astype(np.uint8))
+        return {
+            "score": score,
+            "label": LABELS[int(score >= threshold)],
+            "anomaly_map": anomaly_map,
+            "mask": mask,
+            "heatmap": anomaly_heatmap(image, anomaly_map, heatmap_alpha),
+        }
+
+
+def register_pipeline() -> None:
+    """Register the "zero-shot-anomaly-detection" task with transformers' `pipeline` (importing headclip_hf does)."""
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=ZeroShotAnomalyDetectionPipeline, pt_model=AutoModel, type="image"
+    )
+
+
+__all__ = [
+    "DEFAULT_HEATMAP_ALPHA",
+    "DEFAULT_THRESHOLD",
+    "LABELS",
+    "TASK",
+    "ZeroShotAnomalyDetectionPipeline",
+    "anomaly_heatmap",
+    "jet_colormap",
+    "register_pipeline",
+]

@@ -1,0 +1,367 @@
+"""Hub publishing: the dry-run folder (full model and adapter only), its model card and metadata, loading it without
+the package (AutoModel and the pipeline through remote code), and the upload calls."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, save_results
+from headclip_hf.cli import main
+from headclip_hf.hub import custom_pipeline_declaration
+from headclip_hf.metrics import AnomalyMetricsAccumulator
+
+REPO_ID = "someone/headclip-tiny"
+BASE_MODEL = "openai/clip-vit-large-patch14-336"
+FULL_MODEL_FILES = {
+    "README.md",
+    "config.json",
+    "model.safetensors",
+    "configuration_headclip.py",
+    "modeling_headclip.py",
+    "pipeline_headclip.py",
+    "processing_headclip.py",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "evaluation/results.json",
+    "evaluation/results.md",
+}
+ADAPTER_FILES = {
+    "README.md",
+    "headclip_adapter.safetensors",
+    "headclip_adapter_config.json",
+    "processing_headclip.py",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "evaluation/results.json",
+    "evaluation/results.md",
+}
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    """An evaluation run written by `save_results`: "bottle" with masks, "screw" without (pixel metrics undefined)."""
+    rng = np.random.default_rng(0)
+    accumulator = AnomalyMetricsAccumulator(num_bins=256)
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    masks = torch.zeros(5, 8, 8)
+    masks[2:, 2:5, 2:5] = 1
+    maps = torch.from_numpy(rng.random((5, 8, 8), dtype=np.float32))
+    maps[2:, 2:5, 2:5] += 0.5
+    accumulator.update(
+        category=["bottle"] * 5,
+        labels=labels,
+        scores=torch.tensor([0.1, 0.4, 0.3, 0.8, 0.9]),
+        masks=masks,
+        maps=maps.clamp(0, 1),
+        mask_valid=torch.ones(5, dtype=torch.bool),
+    )
+    accumulator.update(
+        category=["screw"] * 4,
+        labels=torch.tensor([0, 1, 0, 1]),
+        scores=torch.tensor([0.2, 0.7, 0.6, 0.5]),
+        masks=torch.zeros(4, 8, 8),
+        maps=torch.full((4, 8, 8), 0.5),
+        mask_valid=torch.zeros(4, dtype=torch.bool),
+    )
+    path = tmp_path / "eval"
+    save_results(accumulator.compute(), path, plots=False)
+    return path
+
+
+def push(checkpoint, results_dir, *extra):
+    return main(
+        [
+            "push",
+            "--model",
+            str(checkpoint),
+            "--results",
+            str(results_dir),
+            "--train-dataset",
+            "MVTec AD",
+            "--eval-dataset",
+            "VisA",
+            "--repo-id",
+            REPO_ID,
+            "--device",
+            "cpu",
+            *map(str, extra),
+        ]
+    )
+
+
+def listing(folder: Path) -> set[str]:
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_dry_run_folder_of_full_model(headclip_checkpoint, results_dir, tmp_path):
+    folder = tmp_path / "repo"
+    assert push(headclip_checkpoint, results_dir, "--base-model", BASE_MODEL, "--dry-run", "--output-dir", folder) == 0
+    assert listing(folder) == FULL_MODEL_FILES
+    config = json.loads((folder / "config.json").read_text())
+    assert config["custom_pipelines"] == {
+        "zero-shot-anomaly-detection": {
+            "impl": "pipeline_headclip.ZeroShotAnomalyDetectionPipeline",
+            "pt": ["AutoModel"],
+            "type": "image",
+        }
+    }
+    assert config["custom_pipelines"] == custom_pipeline_declaration()
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_headclip.HeadCLIPConfig",
+        "AutoModel": "modeling_headclip.HeadCLIPModel",
+    }
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_headclip.HeadCLIPProcessor"}
+    # The shipped code is the package's own, and the pipeline file imports nothing from the package.
+    package = Path(sys.modules["headclip_hf"].__file__).parent
+    for name in (
+        "configuration_headclip.py",
+        "modeling_headclip.py",
+        "processing_headclip.py",
+        "pipeline_headclip.py",
+    ):
+        assert (folder / name).read_text() == (package / name).read_text()
+    code = (folder / "pipeline_headclip.py").read_text().splitlines()
+    imports = [line for line in code if line.startswith(("import ", "from "))]
+    assert imports and not any("headclip_hf" in line or line.startswith("from .") for line in imports)
+    assert (folder / "evaluation" / "results.json").read_text() == (results_dir / "results.json").read_text()
+    # The weights are the model's.
+    loaded = HeadCLIPModel.from_pretrained(folder)
+    original = HeadCLIPModel.from_pretrained(headclip_checkpoint)
+    assert torch.equal(loaded.head_weights, original.head_weights)
+
+
+def test_model_card_metadata_and_text(headclip_checkpoint, results_dir, tmp_path):
+    folder = tmp_path / "repo"
+    assert push(headclip_checkpoint, results_dir, "--base-model", BASE_MODEL, "--dry-run", "--output-dir", folder) == 0
+    card = ModelCard.load(folder / "README.md")
+    data = card.data
+    assert data.license == "cc-by-nc-sa-4.0"
+    assert data.base_model == BASE_MODEL
+    assert data.library_name == "transformers"
+    assert {"anomaly-detection", "zero-shot-anomaly-detection", "headclip"} <= set(data.tags)
+    assert data.model_name == "headclip-tiny"
+
+    results = json.loads((results_dir / "results.json").read_text())
+    defined = {name: metric["value"] for name, metric in results["mean"].items() if metric["value"] is not None}
+    assert set(defined) == {"image_auroc", "image_ap", "image_f1_max", "mad_image"} | {
+        "pixel_auroc",
+        "pixel_ap",
+        "pixel_f1_max",
+        "pixel_aupro",
+        "mad_pixel",
+    }
+    eval_results = {result.metric_type: result for result in data.eval_results}
+    assert set(eval_results) == set(defined)
+    for name, value in defined.items():
+        result = eval_results[name]
+        assert result.metric_value == round(100 * value, 1)
+        assert (result.task_type, result.dataset_name, result.dataset_type) == (
+            "zero-shot-anomaly-detection",
+            "VisA",
+            "visa",
+        )
+        assert result.dataset_split == "test"
+    assert eval_results["image_auroc"].metric_name == "Image AUROC (mean of 2 categories)"
+    assert eval_results["pixel_aupro"].metric_name == "Pixel AUPRO (mean of 1 of 2 categories)"  # screw has no masks
+    model_index = data.to_dict()["model-index"]
+    assert model_index[0]["name"] == "headclip-tiny" and len(model_index[0]["results"]) == 1  # one task and data set
+    assert len(model_index[0]["results"][0]["metrics"]) == len(defined)
+
+    text = card.text
+    assert (results_dir / "results.md").read_text().strip() in text
+    assert "{{" not in text and "{%" not in text
+    assert "trust_remote_code=True" in text and f'model="{REPO_ID}"' in text
+    assert "CC BY-NC-SA 4.0" in text and "non-commercial" in text
+    for citation in (
+        "arXiv:2505.22259",
+        "AnomalyCLIP: Object-agnostic Prompt Learning",
+        "Learning Transferable Visual",
+    ):
+        assert citation in text
+    assert "trained on the labelled test split of **MVTec AD**" in text and "**VisA**" in text
+
+
+def test_card_without_defined_metrics_has_no_model_index(headclip_checkpoint, tmp_path):
+    accumulator = AnomalyMetricsAccumulator(num_bins=16)
+    accumulator.update(category=["pcb"], labels=torch.tensor([1]), scores=torch.tensor([0.9]))
+    results_dir = tmp_path / "eval"
+    save_results(accumulator.compute(), results_dir, plots=False)
+    folder = tmp_path / "repo"
+    assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", folder) == 0
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.eval_results is None and "model-index" not in card.data.to_dict()
+    assert card.data.base_model is None  # the model came from a local folder and no --base-model was given
+
+
+REMOTE_PIPELINE_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    class BlockHeadCLIP:
+        # Make `import headclip_hf` fail, as on a machine without the package.
+        def find_spec(self, name, path=None, target=None):
+            if name == "headclip_hf" or name.startswith("headclip_hf."):
+                raise ImportError("headclip_hf is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, BlockHeadCLIP())
+
+    from transformers import AutoModel, pipeline
+
+    folder, output_file, *images = sys.argv[1:]
+    try:
+        import headclip_hf  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("headclip_hf should not be importable here")
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__name__ == "HeadCLIPModel" and "transformers_modules" in type(model).__module__
+    detector = pipeline("zero-shot-anomaly-detection", model=folder, trust_remote_code=True, device="cpu")
+    assert "transformers_modules" in type(detector).__module__, type(detector).__module__
+    assert "transformers_modules" in type(detector.processor).__module__, type(detector.processor).__module__
+    results = detector(images)
+    json.dump(
+        [
+            {
+                "score": result["score"],
+                "label": result["label"],
+                "map_shape": list(result["anomaly_map"].shape),
+                "mask_size": list(result["mask"].size),
+                "heatmap": [result["heatmap"].mode, *result["heatmap"].size],
+            }
+            for result in results
+        ],
+        open(output_file, "w"),
+    )
+    """
+)
+
+
+def test_remote_code_pipeline_from_dry_run_folder(headclip_checkpoint, results_dir, tmp_path, test_data_dir):
+    folder = tmp_path / "repo"
+    assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", folder) == 0
+    polyps = sorted((test_data_dir / "kvasir_seg" / "colon" / "polyp").iterdir())[:2]
+    images = [str(path) for path in polyps]
+    script = tmp_path / "remote_pipeline.py"
+    script.write_text(REMOTE_PIPELINE_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "out.json"), *images],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads((tmp_path / "out.json").read_text())
+
+    model = HeadCLIPModel.from_pretrained(headclip_checkpoint).eval()
+    processor = HeadCLIPProcessor.from_pretrained(headclip_checkpoint)
+    for path, output in zip(images, remote, strict=True):
+        width, height = Image.open(path).size
+        with torch.no_grad():
+            assert output["score"] == model(**processor(images=path)).image_score.item()
+        assert output["map_shape"] == [height, width] and output["mask_size"] == [width, height]
+        assert output["heatmap"] == ["RGB", width, height]
+        assert output["label"] in ("normal", "anomaly")
+
+
+def test_dry_run_folder_of_adapter_only(headclip_checkpoint, results_dir, tmp_path):
+    folder = tmp_path / "repo"
+    args = ("--adapter-only", "--base-model", BASE_MODEL, "--dry-run", "--output-dir", folder)
+    assert push(headclip_checkpoint, results_dir, *args) == 0
+    assert listing(folder) == ADAPTER_FILES
+    adapter_config = json.loads((folder / "headclip_adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == BASE_MODEL
+    text = ModelCard.load(folder / "README.md").text
+    assert "load_headclip_model(adapter)" in text and "trust_remote_code" not in text
+
+
+def test_adapter_only_needs_a_hub_base(headclip_checkpoint, results_dir, tmp_path, capsys):
+    folder = tmp_path / "repo"
+    assert push(headclip_checkpoint, results_dir, "--adapter-only", "--dry-run", "--output-dir", folder) == 1
+    assert "pass --base-model" in capsys.readouterr().err
+    assert not folder.exists()
+
+
+def test_dry_run_errors(headclip_checkpoint, results_dir, tmp_path, capsys):
+    assert push(headclip_checkpoint, results_dir, "--dry-run") == 1
+    assert "--dry-run writes the repository folder to --output-dir" in capsys.readouterr().err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "old.txt").write_text("old")
+    assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", occupied) == 1
+    assert f"{occupied} is not empty" in capsys.readouterr().err
+    assert push(headclip_checkpoint, tmp_path, "--dry-run", "--output-dir", tmp_path / "repo") == 1
+    assert "holds no evaluation results (results.json, results.md)" in capsys.readouterr().err
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")  # a PEFT adapter folder
+    args = ("--adapter", lora, "--adapter-only", "--base-model", BASE_MODEL, "--dry-run", "--output-dir", tmp_path)
+    assert push(headclip_checkpoint, results_dir, *args) == 1
+    assert "A LoRA (PEFT) adapter changes the CLIP backbone" in capsys.readouterr().err
+
+
+class RecordingHfApi:
+    """Stands in for `huggingface_hub.HfApi`: records the calls, and the files of the uploaded folder."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.calls.append(("init", {"token": token}))
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", {**kwargs, "files": listing(Path(kwargs["folder_path"]))}))
+
+        class Commit:
+            commit_url = "https://huggingface.co/someone/headclip-tiny/commit/abc"
+
+        return Commit()
+
+
+def test_push_creates_the_repository_and_uploads_the_folder(headclip_checkpoint, results_dir, monkeypatch, capsys):
+    RecordingHfApi.calls = []
+    monkeypatch.setattr("headclip_hf.hub.HfApi", RecordingHfApi)
+    args = ("--private", "--revision", "v1", "--token", "hf_test", "--commit-message", "First HeadCLIP")
+    assert push(headclip_checkpoint, results_dir, *args) == 0
+    names = [name for name, _ in RecordingHfApi.calls]
+    assert names == ["init", "create_repo", "create_branch", "upload_folder"]
+    calls = dict(RecordingHfApi.calls)
+    assert calls["init"] == {"token": "hf_test"}
+    assert calls["create_repo"] == {"repo_id": REPO_ID, "repo_type": "model", "private": True, "exist_ok": True}
+    assert calls["create_branch"] == {"repo_id": REPO_ID, "branch": "v1", "repo_type": "model", "exist_ok": True}
+    upload = calls["upload_folder"]
+    assert (upload["repo_id"], upload["revision"], upload["commit_message"]) == (REPO_ID, "v1", "First HeadCLIP")
+    assert upload["files"] == FULL_MODEL_FILES
+    assert "commit/abc" in capsys.readouterr().out
+    assert not Path(upload["folder_path"]).exists()  # the staging folder is removed
+
+
+def test_push_to_main_of_a_public_repository(headclip_checkpoint, results_dir, monkeypatch):
+    RecordingHfApi.calls = []
+    monkeypatch.setattr("headclip_hf.hub.HfApi", RecordingHfApi)
+    assert push(headclip_checkpoint, results_dir) == 0
+    calls = dict(RecordingHfApi.calls)
+    assert "create_branch" not in calls
+    assert calls["create_repo"]["private"] is False and calls["upload_folder"]["revision"] is None
