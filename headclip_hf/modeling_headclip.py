@@ -84,9 +84,10 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = min(radius, maps.shape[-2] - 1, maps.shape[-1] - 1)
     if sigma <= 0 or radius < 1:
         return maps
-    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float64)
+    # Built in float64 on the CPU (some accelerators, e.g. MPS, have no float64), then moved.
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps.dtype)
+    kernel = (kernel / kernel.sum()).to(device=maps.device, dtype=maps.dtype)
 
     def blur_last_dim(x: torch.Tensor) -> torch.Tensor:
         padded = torch.cat([x[..., :radius].flip(-1), x, x[..., -radius:].flip(-1)], dim=-1)
@@ -188,7 +189,8 @@ class HeadCLIPHeadWeights(nn.Module):
         """`(layers, 1)` booleans: True for the vision layers in `config.head_weight_layers` (all when `None`)."""
         num_layers = config.vision_config.num_hidden_layers
         trainable = torch.zeros(num_layers, 1, dtype=torch.bool)
-        trainable[[layer - 1 for layer in config.head_weight_layers or range(1, num_layers + 1)]] = True
+        layers = range(1, num_layers + 1) if config.head_weight_layers is None else config.head_weight_layers
+        trainable[[layer - 1 for layer in layers]] = True
         return trainable
 
     def forward(self) -> torch.Tensor:
@@ -318,31 +320,35 @@ class HeadCLIPModel(CLIPModel):
         return hidden_states, layer_inputs
 
     def _compute_prompt_embeds(self) -> torch.Tensor:
-        prompt_learner = self.prompt_learner
-        hidden_states, _ = self._run_prompt_encoder(prompt_learner.context(), prompt_learner.deep_prompts)
-        hidden_states = self.text_model.final_layer_norm(hidden_states)
-        pooled = hidden_states[
-            torch.arange(hidden_states.shape[0], device=hidden_states.device), prompt_learner.end_positions
-        ]
-        return l2_normalize(self.text_projection(pooled))
+        # Outside autocast: the two prompts cost little, and their embeddings then have one precision (the weights').
+        with torch.autocast(device_type=self.text_projection.weight.device.type, enabled=False):
+            prompt_learner = self.prompt_learner
+            hidden_states, _ = self._run_prompt_encoder(prompt_learner.context(), prompt_learner.deep_prompts)
+            hidden_states = self.text_model.final_layer_norm(hidden_states)
+            pooled = hidden_states[
+                torch.arange(hidden_states.shape[0], device=hidden_states.device), prompt_learner.end_positions
+            ]
+            return l2_normalize(self.text_projection(pooled))
 
-    def _prompt_cache_key(self) -> tuple:
-        """Changes whenever a text-side tensor is modified in place (optimizer step, `load_state_dict`) or moved."""
-        tensors = [*self.prompt_learner.parameters(), *self.text_model.parameters(), self.text_projection.weight]
-        versions = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-        return versions, torch.is_inference_mode_enabled(), torch.is_autocast_enabled()
+    def _text_side_parameters(self) -> list[torch.Tensor]:
+        """Every parameter the prompt embeddings depend on (prompt learner, text encoder, text projection)."""
+        return [*self.prompt_learner.parameters(), *self.text_model.parameters(), self.text_projection.weight]
 
     def get_prompt_embeds(self) -> torch.Tensor:
         """
-        The L2-normalised (normal, abnormal) prompt embeddings, `(2, P)`. They do not depend on the image: in eval mode
-        they are computed once and cached (recomputed after any change to the text-side parameters); in training mode,
-        or when gradients can flow to the prompts, they are computed on every call.
+        The L2-normalised (normal, abnormal) prompt embeddings, `(2, P)`, computed outside autocast. They do not depend
+        on the image: in eval mode they are computed once and cached, and recomputed whenever a text-side parameter
+        is modified in place (optimizer step, `load_state_dict`), moved or cast; in training mode, or when gradients
+        can flow to a text-side parameter, they are computed on every call.
         """
-        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.prompt_learner.parameters())
-        if self.training or needs_graph:
+        parameters = self._text_side_parameters()
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in parameters)):
             self._prompt_embeds_cache = None
             return self._compute_prompt_embeds()
-        key = self._prompt_cache_key()
+        key = (
+            tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in parameters),
+            torch.is_inference_mode_enabled(),
+        )
         if self._prompt_embeds_cache is None or self._prompt_embeds_cache[0] != key:
             self._prompt_embeds_cache = (key, self._compute_prompt_embeds())
         return self._prompt_embeds_cache[1]

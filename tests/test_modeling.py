@@ -280,6 +280,9 @@ def test_head_weight_layers_and_switch(tiny_config_factory):
         model.head_weights[0] = 5.0
     assert torch.equal(model.effective_head_weights()[0], torch.ones(4))
 
+    none_trainable = HeadCLIPModel(tiny_config_factory(head_weight_layers=[]))
+    assert not none_trainable.attention_head_weights.trainable_layers.any()
+
     off = HeadCLIPModel(tiny_config_factory(use_head_weights=False))
     assert not off.head_weights.requires_grad and off.effective_head_weights() is None
 
@@ -307,9 +310,11 @@ def test_prompt_embeddings_cached_in_eval_and_refreshed_on_change(tiny_model, mo
 def test_autocast_half_precision(tiny_model, dtype):
     pixel_values = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        reference = tiny_model(pixel_values=pixel_values)
         with torch.autocast("cpu", dtype=dtype):
-            out = tiny_model(pixel_values=pixel_values)
+            out = tiny_model(pixel_values=pixel_values)  # first call: the prompts are encoded under autocast
+        reference = tiny_model(pixel_values=pixel_values)
+    # The prompt embeddings are computed outside autocast: float32 and the same as without autocast.
+    assert out.text_embeds.dtype == torch.float32 and torch.equal(out.text_embeds, reference.text_embeds)
     assert out.anomaly_map.dtype == torch.float32
     assert torch.isfinite(out.anomaly_map).all() and torch.isfinite(out.image_score).all()
     torch.testing.assert_close(out.anomaly_map, reference.anomaly_map, rtol=0, atol=0.05)
