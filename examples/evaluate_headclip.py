@@ -13,10 +13,11 @@ writes `eval/<data set>/results.md`, `results.json` and `plots/<category>.png` f
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from headclip_hf import HeadCLIPProcessor, load_anomaly_dataset
-from headclip_hf.adapters import load_headclip_model
+from headclip_hf import load_anomaly_dataset
+from headclip_hf.adapters import load_headclip_model_and_processor
 from headclip_hf.evaluation import evaluate_model
 from headclip_hf.reporting import results_to_markdown, save_results
 
@@ -34,8 +35,8 @@ class EvaluationArguments:
 
 def main() -> None:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses()
-    model = load_headclip_model(args.model, adapter=args.adapter, image_size=args.image_size)
-    processor = HeadCLIPProcessor.from_pretrained(model.config._name_or_path, image_size=args.image_size)
+    model, processor = load_headclip_model_and_processor(args.model, args.adapter, image_size=args.image_size)
+    model.to(PartialState().device)
     for data in args.data:
         results = evaluate_model(model, processor, load_anomaly_dataset(data, layout=args.layout), args.batch_size)
         written = save_results(results, Path(args.output_dir) / Path(data).resolve().name)

@@ -25,10 +25,12 @@ Evaluating on the images you trained on measures fit, not zero-shot transfer: ho
 
 from dataclasses import dataclass, field
 
+from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, load_anomaly_dataset
-from headclip_hf.adapters import load_headclip_model
+from headclip_hf import load_anomaly_dataset
+from headclip_hf.adapters import load_headclip_model, load_headclip_model_and_processor
+from headclip_hf.configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from headclip_hf.evaluation import evaluate_model
 from headclip_hf.reporting import results_to_markdown
 from headclip_hf.training import HeadCLIPTrainingArguments, train
@@ -39,7 +41,7 @@ class DomainArguments:
     data: str = field(metadata={"help": "Your folder of images and masks (generic layout)."})
     eval_data: str | None = field(default=None, metadata={"help": "A held-out folder (same layout); default: data."})
     model_name_or_path: str = field(
-        default="openai/clip-vit-large-patch14-336",
+        default=DEFAULT_CLIP_CHECKPOINT,
         metadata={"help": "CLIP or HeadCLIP to start from (Hub id or local folder), or a HeadCLIP adapter folder."},
     )
     image_size: int = field(default=518, metadata={"help": "Working input size in pixels."})
@@ -48,18 +50,17 @@ class DomainArguments:
 def main() -> None:
     parser = HfArgumentParser((DomainArguments, HeadCLIPTrainingArguments))
     domain_args, training_args = parser.parse_args_into_dataclasses()
-    model = load_headclip_model(domain_args.model_name_or_path, image_size=domain_args.image_size)
-    if not isinstance(model, HeadCLIPModel):
-        raise TypeError(f"{domain_args.model_name_or_path} did not load as a HeadCLIPModel")
-    processor = HeadCLIPProcessor.from_pretrained(model.config._name_or_path, image_size=domain_args.image_size)
+    model, processor = load_headclip_model_and_processor(
+        domain_args.model_name_or_path, image_size=domain_args.image_size
+    )
+    model.to(PartialState().device)
     train_set = load_anomaly_dataset(domain_args.data, layout="generic")
     eval_set = load_anomaly_dataset(domain_args.eval_data, layout="generic") if domain_args.eval_data else train_set
 
     before = evaluate_model(model, processor, eval_set, batch_size=training_args.per_device_eval_batch_size)
     adapter = train(model, processor, train_set, training_args)
-    after = evaluate_model(
-        load_headclip_model(adapter), processor, eval_set, batch_size=training_args.per_device_eval_batch_size
-    )
+    adapted = load_headclip_model(adapter).to(PartialState().device)
+    after = evaluate_model(adapted, processor, eval_set, batch_size=training_args.per_device_eval_batch_size)
     print(f"Before adaptation:\n{results_to_markdown(before)}\nAfter adaptation:\n{results_to_markdown(after)}")
     print(f"Adapter: {adapter}")
 

@@ -19,6 +19,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,14 +29,47 @@ from safetensors.torch import load_file, save_file
 
 from .configuration_headclip import HeadCLIPConfig
 from .modeling_headclip import HeadCLIPModel
+from .processing_headclip import HeadCLIPProcessor
 
 ADAPTER_WEIGHTS_NAME = "headclip_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "headclip_adapter_config.json"
 ADAPTER_FORMAT_VERSION = 1
 PEFT_CONFIG_NAME = "adapter_config.json"
-HEADCLIP_PARAMETER_PREFIXES = ("prompt_learner.", "attention_head_weights.")
+# The HeadCLIP modules of a HeadCLIPModel (what training changes), and the prefixes of their parameter names.
+HEADCLIP_MODULES = ("prompt_learner", "attention_head_weights")
+HEADCLIP_PARAMETER_PREFIXES = tuple(f"{name}." for name in HEADCLIP_MODULES)
+# Next to a PEFT adapter (LoRA training): the HeadCLIP config fields the model was trained with.
+PEFT_HEADCLIP_CONFIG_NAME = "headclip_config.json"
 # from_pretrained arguments that say where and how to fetch files, passed on to the config too.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the complete folder `staging` to `target`; a previous `target` is moved aside first and deleted last."""
+    staging, target = Path(staging), Path(target)
+    previous = target.with_name(f".{target.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextmanager
+def staging_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """
+    Write a folder atomically: yields an empty staging folder next to `target`; when the block ends without error it
+    replaces `target` (`replace_directory`), otherwise it is deleted and `target` is left as it was. A crash or Ctrl-C
+    never leaves a half-written `target`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        replace_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def headclip_state_dict(model: HeadCLIPModel) -> dict[str, torch.Tensor]:
@@ -95,21 +130,9 @@ def save_headclip_adapter(
         "base_model_name_or_path": str(base),
         "headclip_config": model.config.headclip_fields(),
     }
-    save_directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{save_directory.name}.", dir=save_directory.parent))
-    try:
+    with staging_directory(save_directory) as staging:
         save_file(headclip_state_dict(model), staging / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-        if save_directory.exists():
-            previous = save_directory.with_name(f".{save_directory.name}.previous")
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(save_directory, previous)
-            os.replace(staging, save_directory)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(staging, save_directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return save_directory
 
 
@@ -161,21 +184,52 @@ def load_headclip_model(
     if adapter is None:
         return HeadCLIPModel.from_pretrained(model_name_or_path, **kwargs)
     if is_peft_adapter(adapter):
-        model = HeadCLIPModel.from_pretrained(model_name_or_path, **kwargs)
+        fields = json.loads((Path(adapter) / PEFT_HEADCLIP_CONFIG_NAME).read_text())["headclip_config"]
+    else:
+        fields = read_adapter_config(adapter)["headclip_config"]
+    config = _adapter_model_config(model_name_or_path, fields, kwargs)
+    model = HeadCLIPModel.from_pretrained(model_name_or_path, config=config, **kwargs)
+    if is_peft_adapter(adapter):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model.freeze_backbone()
         return model
-    hub_kwargs = {key: value for key, value in kwargs.items() if key in HUB_KWARGS}
-    config = HeadCLIPConfig.from_pretrained(model_name_or_path, **hub_kwargs)
-    # The adapter's fields rebuild the model it was trained as; HeadCLIP fields in kwargs (inference choices such as
-    # joint_alpha or image_size) then apply on top.
-    fields = read_adapter_config(adapter)["headclip_config"]
-    fields.update({key: kwargs.pop(key) for key in list(kwargs) if key in fields})
+    return load_headclip_adapter(model, adapter)
+
+
+def _adapter_model_config(model_name_or_path: str | os.PathLike, fields: dict, kwargs: dict) -> HeadCLIPConfig:
+    """
+    The config of the base with the HeadCLIP `fields` an adapter was trained with (so the model is rebuilt as it was
+    trained); HeadCLIP fields in `kwargs` (inference choices such as `joint_alpha` or `image_size`) are popped from
+    `kwargs` and apply on top.
+    """
+    config = HeadCLIPConfig.from_pretrained(
+        model_name_or_path, **{key: value for key, value in kwargs.items() if key in HUB_KWARGS}
+    )
+    fields = {**fields, **{key: kwargs.pop(key) for key in list(kwargs) if key in fields}}
     for name, value in fields.items():
         setattr(config, name, value)
     config.check_headclip_fields()
-    model = HeadCLIPModel.from_pretrained(model_name_or_path, config=config, **kwargs)
-    return load_headclip_adapter(model, adapter)
+    return config
+
+
+def load_headclip_model_and_processor(
+    model_name_or_path: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    **kwargs,
+) -> tuple[HeadCLIPModel, HeadCLIPProcessor]:
+    """
+    `load_headclip_model` plus the processor of the checkpoint the model came from (the base, for an adapter), at the
+    model's working size (`image_size` overrides it for both).
+    """
+    if image_size is not None:
+        kwargs["image_size"] = image_size
+    model = load_headclip_model(model_name_or_path, adapter, **kwargs)
+    hub_kwargs = {key: value for key, value in kwargs.items() if key in HUB_KWARGS}
+    processor = HeadCLIPProcessor.from_pretrained(
+        model.config._name_or_path, image_size=model.config.image_size, **hub_kwargs
+    )
+    return model, processor
 
 
 def _adapter_base(adapter: str | os.PathLike) -> str:
@@ -192,7 +246,10 @@ __all__ = [
     "is_peft_adapter",
     "load_headclip_adapter",
     "load_headclip_model",
+    "load_headclip_model_and_processor",
+    "staging_directory",
     "read_adapter_config",
+    "replace_directory",
     "save_headclip_adapter",
     "state_dict_mismatches",
 ]

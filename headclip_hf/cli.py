@@ -27,7 +27,8 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from . import training
-from .adapters import is_peft_adapter, load_headclip_model
+from .adapters import is_peft_adapter, load_headclip_model_and_processor
+from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from .conversion import add_convert_arguments, run_convert
 from .data import IMAGE_EXTENSIONS, LAYOUTS, load_anomaly_dataset
 from .evaluation import evaluate_model
@@ -44,7 +45,7 @@ from .pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetection
 from .processing_headclip import HeadCLIPProcessor
 from .reporting import results_to_markdown, save_results
 
-DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
+DEFAULT_MODEL = DEFAULT_CLIP_CHECKPOINT
 SCORES_CSV = "scores.csv"
 SCORES_JSON = "scores.json"
 
@@ -89,17 +90,13 @@ def load_model_and_processor(
         `CommandError`: the model or processor cannot be loaded (no network and no local copy, a wrong path, ...); the
             message says how to work offline.
     """
-    model_kwargs = {} if image_size is None else {"image_size": image_size}
-    source = model_name_or_path
     try:
-        model = load_headclip_model(model_name_or_path, adapter, **model_kwargs)
-        source = model.config._name_or_path  # the base checkpoint when the model came from an adapter
-        processor = HeadCLIPProcessor.from_pretrained(source, image_size=model.config.image_size)
+        model, processor = load_headclip_model_and_processor(model_name_or_path, adapter, image_size)
     except ValueError as error:  # e.g. a malformed adapter folder
         raise CommandError(f"Cannot load the model from {model_name_or_path!r}: {error}") from error
     except OSError as error:  # includes huggingface_hub's offline, not-found and HTTP errors
         raise CommandError(
-            f"Cannot load the model or processor from {source!r}: {error}\n"
+            f"Cannot load the model or processor from {model_name_or_path!r}: {error}\n"
             "Without network access, point --model at a local folder holding the checkpoint (config.json, "
             "model.safetensors, preprocessor and tokenizer files; e.g. one written by `save_pretrained` or downloaded "
             "with `hf download` on a connected machine): --model /path/to/local/folder. HF_HUB_OFFLINE=1 is "
@@ -241,9 +238,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
     model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
     results = evaluate_model(model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers)
-    written = save_results(results, args.out, plots=not args.no_plots)
-    print(results_to_markdown(results))
-    print("Written: " + ", ".join(str(path) for path in written.values()))
+    if PartialState().is_main_process:  # under `accelerate launch` every process holds the gathered results
+        written = save_results(results, args.out, plots=not args.no_plots)
+        print(results_to_markdown(results))
+        print("Written: " + ", ".join(str(path) for path in written.values()))
     return 0
 
 

@@ -10,6 +10,9 @@ import dataclasses
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig
 
+# The backbone of the paper and of AnomalyCLIP, the default everywhere a checkpoint is asked for.
+DEFAULT_CLIP_CHECKPOINT = "openai/clip-vit-large-patch14-336"
+
 # Token ids of the real CLIP tokenizer (`openai/clip-vit-*`, vocabulary 49,408) for the default prompt templates.
 # A test checks them against the tokenizer; use `HeadCLIPProcessor.prompt_token_ids` to compute your own.
 CLIP_START_OF_TEXT_ID = 49406

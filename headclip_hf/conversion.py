@@ -36,13 +36,18 @@ from transformers import CLIPConfig
 from transformers.utils import logging as transformers_logging
 
 from .adapters import HEADCLIP_PARAMETER_PREFIXES, HUB_KWARGS, save_headclip_adapter
-from .configuration_headclip import DEFAULT_ABNORMAL_PROMPT_IDS, DEFAULT_NORMAL_PROMPT_IDS, HeadCLIPConfig
+from .configuration_headclip import (
+    DEFAULT_ABNORMAL_PROMPT_IDS,
+    DEFAULT_CLIP_CHECKPOINT,
+    DEFAULT_NORMAL_PROMPT_IDS,
+    HeadCLIPConfig,
+)
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
 
 logger = logging.getLogger(__name__)
 
-ANOMALYCLIP_BASE = "openai/clip-vit-large-patch14-336"
+ANOMALYCLIP_BASE = DEFAULT_CLIP_CHECKPOINT
 
 # AnomalyCLIP's settings (the reference's train.py / test.py defaults). The architecture-dependent fields
 # (`feature_layers`, `vv_start_layer`) are set by `anomalyclip_config` from the vision depth.

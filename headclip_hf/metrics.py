@@ -218,10 +218,10 @@ def image_f1_max(labels: Any, scores: Any) -> float:
     labels, scores = _image_inputs(labels, scores)
     _require_both_image_classes(labels)
     precision, recall, _ = precision_recall_curve(labels, scores)
-    return float(_f1(precision, recall).max())
+    return float(f1_scores(precision, recall).max())
 
 
-def _f1(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+def f1_scores(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
     denominator = precision + recall
     return np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
 

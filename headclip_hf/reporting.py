@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, MetricResult, _f1
+from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, MetricResult, f1_scores
 
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
@@ -82,13 +82,14 @@ def save_results(results: AnomalyDetectionResults, output_dir: str | Path, *, pl
     paths["markdown"].write_text(results_to_markdown(results))
     if plots:
         for name, category in results.categories.items():
-            path = output_dir / "plots" / f"{_file_name(name)}.png"
+            path = output_dir / "plots" / f"{safe_file_name(name)}.png"
             paths[f"plot/{name}"] = plot_category_curves(category, path, fpr_limit=results.fpr_limit)
     return paths
 
 
-def _file_name(category: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", category).strip("._") or "category"
+def safe_file_name(name: str) -> str:
+    """`name` (a category, a data set) made safe as a file or folder name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "category"
 
 
 def plot_category_curves(category: CategoryResult, path: str | Path, *, fpr_limit: float = 0.3) -> Path:
@@ -115,7 +116,7 @@ def plot_category_curves(category: CategoryResult, path: str | Path, *, fpr_limi
             # Recall ascending; the precision at recall r_i holds on (r_(i-1), r_i], which is what AP sums.
             ap_label = f"AP {_percent(metrics[f'{level}_ap'])}"
             pr_axes.step(recall, precision, where="pre", color="tab:orange", label=ap_label)
-            best = int(np.argmax(_f1(precision, recall)))
+            best = int(np.argmax(f1_scores(precision, recall)))
             pr_axes.plot(
                 recall[best],
                 precision[best],

@@ -19,7 +19,6 @@ PEFT adapter whose `modules_to_save` carry the HeadCLIP parameters.
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -36,18 +35,26 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from .adapters import save_headclip_adapter, state_dict_mismatches
+from .adapters import (
+    HEADCLIP_MODULES,
+    PEFT_HEADCLIP_CONFIG_NAME,
+    load_headclip_model_and_processor,
+    replace_directory,
+    save_headclip_adapter,
+    staging_directory,
+    state_dict_mismatches,
+)
+from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from .data import AnomalyCollator, load_anomaly_dataset
 from .evaluation import evaluate_model
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
-from .reporting import results_to_markdown, save_results
+from .reporting import results_to_markdown, safe_file_name, save_results
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
-HEADCLIP_MODULES = ["prompt_learner", "attention_head_weights"]
 DEFAULT_LORA_TARGETS = r"vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
 
@@ -56,8 +63,11 @@ class ModelArguments:
     """Which CLIP (or HeadCLIP) to start from."""
 
     model_name_or_path: str = field(
-        default="openai/clip-vit-large-patch14-336",
-        metadata={"help": "CLIP or HeadCLIP checkpoint: a Hub id or a local folder (HF_HUB_OFFLINE=1 is honoured)."},
+        default=DEFAULT_CLIP_CHECKPOINT,
+        metadata={
+            "help": "CLIP or HeadCLIP checkpoint (a Hub id or a local folder; HF_HUB_OFFLINE=1 is honoured), or an "
+            "adapter folder to continue training from."
+        },
     )
     image_size: int = field(default=518, metadata={"help": "Working input size in pixels (AnomalyCLIP: 518)."})
     config_overrides: str | None = field(
@@ -148,18 +158,14 @@ def add_lora(model: HeadCLIPModel, args: HeadCLIPTrainingArguments) -> PeftModel
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=args.lora_target_modules,
-        modules_to_save=HEADCLIP_MODULES,
+        modules_to_save=list(HEADCLIP_MODULES),
     )
     return get_peft_model(model, config)
 
 
-def trainable_parameter_names(model: torch.nn.Module) -> set[str]:
-    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-
-
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = sorted((output_dir / CHECKPOINTS_DIR).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return checkpoints[-1] if checkpoints else None
+    checkpoints = [p for p in (output_dir / CHECKPOINTS_DIR).glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
+    return max(checkpoints, key=lambda p: int(p.name.removeprefix("step_")), default=None)
 
 
 def _prepare_output_dir(args: HeadCLIPTrainingArguments, accelerator: Accelerator) -> Path | None:
@@ -192,24 +198,28 @@ def _prepare_output_dir(args: HeadCLIPTrainingArguments, accelerator: Accelerato
 
 
 def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
-    """Checkpoints hold the trainable parameters only (not the frozen CLIP), and refuse a model of another shape."""
+    """
+    Checkpoints hold the trainable parameters only (not the frozen CLIP), named as in the unwrapped model (so a run
+    resumes on any number of processes), and a model of another shape is refused with the mismatches named.
+    """
 
     def save_trainable(models, weights, output_dir):
         for index, model in enumerate(models):
-            names = trainable_parameter_names(model)
-            weights[index] = {name: tensor for name, tensor in weights[index].items() if name in names}
+            unwrapped = accelerator.unwrap_model(model)
+            weights[index] = {name: p.detach() for name, p in unwrapped.named_parameters() if p.requires_grad}
 
     def load_trainable(models, input_dir):
         for index, model in enumerate(models):
+            unwrapped = accelerator.unwrap_model(model)
             weights_file = Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
             saved = load_file(weights_file)
-            expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+            expected = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
             problems = state_dict_mismatches(saved, expected)
             if problems:
                 raise ValueError(
                     f"The checkpoint {input_dir} comes from a model of another shape: " + "; ".join(problems) + "."
                 )
-            model.load_state_dict(saved, strict=False)
+            unwrapped.load_state_dict(saved, strict=False)
         models.clear()  # loaded here: accelerate must not load them again
 
     accelerator.register_save_state_pre_hook(save_trainable)
@@ -217,29 +227,32 @@ def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
 
 
 def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+    """`accelerator.save_state` into a staging folder (every process writes its RNG state there), then moved."""
     final = output_dir / CHECKPOINTS_DIR / f"step_{step}"
     staging = final.with_name(f".{final.name}.partial")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+        replace_directory(staging, final)
     accelerator.wait_for_everyone()
 
 
 def _save_adapter(model, output_dir: Path, base_model_name_or_path: str) -> Path:
-    """The final adapter: a HeadCLIP adapter, or a PEFT adapter (atomically moved into place) with LoRA."""
+    """
+    The final adapter: a HeadCLIP adapter; with LoRA a PEFT adapter, plus the HeadCLIP config fields the model was
+    trained with (so `load_headclip_model` rebuilds that model). Both are written atomically.
+    """
     target = output_dir / ADAPTER_DIR
-    if isinstance(model, PeftModel):
-        staging = output_dir / f".{ADAPTER_DIR}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
+    if not isinstance(model, PeftModel):
+        return save_headclip_adapter(model, target, base_model_name_or_path)
+    with staging_directory(target) as staging:
         model.save_pretrained(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        return target
-    return save_headclip_adapter(model, target, base_model_name_or_path)
+        fields = {"headclip_config": model.get_base_model().config.headclip_fields()}
+        (staging / PEFT_HEADCLIP_CONFIG_NAME).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    return target
 
 
 def _check_training_data(dataset: datasets.Dataset, args: HeadCLIPTrainingArguments) -> None:
@@ -379,7 +392,11 @@ def _evaluate(
 ) -> None:
     for name, dataset in (eval_datasets or {}).items():
         results = evaluate_model(
-            accelerator.unwrap_model(model), processor, dataset, batch_size=args.per_device_eval_batch_size
+            accelerator.unwrap_model(model),
+            processor,
+            dataset,
+            batch_size=args.per_device_eval_batch_size,
+            num_workers=args.dataloader_num_workers,
         )
         if accelerator.is_main_process:
             save_results(results, Path(args.output_dir) / "eval" / f"epoch_{progress.epoch}" / name)
@@ -393,13 +410,15 @@ def _evaluate(
 
 
 def _parse_config_overrides(overrides: str | None) -> dict:
+    """'field=value,field=value' -> {field: value}; values are JSON (numbers, true/false, lists) or plain strings."""
     if not overrides:
         return {}
     parsed = {}
-    for item in overrides.split(","):
+    # Split at the commas that start a new "field=", so that list values such as [6,12,18,24] stay whole.
+    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", overrides):
         key, separator, value = item.partition("=")
-        if not separator:
-            raise ValueError(f"config_overrides item {item!r} is not 'field=value'.")
+        if not separator or not key.strip().isidentifier():
+            raise ValueError(f"config_overrides item {item!r} is not 'field=value' (e.g. 'joint_alpha=1.0').")
         try:
             parsed[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -413,14 +432,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.description = "Train HeadCLIP's prompts and head weights on an auxiliary labelled anomaly data set."
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    overrides = _parse_config_overrides(model_args.config_overrides)
-    model = HeadCLIPModel.from_pretrained(model_args.model_name_or_path, image_size=model_args.image_size, **overrides)
-    processor = HeadCLIPProcessor.from_pretrained(model_args.model_name_or_path, image_size=model_args.image_size)
+    set_seed(training_args.seed)  # before loading: prompt positions left free by the init phrase start random
+    model, processor = load_headclip_model_and_processor(
+        model_args.model_name_or_path,
+        image_size=model_args.image_size,
+        **_parse_config_overrides(model_args.config_overrides),
+    )
     train_dataset = load_anomaly_dataset(data_args.train_data, layout=data_args.train_layout)
     eval_datasets = {
-        re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).resolve().name): load_anomaly_dataset(
-            path, layout=data_args.eval_layout
-        )
+        safe_file_name(Path(path).resolve().name): load_anomaly_dataset(path, layout=data_args.eval_layout)
         for path in data_args.eval_data
     }
     return train(model, processor, train_dataset, training_args, eval_datasets=eval_datasets)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
@@ -329,3 +330,7 @@ def test_processor_is_saved_when_the_base_has_one(base_dir, tmp_path, clip_token
     convert(base=base, output_dir=out)
     processor = HeadCLIPProcessor.from_pretrained(out)
     assert processor.image_size == 32 and processor.image_processor.size == {"height": 32, "width": 32}
+    # The real (CLIP checkpoint) image processor class resizes to the working size without cropping.
+    assert processor.image_processor.do_center_crop is False
+    pixels = processor(images=Image.new("RGB", (50, 30)))["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)

@@ -26,7 +26,6 @@ def test_evaluate_model_on_bottle_matches_direct_metrics(tiny_model, clip_tokeni
     assert bottle["pixel_auroc"].value == pytest.approx(pixel_auroc(masks, maps), abs=1e-9)
     assert bottle["pixel_aupro"].value == pytest.approx(pixel_aupro(masks, maps), abs=1e-9)
     assert results.mean["image_auroc"].value == bottle["image_auroc"].value
-    assert tiny_model.training is False
 
 
 def test_evaluate_model_leaves_unknown_masks_out_and_restores_training_mode(

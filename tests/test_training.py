@@ -15,6 +15,7 @@ from PIL import Image
 from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, load_anomaly_dataset
 from headclip_hf.adapters import (
     ADAPTER_WEIGHTS_NAME,
+    HEADCLIP_PARAMETER_PREFIXES,
     headclip_state_dict,
     load_headclip_adapter,
     load_headclip_model,
@@ -22,10 +23,9 @@ from headclip_hf.adapters import (
 )
 from headclip_hf.configuration_headclip import HeadCLIPConfig
 from headclip_hf.modeling_headclip import HeadCLIPHeadWeights, HeadCLIPPromptLearner
-from headclip_hf.training import HeadCLIPTrainingArguments, train
+from headclip_hf.training import HeadCLIPTrainingArguments, _parse_config_overrides, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HEADCLIP_PREFIXES = ("prompt_learner.", "attention_head_weights.")
 
 
 def write_generic_folder(root: Path, num_normal: int = 4, num_anomalous: int = 4, with_masks: bool = True) -> Path:
@@ -80,7 +80,7 @@ def run_training(base_dir, dataset, args, **kwargs):
 
 
 def backbone_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(HEADCLIP_PREFIXES)}
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(HEADCLIP_PARAMETER_PREFIXES)}
 
 
 @pytest.mark.parametrize("data", ["synthetic", "bottle"])
@@ -120,6 +120,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(base_dir, tmp_
     assert checkpoints == ["step_2", "step_3", "step_4"]  # every 2 steps, and the end of epoch 1
     assert not (tmp_path / "interrupted" / "adapter").exists()  # no final adapter from a killed run
 
+    (tmp_path / "interrupted" / "checkpoints" / "step_notes").mkdir()  # a stray folder is not a checkpoint
     resumed = training_args(tmp_path / "interrupted", resume_from_checkpoint="latest", **common)
     _, adapter, losses = run_training(base_dir, synthetic_set, resumed)
     assert len(losses) == 2  # steps 5 and 6
@@ -188,31 +189,44 @@ def test_failed_adapter_save_keeps_the_previous_adapter(base_dir, tmp_path, monk
 def test_lora_trains_saves_and_reloads_identically(base_dir, tmp_path, synthetic_set):
     args = training_args(tmp_path / "lora", num_train_epochs=2, learning_rate=1e-2, lora_rank=2)
     before = HeadCLIPModel.from_pretrained(base_dir)
-    model = HeadCLIPModel.from_pretrained(base_dir)
+    # A config field changed for training (not the base's) must come back with the adapter.
+    model = HeadCLIPModel.from_pretrained(base_dir, joint_alpha=0.25)
     processor = HeadCLIPProcessor.from_pretrained(base_dir)
     adapter = train(model, processor, synthetic_set, args)
     assert (adapter / "adapter_config.json").is_file()
     # `model` was wrapped in place by PEFT: LoRA layers exist, the backbone weights themselves are unchanged.
-    peft_model = PeftModel.from_pretrained(HeadCLIPModel.from_pretrained(base_dir), adapter).eval()
+    peft_model = PeftModel.from_pretrained(HeadCLIPModel.from_pretrained(base_dir, joint_alpha=0.25), adapter).eval()
     lora_weights = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
     assert lora_weights and any(v.abs().sum() > 0 for k, v in lora_weights.items() if "lora_B" in k)
     trained = peft_model.state_dict()
     for name, tensor in before.state_dict().items():
-        base_name = name if name.startswith(HEADCLIP_PREFIXES) else None
+        base_name = name if name.startswith(HEADCLIP_PARAMETER_PREFIXES) else None
         if base_name is None:
             continue
         copy = f"base_model.model.{name.split('.')[0]}.modules_to_save.default.{name.split('.', 1)[1]}"
         assert not torch.equal(trained[copy], tensor), f"{name} did not train"
     pixel_values = torch.randn(2, 3, 64, 64)
-    reloaded_twice = PeftModel.from_pretrained(HeadCLIPModel.from_pretrained(base_dir), adapter).eval()
+    reloaded_twice = PeftModel.from_pretrained(
+        HeadCLIPModel.from_pretrained(base_dir, joint_alpha=0.25), adapter
+    ).eval()
     with torch.no_grad():
         first, second = peft_model(pixel_values=pixel_values), reloaded_twice(pixel_values=pixel_values)
-        merged = load_headclip_model(adapter).eval()(pixel_values=pixel_values)
+        merged_model = load_headclip_model(adapter).eval()
+        merged = merged_model(pixel_values=pixel_values)
         untrained = before.eval()(pixel_values=pixel_values)
     assert torch.equal(first.anomaly_map, second.anomaly_map)
     torch.testing.assert_close(merged.anomaly_map, first.anomaly_map, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(merged.image_score, first.image_score, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(untrained.image_score, first.image_score)
+    assert merged_model.config.joint_alpha == 0.25
+
+
+def test_config_overrides_parse_json_values_and_lists():
+    parsed = _parse_config_overrides("joint_alpha=1.0,feature_layers=[2, 4],use_head_weights=false,joint_pooling=max")
+    assert parsed == {"joint_alpha": 1.0, "feature_layers": [2, 4], "use_head_weights": False, "joint_pooling": "max"}
+    assert _parse_config_overrides(None) == {}
+    with pytest.raises(ValueError, match="config_overrides item 'joint_alpha' is not 'field=value'"):
+        _parse_config_overrides("joint_alpha")
 
 
 def test_training_needs_masks_unless_image_labels_only(base_dir, tmp_path):
@@ -264,3 +278,9 @@ def test_accelerate_launch_two_cpu_processes(base_dir, tmp_path):
     assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["step_2"]  # 8 images / (2 x 2) per step
     assert (output_dir / "eval" / "epoch_1" / "data" / "results.json").is_file()
     load_headclip_model(output_dir / "adapter")
+    # The two-process checkpoint resumes in one process (parameter names do not depend on the process count).
+    resume = training_args(
+        output_dir, resume_from_checkpoint="latest", num_train_epochs=2, per_device_train_batch_size=4
+    )
+    _, _, losses = run_training(base_dir, load_anomaly_dataset(data, cache_dir=str(tmp_path / "cache")), resume)
+    assert len(losses) == 2
