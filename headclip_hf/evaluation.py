@@ -7,6 +7,7 @@ is duplicated to even out batches) and the metric states are gathered and merged
 same results.
 """
 
+import logging
 from typing import Any
 
 import datasets
@@ -19,6 +20,18 @@ from tqdm.auto import tqdm
 from .data import AnomalyCollator
 from .metrics import DEFAULT_NUM_BINS, AnomalyDetectionResults, AnomalyMetricsAccumulator
 from .modeling_headclip import HeadCLIPModel
+
+logger = logging.getLogger(__name__)
+
+
+def warn_if_sizes_differ(model: HeadCLIPModel, processor: Any) -> None:
+    """Log a warning when the processor prepares images at another size than the model's configured working size."""
+    if processor.image_size != model.config.image_size:
+        logger.warning(
+            f"The processor prepares {processor.image_size} px images but the model's working size is "
+            f"{model.config.image_size} px: the model runs at {processor.image_size} px (its positional embeddings "
+            "are interpolated to it). Load both at one size to compare with results at the model's size."
+        )
 
 
 def _collate_with_categories(collator: AnomalyCollator):
@@ -52,6 +65,7 @@ def evaluate_model(
     Returns:
         Per-category and mean metrics (`AnomalyDetectionResults`), identical on every process.
     """
+    warn_if_sizes_differ(model, processor)
     state = PartialState()
     shard = dataset.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
     loader = DataLoader(

@@ -164,6 +164,10 @@ class HeadCLIPProcessor(ProcessorMixin):
         """
         if images is None and text is None:
             raise ValueError("Pass `images` (and optionally `masks`) or `text`.")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(
+                f"HeadCLIPProcessor returns PyTorch tensors: return_tensors must be 'pt', not {return_tensors!r}."
+            )
         data = {}
         if images is not None:
             image_list = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -180,7 +184,7 @@ class HeadCLIPProcessor(ProcessorMixin):
             raise ValueError("Masks need their images: pass `images` together with `masks`.")
         if text is not None:
             data.update(self.tokenizer(text, return_tensors="pt", padding=True, **kwargs))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return BatchFeature(data=data, tensor_type="pt")
 
     @staticmethod
     def to_rgb_image(image: ImageLike) -> Image.Image:

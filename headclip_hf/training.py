@@ -46,7 +46,7 @@ from .adapters import (
 )
 from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from .data import AnomalyCollator, load_anomaly_dataset
-from .evaluation import evaluate_model
+from .evaluation import evaluate_model, warn_if_sizes_differ
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
 from .reporting import results_to_markdown, safe_file_name, save_results
@@ -290,6 +290,7 @@ def train(
         The folder of the final adapter.
     """
     _check_training_data(train_dataset, args)
+    warn_if_sizes_differ(model, processor)
     accelerator = Accelerator(
         cpu=args.use_cpu,
         mixed_precision=args.mixed_precision,

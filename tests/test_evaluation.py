@@ -43,3 +43,14 @@ def test_evaluate_model_leaves_unknown_masks_out_and_restores_training_mode(
     with torch.no_grad():
         maps = tiny_model.eval()(pixel_values=inputs["pixel_values"]).anomaly_map.numpy()
     assert colon.metrics["pixel_auroc"].value == pytest.approx(pixel_auroc(inputs["masks"].numpy(), maps), abs=1e-9)
+
+
+def test_processor_size_other_than_the_models_is_warned_about(
+    tiny_model, clip_tokenizer, test_data_dir, tmp_path, caplog
+):
+    processor = HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=32)
+    dataset = load_anomaly_dataset(test_data_dir / "mvtec_ad" / "bottle", cache_dir=str(tmp_path)).select(range(2))
+    with caplog.at_level("WARNING", logger="headclip_hf.evaluation"):
+        results = evaluate_model(tiny_model, processor, dataset, batch_size=2, show_progress=False)
+    assert "The processor prepares 32 px images but the model's working size is 64 px" in caplog.text
+    assert list(results.categories) == ["bottle"]
