@@ -1,6 +1,9 @@
 """Shared test fixtures: offline Hub, the real data in ../shared, the real CLIP tokenizer, tiny CLIP configs."""
 
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,50 @@ def headclip_checkpoint(tmp_path, tiny_model, clip_tokenizer):
     tiny_model.save_pretrained(path)
     HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=tiny_model.config.image_size).save_pretrained(path)
     return path
+
+
+# Prepended to the scripts of `run_without_headclip`: `import headclip_hf` fails there, as on a machine without it.
+_BLOCK_HEADCLIP_IMPORT = textwrap.dedent(
+    """
+    import sys
+
+    class BlockHeadCLIP:
+        def find_spec(self, name, path=None, target=None):
+            if name == "headclip_hf" or name.startswith("headclip_hf."):
+                raise ImportError("headclip_hf is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, BlockHeadCLIP())
+    try:
+        import headclip_hf  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("headclip_hf should not be importable here")
+    """
+)
+
+
+@pytest.fixture
+def run_without_headclip(tmp_path):
+    """
+    `run(script, *args)`: run the Python `script` in a subprocess that cannot import headclip_hf (offline, its own
+    remote-code module cache, cwd `tmp_path`), assert it succeeds, and return the `CompletedProcess`.
+    """
+
+    def run(script: str, *args) -> subprocess.CompletedProcess:
+        path = tmp_path / "without_headclip.py"
+        path.write_text(_BLOCK_HEADCLIP_IMPORT + textwrap.dedent(script))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+        result = subprocess.run(
+            [sys.executable, str(path), *map(str, args)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    return run

@@ -2,10 +2,7 @@
 the package (AutoModel and the pipeline through remote code), and the upload calls."""
 
 import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -205,69 +202,42 @@ def test_card_without_defined_metrics_has_no_model_index(headclip_checkpoint, tm
     assert card.data.base_model is None  # the model came from a local folder and no --base-model was given
 
 
-REMOTE_PIPELINE_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import sys
+REMOTE_PIPELINE_SCRIPT = """
+import json
 
-    class BlockHeadCLIP:
-        # Make `import headclip_hf` fail, as on a machine without the package.
-        def find_spec(self, name, path=None, target=None):
-            if name == "headclip_hf" or name.startswith("headclip_hf."):
-                raise ImportError("headclip_hf is blocked in this test")
-            return None
+from transformers import AutoModel, pipeline
 
-    sys.meta_path.insert(0, BlockHeadCLIP())
-
-    from transformers import AutoModel, pipeline
-
-    folder, output_file, *images = sys.argv[1:]
-    try:
-        import headclip_hf  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("headclip_hf should not be importable here")
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    assert type(model).__name__ == "HeadCLIPModel" and "transformers_modules" in type(model).__module__
-    detector = pipeline("zero-shot-anomaly-detection", model=folder, trust_remote_code=True, device="cpu")
-    assert "transformers_modules" in type(detector).__module__, type(detector).__module__
-    assert "transformers_modules" in type(detector.processor).__module__, type(detector.processor).__module__
-    results = detector(images)
-    json.dump(
-        [
-            {
-                "score": result["score"],
-                "label": result["label"],
-                "map_shape": list(result["anomaly_map"].shape),
-                "mask_size": list(result["mask"].size),
-                "heatmap": [result["heatmap"].mode, *result["heatmap"].size],
-            }
-            for result in results
-        ],
-        open(output_file, "w"),
-    )
-    """
+folder, output_file, *images = sys.argv[1:]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__name__ == "HeadCLIPModel" and "transformers_modules" in type(model).__module__
+detector = pipeline("zero-shot-anomaly-detection", model=folder, trust_remote_code=True, device="cpu")
+assert "transformers_modules" in type(detector).__module__, type(detector).__module__
+assert "transformers_modules" in type(detector.processor).__module__, type(detector.processor).__module__
+results = detector(images)
+json.dump(
+    [
+        {
+            "score": result["score"],
+            "label": result["label"],
+            "map_shape": list(result["anomaly_map"].shape),
+            "mask_size": list(result["mask"].size),
+            "heatmap": [result["heatmap"].mode, *result["heatmap"].size],
+        }
+        for result in results
+    ],
+    open(output_file, "w"),
 )
+"""
 
 
-def test_remote_code_pipeline_from_dry_run_folder(headclip_checkpoint, results_dir, tmp_path, test_data_dir):
+def test_remote_code_pipeline_from_dry_run_folder(
+    headclip_checkpoint, results_dir, tmp_path, test_data_dir, run_without_headclip
+):
     folder = tmp_path / "repo"
     assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", folder) == 0
     polyps = sorted((test_data_dir / "kvasir_seg" / "colon" / "polyp").iterdir())[:2]
     images = [str(path) for path in polyps]
-    script = tmp_path / "remote_pipeline.py"
-    script.write_text(REMOTE_PIPELINE_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path / "out.json"), *images],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_headclip(REMOTE_PIPELINE_SCRIPT, folder, tmp_path / "out.json", *images)
     remote = json.loads((tmp_path / "out.json").read_text())
 
     model = HeadCLIPModel.from_pretrained(headclip_checkpoint).eval()
