@@ -16,6 +16,7 @@ The result is an adapter (`<output_dir>/adapter`): a HeadCLIP adapter (see `head
 PEFT adapter whose `modules_to_save` carry the HeadCLIP parameters.
 """
 
+import argparse
 import json
 import logging
 import math
@@ -427,10 +428,39 @@ def _parse_config_overrides(overrides: str | None) -> dict:
     return parsed
 
 
+TRAIN_EXAMPLES = """examples:
+  # one CPU or GPU: train on MVTec AD's test split, evaluate on VisA after every epoch
+  headclip train --train_data data/mvtec_ad --eval_data data/visa --output_dir runs/mvtec
+
+  # several GPUs or nodes (data sharded, metrics gathered), bf16 autocast, TensorBoard logs
+  accelerate launch examples/train_headclip.py --train_data data/mvtec_ad --output_dir runs/mvtec \\
+      --mixed_precision bf16 --report_to tensorboard
+
+  # two CPU processes on a machine without GPUs (accelerate's multi-process launcher, gloo)
+  accelerate launch --multi_gpu --num_processes 2 examples/train_headclip.py --use_cpu \\
+      --train_data data/mvtec_ad --output_dir runs/mvtec
+
+  # continue an interrupted run where it stopped
+  headclip train --train_data data/mvtec_ad --output_dir runs/mvtec --resume_from_checkpoint latest
+
+  # LoRA (rank 8) on the vision attention projections on top of HeadCLIP: a PEFT adapter
+  headclip train --train_data data/mvtec_ad --output_dir runs/mvtec-lora --lora_rank 8
+
+  # ablation: AnomalyCLIP's image score and no head weights
+  headclip train --train_data data/mvtec_ad --output_dir runs/ablation \\
+      --config_overrides 'joint_alpha=1.0,use_head_weights=false'
+
+The result is <output_dir>/adapter; use it with `headclip detect IMAGES --model <output_dir>/adapter`."""
+
+
 def main(argv: list[str] | None = None) -> Path:
     """`headclip train` / `examples/train_headclip.py`: parse the arguments, load model and data, train."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, HeadCLIPTrainingArguments))
-    parser.description = "Train HeadCLIP's prompts and head weights on an auxiliary labelled anomaly data set."
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, HeadCLIPTrainingArguments),
+        description="Train HeadCLIP's prompts and head weights on an auxiliary labelled anomaly data set.",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)  # before loading: prompt positions left free by the init phrase start random
