@@ -221,6 +221,22 @@ def test_lora_trains_saves_and_reloads_identically(base_dir, tmp_path, synthetic
     assert merged_model.config.joint_alpha == 0.25
 
 
+def test_tensorboard_logs_bf16_autocast_and_gradient_accumulation(base_dir, tmp_path, synthetic_set):
+    args = training_args(
+        tmp_path / "run",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        mixed_precision="bf16",
+        report_to="tensorboard",
+    )
+    _, adapter, losses = run_training(base_dir, synthetic_set, args)
+    assert len(losses) == 2  # 8 images / (2 per batch x 2 batches per step)
+    assert all(np.isfinite(losses))
+    event_files = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert event_files and event_files[0].stat().st_size > 0
+    assert adapter.is_dir()
+
+
 def test_config_overrides_parse_json_values_and_lists():
     parsed = _parse_config_overrides("joint_alpha=1.0,feature_layers=[2, 4],use_head_weights=false,joint_pooling=max")
     assert parsed == {"joint_alpha": 1.0, "feature_layers": [2, 4], "use_head_weights": False, "joint_pooling": "max"}
