@@ -160,3 +160,13 @@ def run_without_headclip(tmp_path):
         return result
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every test starts without accelerate's process-wide state (as accelerate's own test cases do), so that tests
+    may train with different settings (e.g. mixed precision) in one pytest process."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
