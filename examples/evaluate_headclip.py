@@ -39,8 +39,9 @@ def main() -> None:
     model.to(PartialState().device)
     for data in args.data:
         results = evaluate_model(model, processor, load_anomaly_dataset(data, layout=args.layout), args.batch_size)
-        written = save_results(results, Path(args.output_dir) / Path(data).resolve().name)
-        print(f"{data}:\n{results_to_markdown(results)}\nWritten: {', '.join(str(p) for p in written.values())}")
+        if PartialState().is_main_process:  # under `accelerate launch` every process holds the gathered results
+            written = save_results(results, Path(args.output_dir) / Path(data).resolve().name)
+            print(f"{data}:\n{results_to_markdown(results)}\nWritten: {', '.join(str(p) for p in written.values())}")
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ def main() -> None:
     adapter = train(model, processor, train_set, training_args)
     adapted = load_headclip_model(adapter).to(PartialState().device)
     after = evaluate_model(adapted, processor, eval_set, batch_size=training_args.per_device_eval_batch_size)
-    print(f"Before adaptation:\n{results_to_markdown(before)}\nAfter adaptation:\n{results_to_markdown(after)}")
-    print(f"Adapter: {adapter}")
+    if PartialState().is_main_process:
+        print(f"Before adaptation:\n{results_to_markdown(before)}\nAfter adaptation:\n{results_to_markdown(after)}")
+        print(f"Adapter: {adapter}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ HeadCLIP modules travel as `modules_to_save`.
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from .configuration_headclip import HeadCLIPConfig
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "headclip_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "headclip_adapter_config.json"
@@ -49,9 +52,15 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> 
     staging, target = Path(staging), Path(target)
     previous = target.with_name(f".{target.name}.previous")
     shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
+    had_target = target.exists()
+    if had_target:
         os.replace(target, previous)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if had_target:
+            os.replace(previous, target)
+        raise
     shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -65,6 +74,9 @@ def staging_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the result gets the usual permissions
     try:
         yield staging
         replace_directory(staging, target)
@@ -184,7 +196,15 @@ def load_headclip_model(
     if adapter is None:
         return HeadCLIPModel.from_pretrained(model_name_or_path, **kwargs)
     if is_peft_adapter(adapter):
-        fields = json.loads((Path(adapter) / PEFT_HEADCLIP_CONFIG_NAME).read_text())["headclip_config"]
+        fields_file = Path(adapter) / PEFT_HEADCLIP_CONFIG_NAME
+        if fields_file.is_file():
+            fields = json.loads(fields_file.read_text())["headclip_config"]
+        else:
+            logger.warning(
+                f"{fields_file} is missing (a PEFT adapter not written by headclip_hf training): the model is "
+                "rebuilt with the base's HeadCLIP config."
+            )
+            fields = {}
     else:
         fields = read_adapter_config(adapter)["headclip_config"]
     config = _adapter_model_config(model_name_or_path, fields, kwargs)
@@ -205,7 +225,11 @@ def _adapter_model_config(model_name_or_path: str | os.PathLike, fields: dict, k
     config = HeadCLIPConfig.from_pretrained(
         model_name_or_path, **{key: value for key, value in kwargs.items() if key in HUB_KWARGS}
     )
-    fields = {**fields, **{key: kwargs.pop(key) for key in list(kwargs) if key in fields}}
+    known = config.headclip_fields()
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"The adapter names HeadCLIP config fields this version does not know: {unknown}.")
+    fields = {**fields, **{key: kwargs.pop(key) for key in list(kwargs) if key in known}}
     for name, value in fields.items():
         setattr(config, name, value)
     config.check_headclip_fields()

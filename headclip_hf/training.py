@@ -39,6 +39,7 @@ from transformers import HfArgumentParser
 from .adapters import (
     HEADCLIP_MODULES,
     PEFT_HEADCLIP_CONFIG_NAME,
+    is_peft_adapter,
     load_headclip_model_and_processor,
     replace_directory,
     save_headclip_adapter,
@@ -141,6 +142,9 @@ class TrainingProgress:
         self.global_step = 0
         self.epoch = 0
         self.batches_in_epoch = 0
+        # The batch layout the position in the epoch counts in: a mid-epoch resume needs the same one.
+        self.num_processes = 1
+        self.per_device_train_batch_size = 0
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -206,12 +210,12 @@ def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
 
     def save_trainable(models, weights, output_dir):
         for index, model in enumerate(models):
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
             weights[index] = {name: p.detach() for name, p in unwrapped.named_parameters() if p.requires_grad}
 
     def load_trainable(models, input_dir):
         for index, model in enumerate(models):
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
             weights_file = Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
             saved = load_file(weights_file)
             expected = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
@@ -324,9 +328,19 @@ def train(
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
     _register_checkpoint_hooks(accelerator)
+    layout = (accelerator.num_processes, args.per_device_train_batch_size)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        saved_layout = (progress.num_processes, progress.per_device_train_batch_size)
+        if progress.batches_in_epoch > 0 and saved_layout != layout:
+            raise ValueError(
+                f"{resume_from} was saved in the middle of epoch {progress.epoch} by {saved_layout[0]} process(es) "
+                f"with batches of {saved_layout[1]}; resuming mid-epoch needs the same layout (now {layout[0]} "
+                f"process(es), batches of {layout[1]}). Resume with that layout, or from a checkpoint saved at the "
+                "end of an epoch."
+            )
         logger.info(f"Resumed from {resume_from} at step {progress.global_step} (epoch {progress.epoch}).")
+    progress.num_processes, progress.per_device_train_batch_size = layout
     if args.report_to != "none":
         accelerator.init_trackers("headclip", config={k: str(v) for k, v in asdict(args).items()})
 
@@ -377,7 +391,9 @@ def train(
     accelerator.wait_for_everyone()
     adapter_dir = output_dir / ADAPTER_DIR
     if accelerator.is_main_process:
-        adapter_dir = _save_adapter(accelerator.unwrap_model(model), output_dir, base_model_name_or_path)
+        adapter_dir = _save_adapter(
+            accelerator.unwrap_model(model, keep_torch_compile=False), output_dir, base_model_name_or_path
+        )
         logger.info(f"Saved the adapter to {adapter_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -394,7 +410,7 @@ def _evaluate(
 ) -> None:
     for name, dataset in (eval_datasets or {}).items():
         results = evaluate_model(
-            accelerator.unwrap_model(model),
+            accelerator.unwrap_model(model, keep_torch_compile=False),
             processor,
             dataset,
             batch_size=args.per_device_eval_batch_size,
@@ -417,7 +433,7 @@ def _parse_config_overrides(overrides: str | None) -> dict:
         return {}
     parsed = {}
     # Split at the commas that start a new "field=", so that list values such as [6,12,18,24] stay whole.
-    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", overrides):
+    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", overrides.strip().rstrip(",")):
         key, separator, value = item.partition("=")
         if not separator or not key.strip().isidentifier():
             raise ValueError(f"config_overrides item {item!r} is not 'field=value' (e.g. 'joint_alpha=1.0').")
@@ -463,6 +479,12 @@ def main(argv: list[str] | None = None) -> Path:
     )
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if is_peft_adapter(model_args.model_name_or_path):
+        raise ValueError(
+            f"{model_args.model_name_or_path} is a LoRA (PEFT) adapter: training cannot continue from it (the new "
+            "adapter would name the plain base and lose the LoRA weights). Start from its base checkpoint, or from "
+            "a full model saved with `load_headclip_model(adapter).save_pretrained(folder)`."
+        )
     set_seed(training_args.seed)  # before loading: prompt positions left free by the init phrase start random
     model, processor = load_headclip_model_and_processor(
         model_args.model_name_or_path,

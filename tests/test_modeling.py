@@ -300,10 +300,14 @@ def test_prompt_embeddings_cached_in_eval_and_refreshed_on_change(tiny_model, mo
         tiny_model.prompt_learner.abnormal_context.add_(0.5)
         third = tiny_model(pixel_values=pixel_values).text_embeds
     assert len(calls) == 2 and not torch.equal(third, first)
+    with torch.no_grad():  # any text-side parameter counts, not only the prompts
+        tiny_model.text_model.final_layer_norm.weight.mul_(1.5)
+        fourth = tiny_model(pixel_values=pixel_values).text_embeds
+    assert len(calls) == 3 and not torch.equal(fourth, third)
     tiny_model.train()
     tiny_model(pixel_values=pixel_values)
     tiny_model(pixel_values=pixel_values)
-    assert len(calls) == 4  # always recomputed in training mode
+    assert len(calls) == 5  # always recomputed in training mode
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -312,6 +316,7 @@ def test_autocast_half_precision(tiny_model, dtype):
     with torch.no_grad():
         with torch.autocast("cpu", dtype=dtype):
             out = tiny_model(pixel_values=pixel_values)  # first call: the prompts are encoded under autocast
+        tiny_model._prompt_embeds_cache = None  # the reference encodes them afresh, without autocast
         reference = tiny_model(pixel_values=pixel_values)
     # The prompt embeddings are computed outside autocast: float32 and the same as without autocast.
     assert out.text_embeds.dtype == torch.float32 and torch.equal(out.text_embeds, reference.text_embeds)

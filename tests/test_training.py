@@ -20,10 +20,12 @@ from headclip_hf.adapters import (
     load_headclip_adapter,
     load_headclip_model,
     save_headclip_adapter,
+    staging_directory,
 )
 from headclip_hf.configuration_headclip import HeadCLIPConfig
 from headclip_hf.modeling_headclip import HeadCLIPHeadWeights, HeadCLIPPromptLearner
 from headclip_hf.training import HeadCLIPTrainingArguments, _parse_config_overrides, train
+from headclip_hf.training import main as training_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,6 +123,11 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(base_dir, tmp_
     assert not (tmp_path / "interrupted" / "adapter").exists()  # no final adapter from a killed run
 
     (tmp_path / "interrupted" / "checkpoints" / "step_notes").mkdir()  # a stray folder is not a checkpoint
+    other_layout = training_args(
+        tmp_path / "interrupted", resume_from_checkpoint="latest", **{**common, "per_device_train_batch_size": 2}
+    )
+    with pytest.raises(ValueError, match=r"saved in the middle of epoch 1 by 1 process\(es\) with batches of 3"):
+        run_training(base_dir, synthetic_set, other_layout)
     resumed = training_args(tmp_path / "interrupted", resume_from_checkpoint="latest", **common)
     _, adapter, losses = run_training(base_dir, synthetic_set, resumed)
     assert len(losses) == 2  # steps 5 and 6
@@ -169,6 +176,25 @@ def test_adapter_of_another_shape_is_refused(base_dir, tmp_path, tiny_config_fac
         load_headclip_adapter(HeadCLIPModel.from_pretrained(base_dir), tmp_path / "other")
 
 
+def test_failed_move_into_place_restores_the_previous_folder(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "weights").write_text("previous")
+    real_replace = os.replace
+
+    def fail_moving_staging_in(source, destination):
+        if Path(source).name.startswith(".adapter.") and not Path(source).name.endswith("previous"):
+            raise OSError("device busy")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr("headclip_hf.adapters.os.replace", fail_moving_staging_in)
+    with pytest.raises(OSError, match="device busy"):
+        with staging_directory(target) as staging:
+            (staging / "weights").write_text("new")
+    assert (target / "weights").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 def test_failed_adapter_save_keeps_the_previous_adapter(base_dir, tmp_path, monkeypatch):
     model = HeadCLIPModel.from_pretrained(base_dir)
     target = save_headclip_adapter(model, tmp_path / "adapter")
@@ -186,7 +212,7 @@ def test_failed_adapter_save_keeps_the_previous_adapter(base_dir, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no partial folder left behind
 
 
-def test_lora_trains_saves_and_reloads_identically(base_dir, tmp_path, synthetic_set):
+def test_lora_trains_saves_and_reloads_identically(base_dir, tmp_path, synthetic_set, caplog):
     args = training_args(tmp_path / "lora", num_train_epochs=2, learning_rate=1e-2, lora_rank=2)
     before = HeadCLIPModel.from_pretrained(base_dir)
     # A config field changed for training (not the base's) must come back with the adapter.
@@ -219,6 +245,14 @@ def test_lora_trains_saves_and_reloads_identically(base_dir, tmp_path, synthetic
     torch.testing.assert_close(merged.image_score, first.image_score, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(untrained.image_score, first.image_score)
     assert merged_model.config.joint_alpha == 0.25
+    # A PEFT adapter without the HeadCLIP config (plain PEFT) loads onto the base's config, with a warning.
+    (adapter / "headclip_config.json").unlink()
+    with caplog.at_level("WARNING", logger="headclip_hf.adapters"):
+        assert load_headclip_model(adapter).config.joint_alpha == before.config.joint_alpha
+    assert "headclip_config.json is missing" in caplog.text
+    # Training cannot continue from a LoRA adapter (the LoRA weights would be lost).
+    with pytest.raises(ValueError, match=r"is a LoRA \(PEFT\) adapter: training cannot continue from it"):
+        training_main(["--model_name_or_path", str(adapter), "--train_data", "x", "--output_dir", str(tmp_path / "x")])
 
 
 def test_tensorboard_logs_bf16_autocast_and_gradient_accumulation(base_dir, tmp_path, synthetic_set):
@@ -241,6 +275,7 @@ def test_config_overrides_parse_json_values_and_lists():
     parsed = _parse_config_overrides("joint_alpha=1.0,feature_layers=[2, 4],use_head_weights=false,joint_pooling=max")
     assert parsed == {"joint_alpha": 1.0, "feature_layers": [2, 4], "use_head_weights": False, "joint_pooling": "max"}
     assert _parse_config_overrides(None) == {}
+    assert _parse_config_overrides("joint_alpha=1.0,") == {"joint_alpha": 1.0}
     with pytest.raises(ValueError, match="config_overrides item 'joint_alpha' is not 'field=value'"):
         _parse_config_overrides("joint_alpha")
 
