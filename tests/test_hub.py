@@ -18,31 +18,24 @@ from headclip_hf.metrics import AnomalyMetricsAccumulator
 
 REPO_ID = "someone/headclip-tiny"
 BASE_MODEL = "openai/clip-vit-large-patch14-336"
-FULL_MODEL_FILES = {
+# Every published folder: the card, the processor (with its remote code) and the evaluation run.
+COMMON_FILES = {
     "README.md",
+    "processing_headclip.py",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "evaluation/results.json",
+    "evaluation/results.md",
+}
+FULL_MODEL_FILES = COMMON_FILES | {
     "config.json",
     "model.safetensors",
     "configuration_headclip.py",
     "modeling_headclip.py",
     "pipeline_headclip.py",
-    "processing_headclip.py",
-    "processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "evaluation/results.json",
-    "evaluation/results.md",
 }
-ADAPTER_FILES = {
-    "README.md",
-    "headclip_adapter.safetensors",
-    "headclip_adapter_config.json",
-    "processing_headclip.py",
-    "processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "evaluation/results.json",
-    "evaluation/results.md",
-}
+ADAPTER_FILES = COMMON_FILES | {"headclip_adapter.safetensors", "headclip_adapter_config.json"}
 
 
 @pytest.fixture
