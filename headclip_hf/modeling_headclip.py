@@ -530,6 +530,7 @@ class HeadCLIPModel(CLIPModel):
         masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         mask_valid: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> HeadCLIPOutput | tuple:
         r"""
@@ -542,6 +543,9 @@ class HeadCLIPModel(CLIPModel):
                 Image labels (0 normal, 1 anomalous); adds the image cross-entropy.
             mask_valid (`torch.BoolTensor` of shape `(B,)`, *optional*):
                 Which `masks` are known (see `load_anomaly_dataset`); the pixel losses use only those images.
+            prompt_embeds (`torch.FloatTensor` of shape `(2, P)`, *optional*):
+                The (normal, abnormal) prompt embeddings to use instead of `get_prompt_embeds()`; the text encoder is
+                then not run. An exported graph holds them as constants (`headclip_hf.export`).
 
         Returns:
             [`HeadCLIPOutput`].
@@ -563,7 +567,8 @@ class HeadCLIPModel(CLIPModel):
         config = self.config
         image_size = tuple(pixel_values.shape[-2:])
         class_token, patch_tokens = self.encode_image(pixel_values)
-        prompt_embeds = self.get_prompt_embeds()
+        if prompt_embeds is None:
+            prompt_embeds = self.get_prompt_embeds()
 
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):
             layer_maps = self.compute_layer_maps(patch_tokens, prompt_embeds, image_size)
