@@ -334,12 +334,14 @@ class HeadCLIPModel(CLIPModel):
         """Every parameter the prompt embeddings depend on (prompt learner, text encoder, text projection)."""
         return [*self.prompt_learner.parameters(), *self.text_model.parameters(), self.text_projection.weight]
 
+    @torch.compiler.disable
     def get_prompt_embeds(self) -> torch.Tensor:
         """
         The L2-normalised (normal, abnormal) prompt embeddings, `(2, P)`, computed outside autocast. They do not depend
         on the image: in eval mode they are computed once and cached, and recomputed whenever a text-side parameter
         is modified in place (optimizer step, `load_state_dict`), moved or cast; in training mode, or when gradients
-        can flow to a text-side parameter, they are computed on every call.
+        can flow to a text-side parameter, they are computed on every call. A compiled model (`torch.compile`) runs
+        this method eagerly: the cache is Python state, which compiled graphs would otherwise guard on.
         """
         parameters = self._text_side_parameters()
         if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in parameters)):
