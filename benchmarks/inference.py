@@ -1,78 +1,159 @@
-"""Per-image inference time of HeadCLIP (anomaly map + joint score) against a bare CLIP vision forward.
+"""Per-image inference time of HeadCLIP (anomaly map + joint score) on each execution path, against a bare CLIP
+vision forward.
 
-Builds the real architectures from `../shared/configs` with random weights (only the cost matters here), and times,
-in one run and interleaved, on the same weights, input size and batch:
+Builds the real architectures from `../shared/configs` with random weights (only the cost matters here; the prompt
+embeddings use the real CLIP tokenizer's ids) and times, in one run and interleaved, on the same weights, input size
+and batch:
 
 - bare: `CLIPVisionModel` forward (`interpolate_pos_encoding=True`), the floor any CLIP-based detector pays;
-- headclip: `HeadCLIPModel` forward in eval mode (head weights, value-value path, 4 pixel maps, Gaussian smoothing,
-  global and joint scores; the prompt embeddings are cached after the first call).
+- eager float32: `HeadCLIPModel` forward in eval mode (head weights, value-value path, 4 pixel maps, Gaussian
+  smoothing, global and joint scores; the prompt embeddings are cached after the first call);
+- bfloat16: the same with bfloat16 weights (`prepare_for_inference(dtype="bfloat16")`; maps stay float32);
+- torch.compile: the float32 model compiled (`prepare_for_inference(compile=True)`, inductor);
+- ONNX Runtime / OpenVINO: `export_model(..., dynamic_batch=True)` run by `ExportedDetector.run` (float32).
+
+Each row reports the median time per image, its ratio to eager float32, and the largest |anomaly map difference| to
+eager float32 on the same input. Exports and compilation happen before timing; one untimed warm-up call per path.
 
 Usage:
     python benchmarks/inference.py                       # ViT-B/16 @ 224 and ViT-L/14@336 @ 518, batch 1 and 4
-    python benchmarks/inference.py --cases base:224 --batch-sizes 1 --repeats 5
+    python benchmarks/inference.py --cases base:224 --batch-sizes 1 --repeats 5 --paths eager onnxruntime
+    python benchmarks/inference.py --cases tiny:64 --repeats 1   # a 4-layer, 32-wide CLIP: checks the script runs
 """
 
 import argparse
+import copy
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from transformers import CLIPTokenizer
 
-from headclip_hf import HeadCLIPConfig, HeadCLIPModel
+from headclip_hf import HeadCLIPConfig, HeadCLIPModel, HeadCLIPProcessor
+from headclip_hf.export import ExportedDetector, export_model
+from headclip_hf.inference import prepare_for_inference
 
 ARCHITECTURES = {"base": "clip-vit-base-patch16", "large": "clip-vit-large-patch14-336"}
-DEFAULT_CONFIGS = Path(__file__).resolve().parent.parent.parent / "shared" / "configs"
+# "tiny": not a real CLIP, only to check that the script runs.
+TINY_CONFIG = dict(
+    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=8, image_size=32
+    ),
+    projection_dim=16,
+)
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+PATHS = ("bare", "eager", "bfloat16", "compile", "onnxruntime", "openvino")
+PATH_TITLES = {
+    "bare": "bare CLIP vision",
+    "eager": "HeadCLIP eager float32",
+    "bfloat16": "HeadCLIP bfloat16",
+    "compile": "HeadCLIP torch.compile",
+    "onnxruntime": "HeadCLIP ONNX Runtime",
+    "openvino": "HeadCLIP OpenVINO",
+}
+
+# A path: pixel values (B, 3, S, S) float32 -> the anomaly map (B, S, S) as numpy, or None for the bare pass.
+Runner = Callable[[torch.Tensor], np.ndarray | None]
 
 
-def seconds(module: torch.nn.Module, **inputs) -> float:
-    """Wall time of one forward of `module`."""
+def bare_runner(model: HeadCLIPModel) -> Runner:
+    def run(pixel_values: torch.Tensor) -> None:
+        model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=True)  # the very same weights
+
+    return run
+
+
+def build_runners(
+    model: HeadCLIPModel, processor: HeadCLIPProcessor, paths: list[str], export_root: Path, threads: int | None
+) -> dict[str, Runner]:
+    """One runner per path, all from the weights of `model`."""
+
+    def torch_runner(module: HeadCLIPModel) -> Runner:
+        return lambda pixel_values: module(pixel_values=pixel_values.to(module.dtype)).anomaly_map.numpy()
+
+    runners: dict[str, Runner] = {}
+    for path in paths:
+        if path == "bare":
+            runners[path] = bare_runner(model)
+        elif path == "eager":
+            runners[path] = torch_runner(model)
+        elif path in ("bfloat16", "compile"):
+            options = {"dtype": "bfloat16"} if path == "bfloat16" else {"compile": True}
+            runners[path] = torch_runner(prepare_for_inference(copy.deepcopy(model), **options))
+        else:
+            format = "onnx" if path == "onnxruntime" else "openvino"
+            folder = export_model(model, processor, export_root / format, format=format, dynamic_batch=True)
+            detector = ExportedDetector(folder, num_threads=threads)
+            runners[path] = lambda pixel_values, detector=detector: detector.run(pixel_values.numpy())["anomaly_map"]
+    return runners
+
+
+def seconds(runner: Runner, pixel_values: torch.Tensor) -> tuple[float, np.ndarray | None]:
+    """Wall time of one call of `runner`, and its map."""
     start = time.perf_counter()
-    module(**inputs)
-    return time.perf_counter() - start
+    anomaly_map = runner(pixel_values)
+    return time.perf_counter() - start, anomaly_map
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs-dir", type=Path, default=DEFAULT_CONFIGS, help="folder with the real CLIP configs")
+    parser.add_argument("--configs-dir", type=Path, default=SHARED / "configs", help="folder with the real configs")
+    parser.add_argument("--tokenizer-dir", type=Path, default=SHARED / "clip_tokenizer", help="the CLIP tokenizer")
     parser.add_argument("--cases", nargs="+", default=["base:224", "large:518"], help="architecture:image_size")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model and case (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="execution paths to time")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path and case (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of every path (default: each's own)")
     args = parser.parse_args()
+    paths = ["eager", *[path for path in args.paths if path != "eager"]]  # the reference always runs
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_dir)
 
     print(
-        f"torch {torch.__version__}, device cpu, float32, threads {torch.get_num_threads()}, "
-        f"repeats {args.repeats} (median reported), inference_mode"
+        f"torch {torch.__version__}, device cpu, threads {torch.get_num_threads() if args.threads else 'default'}, "
+        f"repeats {args.repeats} (median reported), interleaved, inference_mode; paths: {', '.join(paths)}"
     )
     print()
-    print("| model | image | batch | bare CLIP vision (s/img) | HeadCLIP (s/img) | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | image | batch | path | s/img | vs eager float32 | max map diff to eager float32 |")
+    print("|---|---|---|---|---|---|---|")
     for case in args.cases:
         name, size = case.split(":")
         size = int(size)
-        config = HeadCLIPConfig.from_pretrained(args.configs_dir / ARCHITECTURES[name], image_size=size)
+        if name == "tiny":
+            config = HeadCLIPConfig(**TINY_CONFIG, image_size=size)
+        else:
+            config = HeadCLIPConfig.from_pretrained(args.configs_dir / ARCHITECTURES[name], image_size=size)
         model = HeadCLIPModel(config).eval()
-        bare = model.vision_model  # a CLIPVisionModel holding the very same weights
-        for batch_size in args.batch_sizes:
-            pixel_values = torch.randn(batch_size, 3, size, size)
-            bare_inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=True)
-            with torch.inference_mode():
-                seconds(bare, **bare_inputs), seconds(model, pixel_values=pixel_values)  # warm-up, prompt encoding
-                bare_times, headclip_times = [], []
-                for _ in range(args.repeats):  # interleaved, so drift hits both alike
-                    bare_times.append(seconds(bare, **bare_inputs))
-                    headclip_times.append(seconds(model, pixel_values=pixel_values))
-            bare_s = statistics.median(bare_times) / batch_size
-            headclip_s = statistics.median(headclip_times) / batch_size
-            print(
-                f"| {config.vision_config.num_hidden_layers}-layer ViT/{config.vision_config.patch_size} ({name}) "
-                f"| {size} | {batch_size} | {bare_s:.3f} | {headclip_s:.3f} | {headclip_s / bare_s:.2f}x |",
-                flush=True,
-            )
+        processor = HeadCLIPProcessor(tokenizer=tokenizer, image_size=size)  # for the exports' preprocessing
+        title = f"{config.vision_config.num_hidden_layers}-layer ViT/{config.vision_config.patch_size} ({name})"
+        with tempfile.TemporaryDirectory(prefix="headclip-benchmark-") as export_root:
+            runners = build_runners(model, processor, paths, Path(export_root), args.threads)
+            for batch_size in args.batch_sizes:
+                pixel_values = torch.randn(batch_size, 3, size, size)
+                times = {path: [] for path in runners}
+                maps = {}
+                with torch.inference_mode():
+                    for path, runner in runners.items():  # warm-up: prompt encoding, compilation per batch shape
+                        maps[path] = seconds(runner, pixel_values)[1]
+                    for _ in range(args.repeats):  # interleaved, so drift hits every path alike
+                        for path, runner in runners.items():
+                            times[path].append(seconds(runner, pixel_values)[0])
+                eager_s = statistics.median(times["eager"]) / batch_size
+                for path in runners:
+                    path_s = statistics.median(times[path]) / batch_size
+                    difference = "-" if maps[path] is None else f"{np.abs(maps[path] - maps['eager']).max():.1e}"
+                    print(
+                        f"| {title} | {size} | {batch_size} | {PATH_TITLES[path]} | {path_s:.3f} "
+                        f"| {path_s / eager_s:.2f}x | {difference} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -255,6 +255,12 @@ def read_export_config(export_dir: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
 def _normalise_signature(ports: list[tuple[str, Sequence[Any], str]]) -> list[dict[str, Any]]:
     """(name, shape, dtype) per port -> the JSON form: integer dimensions kept, dynamic ones as `"batch"`."""
     return [
@@ -270,13 +276,16 @@ def _normalise_signature(ports: list[tuple[str, Sequence[Any], str]]) -> list[di
 class _OnnxRuntimeGraph:
     """An ONNX export run by ONNX Runtime (its available execution providers, in its order of preference)."""
 
-    def __init__(self, export_dir: Path, config: dict[str, Any]):
+    def __init__(self, export_dir: Path, config: dict[str, Any], num_threads: int | None):
         try:
             import onnxruntime
         except ImportError as error:
             raise _missing_extra_error("onnxruntime", "onnx", "Running an ONNX export") from error
+        options = onnxruntime.SessionOptions()
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
         self.session = onnxruntime.InferenceSession(
-            str(export_dir / config["files"][0]), providers=onnxruntime.get_available_providers()
+            str(export_dir / config["files"][0]), options, providers=onnxruntime.get_available_providers()
         )
         dtypes = {"tensor(float)": "float32"}
 
@@ -292,7 +301,7 @@ class _OnnxRuntimeGraph:
 class _OpenVINOGraph:
     """An OpenVINO IR export compiled for the CPU at float32 precision (as exported; no bfloat16 inference hint)."""
 
-    def __init__(self, export_dir: Path, config: dict[str, Any]):
+    def __init__(self, export_dir: Path, config: dict[str, Any], num_threads: int | None):
         try:
             import openvino
         except ImportError as error:
@@ -313,7 +322,10 @@ class _OpenVINOGraph:
             )
 
         self.signature = {"inputs": ports(model.inputs), "outputs": ports(model.outputs)}
-        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        properties = {"INFERENCE_PRECISION_HINT": "f32"}
+        if num_threads is not None:
+            properties["INFERENCE_NUM_THREADS"] = num_threads
+        self.compiled = core.compile_model(model, "CPU", properties)
 
     def __call__(self, pixel_values: np.ndarray, output_names: list[str]) -> list[np.ndarray]:
         results = self.compiled(pixel_values)
@@ -323,9 +335,11 @@ class _OpenVINOGraph:
 class _TorchScriptGraph:
     """A TorchScript export run by PyTorch (its signature is not stored in the graph, so it is taken as written)."""
 
-    def __init__(self, export_dir: Path, config: dict[str, Any]):
+    def __init__(self, export_dir: Path, config: dict[str, Any], num_threads: int | None):
         import torch
 
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         self.module = torch.jit.load(str(export_dir / config["files"][0]), map_location="cpu")
         self.signature = {"inputs": config["inputs"], "outputs": config["outputs"]}
         self.output_index = {port["name"]: index for index, port in enumerate(config["outputs"])}
@@ -376,6 +390,8 @@ class ExportedDetector:
 
     Args:
         export_dir (`str` or `os.PathLike`): the export folder.
+        num_threads (`int`, *optional*): CPU threads of the runtime (default: the runtime's choice; for TorchScript
+            this sets PyTorch's process-wide thread count).
 
     Raises:
         `FileNotFoundError`, `ValueError`: see `read_export_config`; also `ValueError` when the graph's inputs or
@@ -393,10 +409,12 @@ class ExportedDetector:
     ```
     """
 
-    def __init__(self, export_dir: str | os.PathLike):
+    def __init__(self, export_dir: str | os.PathLike, num_threads: int | None = None):
+        if num_threads is not None:
+            _check_positive_int("num_threads", num_threads)
         self.export_dir = Path(export_dir)
         self.config = read_export_config(self.export_dir)
-        self.graph = GRAPH_RUNNERS[self.config["format"]](self.export_dir, self.config)
+        self.graph = GRAPH_RUNNERS[self.config["format"]](self.export_dir, self.config, num_threads)
         for kind in ("inputs", "outputs"):
             if self.graph.signature[kind] != self.config[kind]:
                 raise ValueError(
@@ -466,9 +484,7 @@ class ExportedDetector:
         """
         single = not isinstance(inputs, (list, tuple))
         images = [inputs] if single else list(inputs)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if batch_size > 1 and not self.config["dynamic_batch"]:
+        if _check_positive_int("batch_size", batch_size) > 1 and not self.config["dynamic_batch"]:
             raise ValueError(
                 f"The export {self.export_dir} takes one image per run (it was exported without a dynamic batch): "
                 "use batch_size=1, or export with dynamic_batch=True (--dynamic_batch)."
