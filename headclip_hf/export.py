@@ -27,9 +27,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .files import OutputKind, check_output_folder, output_folder
 from .image_utils_headclip import DEFAULT_HEATMAP_ALPHA, ImageLike, anomaly_heatmap, check_unit_interval, to_rgb_image
 
 EXPORT_CONFIG_NAME = "export_config.json"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAMES = ("anomaly_map", "image_score", "global_score")
+ONNX_FILES = ("model.onnx", "model.onnx.data")
+OPENVINO_FILES = ("model.xml", "model.bin")
+TORCHSCRIPT_FILES = ("model.pt",)
+EXPORT_OUTPUT = OutputKind(
+    "HeadCLIP export", frozenset({EXPORT_CONFIG_NAME, *ONNX_FILES, *OPENVINO_FILES, *TORCHSCRIPT_FILES})
+)
 EXPORT_FORMAT_VERSION = 1
 EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
 # The package extra that installs what each format needs to export and to run.
@@ -66,7 +75,8 @@ def check_export_arguments(
     Raises:
         `ValueError`: an unknown format, an image size that is not a positive multiple of `patch_size`, an opset for
             TorchScript or outside the range the ONNX exporter supports.
-        `FileExistsError`: `output_dir` holds files and is not an earlier export, or is one and `overwrite` is false.
+        `FileExistsError`, `NotADirectoryError`, `PermissionError`: `output_dir` cannot take the export (see
+            `headclip_hf.files.check_output_folder`: a folder holding other files needs `overwrite`).
         `ImportError`: a package the format needs is missing (the message names the extra to install).
     """
     if format not in EXPORT_FORMATS:
@@ -92,20 +102,7 @@ def check_export_arguments(
         newest = onnx.defs.onnx_opset_version()
         if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= newest:
             raise ValueError(f"opset must be an ONNX opset from 18 (torch's exporter) to {newest}, got {opset!r}.")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} is a file: pass a folder for the export.")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (output_dir / EXPORT_CONFIG_NAME).is_file():
-            raise FileExistsError(
-                f"{output_dir} holds files and is not a HeadCLIP export (no {EXPORT_CONFIG_NAME}): choose a new or "
-                "empty folder; nothing there is replaced."
-            )
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} holds an earlier export: pass overwrite=True (--overwrite) to replace it, or choose "
-                "another folder."
-            )
+    check_output_folder(output_dir, EXPORT_OUTPUT, overwrite)
 
 
 def _preprocessing_settings(processor: Any, image_size: int) -> dict[str, Any]:
@@ -123,8 +120,6 @@ def _preprocessing_settings(processor: Any, image_size: int) -> dict[str, Any]:
 
 
 def _graph_signature(image_size: int, dynamic_batch: bool) -> dict[str, list[dict[str, Any]]]:
-    from .export_graph import INPUT_NAME, OUTPUT_NAMES
-
     batch = DYNAMIC_DIM if dynamic_batch else 1
     shapes = {"anomaly_map": [batch, image_size, image_size], "image_score": [batch], "global_score": [batch]}
     return {
@@ -153,7 +148,8 @@ def export_model(
         processor ([`HeadCLIPProcessor`]):
             Its preprocessing settings (resample, rescale, mean, std) go into the export.
         output_dir (`str` or `os.PathLike`):
-            The export folder. It is written atomically (staged next to it, then moved into place).
+            The export folder, written atomically (`headclip_hf.files.output_folder`): an earlier export there is
+            replaced; a folder holding other files is refused unless `overwrite`.
         format (`str`, *optional*, defaults to `"onnx"`):
             `"onnx"` (needs the `onnx` extra), `"openvino"` (the `openvino` extra) or `"torchscript"`.
         image_size (`int`, *optional*):
@@ -164,20 +160,19 @@ def export_model(
         opset (`int`, *optional*):
             ONNX opset (onnx and openvino formats; default: torch's exporter's choice).
         overwrite (`bool`, *optional*, defaults to `False`):
-            Replace an earlier export in `output_dir`. A folder holding other files is never replaced.
+            Write into a folder that also holds other files (they stay; only export files are replaced).
 
     Returns:
         `Path`: the export folder.
 
     Raises:
-        `ValueError`, `FileExistsError`, `ImportError`: see `check_export_arguments`; raised before any model work.
+        `ValueError`, `OSError`, `ImportError`: see `check_export_arguments`; raised before any model work.
     """
     import copy
 
     import torch
 
     from . import __version__
-    from .adapters import staging_directory
     from .export_graph import HeadCLIPExportModule, write_onnx, write_openvino, write_torchscript
 
     image_size = processor.image_size if image_size is None else image_size
@@ -186,7 +181,7 @@ def export_model(
     graph_model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     module = HeadCLIPExportModule(graph_model)
     example = torch.zeros(2 if dynamic_batch else 1, 3, image_size, image_size)
-    with staging_directory(output_dir) as staging:
+    with output_folder(output_dir, EXPORT_OUTPUT, overwrite) as staging:
         if format == "torchscript":
             files, opset = write_torchscript(module, example, staging), None
         else:

@@ -14,14 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .export import INPUT_NAME, ONNX_FILES, OPENVINO_FILES, OUTPUT_NAMES, TORCHSCRIPT_FILES
 from .modeling_headclip import HeadCLIPModel
-
-INPUT_NAME = "pixel_values"
-OUTPUT_NAMES = ("anomaly_map", "image_score", "global_score")
-ONNX_FILE = "model.onnx"
-ONNX_DATA_FILE = "model.onnx.data"
-OPENVINO_FILES = ("model.xml", "model.bin")
-TORCHSCRIPT_FILE = "model.pt"
 
 
 class HeadCLIPExportModule(nn.Module):
@@ -83,8 +77,8 @@ def write_onnx(
     limit export alike). Returns the files written and the opset of the graph.
     """
     program = _onnx_program(module, example, dynamic_batch, opset)
-    program.save(folder / ONNX_FILE, external_data=True)
-    return [ONNX_FILE, ONNX_DATA_FILE], program.model.opset_imports[""]
+    program.save(folder / ONNX_FILES[0], external_data=True)  # the weights go to ONNX_FILES[1]
+    return list(ONNX_FILES), program.model.opset_imports[""]
 
 
 def write_openvino(
@@ -113,5 +107,5 @@ def write_torchscript(module: HeadCLIPExportModule, example: torch.Tensor, folde
         # Shapes read as Python numbers (grid size, blur radius) are constants of the export: its image size is fixed.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(module, example)
-    torch.jit.freeze(traced).save(str(folder / TORCHSCRIPT_FILE))
-    return [TORCHSCRIPT_FILE]
+    torch.jit.freeze(traced).save(str(folder / TORCHSCRIPT_FILES[0]))
+    return list(TORCHSCRIPT_FILES)

@@ -251,23 +251,21 @@ def test_unknown_format_and_bad_sizes_are_refused_before_exporting(model_and_pro
     assert not (tmp_path / "a").exists()
 
 
-def test_existing_folders_are_not_replaced_without_overwrite(exports, model_and_processor, tmp_path):
+def test_earlier_exports_are_replaced_and_other_files_kept(exports, model_and_processor, tmp_path):
     model, processor = model_and_processor
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "notes.txt").write_text("mine")
-    for overwrite in (False, True):
-        with pytest.raises(FileExistsError, match="holds files and is not a HeadCLIP export"):
-            export_model(model, processor, other, format="torchscript", overwrite=overwrite)
-    assert [path.name for path in other.iterdir()] == ["notes.txt"]
-
     earlier = shutil.copytree(exports("onnx"), tmp_path / "earlier")
-    with pytest.raises(FileExistsError, match="holds an earlier export: pass overwrite=True"):
-        export_model(model, processor, earlier, format="torchscript")
-    assert read_export_config(earlier)["format"] == "onnx"
-    export_model(model, processor, earlier, format="torchscript", overwrite=True)
+    export_model(model, processor, earlier, format="torchscript")  # an earlier export alone is replaced whole
     assert read_export_config(earlier)["format"] == "torchscript"
     assert sorted(path.name for path in earlier.iterdir()) == [EXPORT_CONFIG_NAME, "model.pt"]
+
+    shared = shutil.copytree(exports("onnx"), tmp_path / "shared")
+    (shared / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files that are not part of a HeadCLIP export \(notes.txt\)"):
+        export_model(model, processor, shared, format="torchscript")
+    assert read_export_config(shared)["format"] == "onnx"
+    export_model(model, processor, shared, format="torchscript", overwrite=True)
+    assert sorted(path.name for path in shared.iterdir()) == [EXPORT_CONFIG_NAME, "model.pt", "notes.txt"]
+    assert (shared / "notes.txt").read_text() == "mine" and ExportedDetector(shared).config["format"] == "torchscript"
 
 
 def test_bad_export_folders(exports, tmp_path):
