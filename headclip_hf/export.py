@@ -67,10 +67,15 @@ def _require_modules(modules: Sequence[str], extra: str, purpose: str) -> None:
 
 
 def check_export_arguments(
-    format: str, image_size: int, patch_size: int, opset: int | None, output_dir: str | os.PathLike, overwrite: bool
+    format: str,
+    opset: int | None,
+    output_dir: str | os.PathLike,
+    overwrite: bool,
+    image_size: int | None = None,
+    patch_size: int | None = None,
 ) -> None:
     """
-    Check what `export_model` is asked before any model work.
+    Check what `export_model` is asked before any model work (the image size when `patch_size` is given).
 
     Raises:
         `ValueError`: an unknown format, an image size that is not a positive multiple of `patch_size`, an opset for
@@ -81,14 +86,15 @@ def check_export_arguments(
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"Unknown export format {format!r}: use one of {', '.join(EXPORT_FORMATS)}.")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch_size:
-        raise ValueError(f"image_size must be a positive multiple of the patch size {patch_size}, got {image_size!r}.")
-    if image_size % patch_size:
-        lower, upper = image_size // patch_size * patch_size, (image_size // patch_size + 1) * patch_size
-        raise ValueError(
-            f"image_size {image_size} is not a multiple of the model's patch size {patch_size}: use e.g. "
-            f"{lower or upper} or {upper}."
-        )
+    if patch_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch_size:
+            raise ValueError(f"image_size must be a positive multiple of the patch size {patch_size}: {image_size!r}.")
+        if image_size % patch_size:
+            lower, upper = image_size // patch_size * patch_size, (image_size // patch_size + 1) * patch_size
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of the model's patch size {patch_size}: use e.g. "
+                f"{lower or upper} or {upper}."
+            )
     extra = FORMAT_EXTRAS[format]
     if extra is not None:
         # OpenVINO IR is converted from the ONNX graph, so both need torch's ONNX exporter (onnx, onnxscript).
@@ -176,7 +182,7 @@ def export_model(
     from .export_graph import HeadCLIPExportModule, write_onnx, write_openvino, write_torchscript
 
     image_size = processor.image_size if image_size is None else image_size
-    check_export_arguments(format, image_size, model.config.vision_config.patch_size, opset, output_dir, overwrite)
+    check_export_arguments(format, opset, output_dir, overwrite, image_size, model.config.vision_config.patch_size)
 
     graph_model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     module = HeadCLIPExportModule(graph_model)
@@ -211,6 +217,11 @@ def export_model(
 # ---------------------------------------------------------------------------------------------------------------------
 # Running an export (numpy, PIL and the format's runtime; no PyTorch except for TorchScript)
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def is_export_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by `export_model` (it holds `export_config.json`)."""
+    return (Path(path) / EXPORT_CONFIG_NAME).is_file()
 
 
 def read_export_config(export_dir: str | os.PathLike) -> dict[str, Any]:
@@ -427,6 +438,19 @@ class ExportedDetector:
         """The calibrated thresholds the export carries (`image_threshold`, `pixel_threshold`, `calibration`)."""
         return self.config["thresholds"]
 
+    def decision_thresholds(
+        self, threshold: float | None = None, pixel_threshold: float | None = None
+    ) -> tuple[float, float]:
+        """
+        The image and pixel thresholds a call uses: those given, else the export's calibrated `image_threshold` (else
+        0.5) and `pixel_threshold` (else the image threshold). Raises `ValueError` unless both lie in [0, 1].
+        """
+        if threshold is None:
+            threshold = self.thresholds.get("image_threshold", DEFAULT_THRESHOLD)
+        if pixel_threshold is None:
+            pixel_threshold = self.thresholds.get("pixel_threshold", threshold)
+        return check_unit_interval("threshold", threshold), check_unit_interval("pixel_threshold", pixel_threshold)
+
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
         """
         Images -> `pixel_values` `(B, 3, S, S)` float32, as `HeadCLIPProcessor` computes them: RGB, PIL resize to
@@ -484,12 +508,7 @@ class ExportedDetector:
                 f"The export {self.export_dir} takes one image per run (it was exported without a dynamic batch): "
                 "use batch_size=1, or export with dynamic_batch=True (--dynamic_batch)."
             )
-        if threshold is None:
-            threshold = self.thresholds.get("image_threshold", DEFAULT_THRESHOLD)
-        if pixel_threshold is None:
-            pixel_threshold = self.thresholds.get("pixel_threshold", threshold)
-        threshold = check_unit_interval("threshold", threshold)
-        pixel_threshold = check_unit_interval("pixel_threshold", pixel_threshold)
+        threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold)
         heatmap_alpha = check_unit_interval("heatmap_alpha", heatmap_alpha)
         results = []
         for start in range(0, len(images), batch_size):
@@ -517,6 +536,7 @@ __all__ = [
     "ExportedDetector",
     "check_export_arguments",
     "export_model",
+    "is_export_folder",
     "read_export_config",
     "resize_bilinear",
 ]

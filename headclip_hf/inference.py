@@ -39,6 +39,8 @@ def prepare_for_inference(
     """
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}: use one of {', '.join(INFERENCE_DTYPES)}.")
+    if device is not None and torch.device(device).type == "cpu":
+        device = "cpu"  # accelerate's CPU process groups say "cpu:0": the same memory, but `.to` would copy weights
     model = model.to(device=device, dtype=INFERENCE_DTYPES[dtype]).eval()
     if compile:
         model.compile()

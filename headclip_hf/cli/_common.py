@@ -2,12 +2,14 @@
 """What every `headclip` command shares: the flag convention, argument types, model arguments and loading, errors."""
 
 import argparse
+import os
 
 import torch
 from accelerate import PartialState
 
 from ..adapters import load_headclip_model_and_processor
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
+from ..inference import INFERENCE_DTYPES, prepare_for_inference
 from ..modeling_headclip import HeadCLIPModel
 from ..processing_headclip import HeadCLIPProcessor
 
@@ -83,8 +85,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--adapter`, `--image_size` and `--device`, shared by the commands that run a model."""
+def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> argparse._ArgumentGroup:
+    """
+    `--model`, `--adapter`, `--image_size` and (with `device`) `--device`, shared by the commands that run a model.
+    Returns the argument group, for a command's own model options.
+    """
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -97,8 +102,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--image_size", type=positive_int, help="working input size in pixels (default: the model's, 518)"
     )
+    if device:
+        group.add_argument(
+            "--device", help="device, e.g. cpu, cuda, cuda:1, mps (default: the first accelerator, else the CPU)"
+        )
+    return group
+
+
+def add_speed_arguments(group: argparse._ArgumentGroup) -> None:
+    """`--dtype` and `--compile` (`headclip_hf.inference.prepare_for_inference`) for the commands that run a model."""
     group.add_argument(
-        "--device", help="device, e.g. cpu, cuda, cuda:1, mps (default: the first accelerator, else the CPU)"
+        "--dtype",
+        choices=INFERENCE_DTYPES,
+        default="float32",
+        help="dtype of the weights and the vision encoder's computation; maps and scores stay float32 "
+        "(default: float32)",
+    )
+    group.add_argument(
+        "--compile", action="store_true", help="compile the model with torch.compile (the first batch compiles)"
     )
 
 
@@ -118,15 +139,29 @@ def add_output_dir_argument(parser: argparse.ArgumentParser, default: str | None
     )
 
 
+def process_state(device: str | torch.device | None = None) -> PartialState:
+    """
+    accelerate's state of this process (the first call creates it). Under a multi-process launch (`accelerate launch
+    --multi_gpu --num_processes N ...`, torchrun) the processes form a CPU (gloo) group when `device` is the CPU or
+    the machine has no CUDA or XPU device, as `--use_cpu` does for `headclip train`; otherwise accelerate decides.
+    """
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=on_cpu or (launched and not (torch.cuda.is_available() or torch.xpu.is_available())))
+
+
 def load_model_and_processor(
     model_name_or_path: str,
     adapter: str | None = None,
     image_size: int | None = None,
     device: str | torch.device | None = None,
+    dtype: str = "float32",
+    compile: bool = False,
 ) -> tuple[HeadCLIPModel, HeadCLIPProcessor]:
     """
     Load a HeadCLIP (`load_headclip_model`: a checkpoint, an adapter folder, or a checkpoint plus `adapter`) in eval
-    mode on `device`, and the processor of the checkpoint it came from, at the model's working size.
+    mode on `device` with its weights in `dtype`, optionally compiled (`prepare_for_inference`), and the processor of
+    the checkpoint it came from, at the model's working size.
 
     Raises:
         `CommandError`: the model or processor cannot be loaded (no network and no local copy, a wrong path, ...); the
@@ -144,4 +179,4 @@ def load_model_and_processor(
             "with `hf download` on a connected machine): --model /path/to/local/folder. HF_HUB_OFFLINE=1 is "
             "honoured: the Hub is then not contacted and only local folders and the local Hugging Face cache are used."
         ) from error
-    return model.to(device or PartialState().device).eval(), processor
+    return prepare_for_inference(model, device or process_state(device).device, dtype, compile), processor

@@ -8,22 +8,28 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from ..data import IMAGE_EXTENSIONS
+from ..export import ExportedDetector, is_export_folder
 from ..files import OutputKind, check_output_folder, output_folder
+from ..image_utils_headclip import to_rgb_image
 from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetectionPipeline
 from ._common import (
     CommandError,
     add_model_arguments,
     add_output_dir_argument,
+    add_speed_arguments,
     load_model_and_processor,
     positive_int,
     probability,
+    process_state,
 )
 
 SCORES_CSV = "scores.csv"
@@ -36,13 +42,17 @@ EPILOG = f"""examples:
   headclip detect bottle.png                                   # default model ({DEFAULT_CLIP_CHECKPOINT})
   headclip detect images/ 'more/**/*.jpg' --model runs/mvtec/adapter --output_dir detections/
   HF_HUB_OFFLINE=1 headclip detect images/ --model /models/headclip-mvtec --threshold 0.6
+  headclip detect images/ --model runs/mvtec/adapter --dtype bfloat16 --compile    # PyTorch speed options
+  headclip detect images/ --model exports/headclip-onnx     # an export folder (headclip export): ONNX Runtime
+  accelerate launch -m headclip_hf.cli detect images/ --model runs/mvtec/adapter   # images shared by processes
 
 Writes OUTPUT_DIR/{SCORES_CSV} and OUTPUT_DIR/{SCORES_JSON} (score and label per image, failed files with their
 error), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the image, jet colours) and
 OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's path below the images'
 common folder. The outputs appear together when the run ends (an earlier detect output there is replaced; a folder
 with other files is refused unless --overwrite). Unreadable files are reported and skipped; the exit status is 1
-when any image failed."""
+when any image failed. Under `accelerate launch` each process detects its share of the batches and the main process
+writes the scores: the outputs are those of a single process."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -57,12 +67,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threshold",
         type=probability,
-        default=DEFAULT_THRESHOLD,
-        help=f"label 'anomaly' when the score is >= this (default: {DEFAULT_THRESHOLD})",
+        help="label 'anomaly' when the score is >= this (default: an export's calibrated threshold, else "
+        f"{DEFAULT_THRESHOLD})",
     )
-    parser.add_argument("--pixel_threshold", type=probability, help="mask: map >= this (default: --threshold)")
-    parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
-    add_model_arguments(parser)
+    parser.add_argument(
+        "--pixel_threshold",
+        type=probability,
+        help="mask: map >= this (default: an export's calibrated pixel threshold, else --threshold)",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=8,
+        help="images per forward pass (default: 8; an export without a dynamic batch runs one at a time)",
+    )
+    add_speed_arguments(add_model_arguments(parser))
     parser.set_defaults(handler=run)
 
 
@@ -110,64 +129,111 @@ def _output_names(files: list[Path]) -> list[Path]:
     ]
 
 
+# Options that an export folder fixes when it is made (`headclip export`), with their defaults.
+EXPORT_FIXED_OPTIONS = {"adapter": None, "image_size": None, "device": None, "dtype": "float32", "compile": False}
+
+
+def _load_detector(args: argparse.Namespace) -> tuple[Callable, int, float, float]:
+    """
+    The detector for `--model`: `ExportedDetector` for an export folder, else the pipeline on the loaded model; with
+    the batch size it runs (1 for an export without a dynamic batch) and the image and pixel thresholds (an export's
+    calibrated ones by default).
+    """
+    if is_export_folder(args.model):
+        try:
+            detector = ExportedDetector(args.model)
+        except ImportError as error:  # the runtime's extra is not installed
+            raise CommandError(str(error)) from error
+        threshold, pixel_threshold = detector.decision_thresholds(args.threshold, args.pixel_threshold)
+        return detector, args.batch_size if detector.config["dynamic_batch"] else 1, threshold, pixel_threshold
+    model, processor = load_model_and_processor(
+        args.model, args.adapter, args.image_size, args.device, args.dtype, args.compile
+    )
+    detector = ZeroShotAnomalyDetectionPipeline(model=model, processor=processor, task=TASK, device=model.device)
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    return detector, args.batch_size, threshold, threshold if args.pixel_threshold is None else args.pixel_threshold
+
+
 def run(args: argparse.Namespace) -> int:
     files, failures = collect_images(args.images)
     if not files:
         problems = "; ".join(f"{pattern}: {reason}" for pattern, reason in failures)
         raise CommandError(f"no images to process ({problems})")
+    if is_export_folder(args.model):
+        fixed = [f"--{name}" for name, default in EXPORT_FIXED_OPTIONS.items() if getattr(args, name) != default]
+        if fixed:
+            raise CommandError(
+                f"{', '.join(fixed)} cannot be used with the export folder {args.model}: an export fixes its model, "
+                "image size and precision when it is made (headclip export) and runs on the CPU. Leave them out, or "
+                "export again with other settings."
+            )
+    # Every process checks (a refusal stops them all before any work); the main process writes.
     check_output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite)
-    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
-    detector = ZeroShotAnomalyDetectionPipeline(model=model, processor=processor, task=TASK, device=model.device)
-    pixel_threshold = args.threshold if args.pixel_threshold is None else args.pixel_threshold
-    rows = []
+    state = process_state(args.device)
+    detector, batch_size, threshold, pixel_threshold = _load_detector(args)
     names = _output_names(files)
-    with output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) as staging:
-        with tqdm(total=len(files), desc="Detecting", unit="image") as progress:
-            for start in range(0, len(files), args.batch_size):
-                end = start + args.batch_size
-                chunk = list(zip(files[start:end], names[start:end], strict=True))
+    batches = [list(range(start, min(start + batch_size, len(files)))) for start in range(0, len(files), batch_size)]
+    writing = output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) if state.is_main_process else nullcontext()
+    with writing as staging:
+        # Each process detects a contiguous share of the batches (the same batches as one process would run, so the
+        # numbers do not depend on the process count) and writes its pictures into the main process's staging folder.
+        staging = Path(broadcast_object_list([staging and str(staging)])[0])
+        rows, shard_failures = [], []
+        with state.split_between_processes(batches) as shard:
+            progress = tqdm(
+                total=sum(map(len, shard)), desc="Detecting", unit="image", disable=not state.is_main_process
+            )
+            for batch in shard:
                 images, loaded = [], []
-                for file, name in chunk:
+                for index in batch:
                     try:
-                        images.append(processor.to_rgb_image(file))
-                        loaded.append((file, name))
+                        images.append(to_rgb_image(files[index]))
+                        loaded.append(index)
                     except (OSError, ValueError) as error:
-                        failures.append((str(file), str(error)))
+                        shard_failures.append((str(files[index]), str(error)))
                 results = (
-                    detector(
-                        images, batch_size=args.batch_size, threshold=args.threshold, pixel_threshold=pixel_threshold
-                    )
+                    detector(images, batch_size=batch_size, threshold=threshold, pixel_threshold=pixel_threshold)
                     if images
                     else []
                 )
-                for (file, name), result in zip(loaded, results, strict=True):
-                    heatmap_name, mask_name = Path(HEATMAPS_DIR) / name, Path(MASKS_DIR) / name
+                for index, result in zip(loaded, results, strict=True):
+                    heatmap_name, mask_name = Path(HEATMAPS_DIR) / names[index], Path(MASKS_DIR) / names[index]
                     for relative, picture in ((heatmap_name, result["heatmap"]), (mask_name, result["mask"])):
                         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                         picture.save(staging / relative)
                     rows.append(
                         {
-                            "path": str(file),
+                            "path": str(files[index]),
                             "score": result["score"],
                             "label": result["label"],
                             "heatmap": str(heatmap_name),
                             "mask": str(mask_name),
                         }
                     )
-                progress.update(len(chunk))
-        _write_scores(staging, rows, failures, args, pixel_threshold)
-    out = Path(args.output_dir)
-    print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
-    if failures:
-        print(f"{len(failures)} failed:", file=sys.stderr)
-        for path, reason in failures:
-            print(f"  {path}: {reason}", file=sys.stderr)
-        return 1
-    return 0
+                progress.update(len(batch))
+            progress.close()
+        shards = gather_object([(rows, shard_failures)])  # in process order: the files' order
+        rows = [row for shard_rows, _ in shards for row in shard_rows]
+        failures += [failure for _, shard_failures in shards for failure in shard_failures]
+        if state.is_main_process:
+            _write_scores(staging, rows, failures, args, threshold, pixel_threshold)
+    if state.is_main_process:
+        out = Path(args.output_dir)
+        print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
+        if failures:
+            print(f"{len(failures)} failed:", file=sys.stderr)
+            for path, reason in failures:
+                print(f"  {path}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _write_scores(
-    out: Path, rows: list[dict], failures: list[tuple[str, str]], args: argparse.Namespace, pixel_threshold: float
+    out: Path,
+    rows: list[dict],
+    failures: list[tuple[str, str]],
+    args: argparse.Namespace,
+    threshold: float,
+    pixel_threshold: float,
 ) -> None:
     with open(out / SCORES_CSV, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["path", "score", "label", "heatmap", "mask", "error"])
@@ -177,7 +243,7 @@ def _write_scores(
     summary = {
         "model": args.model,
         "adapter": args.adapter,
-        "threshold": args.threshold,
+        "threshold": threshold,
         "pixel_threshold": pixel_threshold,
         "images": rows,
         "failed": [{"path": path, "error": reason} for path, reason in failures],
