@@ -17,6 +17,7 @@ what the "zero-shot-anomaly-detection" pipeline returns. It preprocesses with nu
 when called), so the runner works on a machine where `import torch` fails.
 """
 
+import importlib
 import importlib.util
 import json
 import os
@@ -52,6 +53,14 @@ DYNAMIC_DIM = "batch"
 
 def _missing_extra_error(module: str, extra: str, purpose: str) -> ImportError:
     return ImportError(f'{purpose} needs {module}, which is not installed: pip install "headclip_hf[{extra}]"')
+
+
+def _import_extra(module: str, extra: str, purpose: str) -> Any:
+    """Import the runtime `module`; `ImportError` naming `extra` when it is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise _missing_extra_error(module, extra, purpose) from error
 
 
 def _require_modules(modules: Sequence[str], extra: str, purpose: str) -> None:
@@ -283,10 +292,7 @@ class _OnnxRuntimeGraph:
     """An ONNX export run by ONNX Runtime (its available execution providers, in its order of preference)."""
 
     def __init__(self, export_dir: Path, config: dict[str, Any], num_threads: int | None):
-        try:
-            import onnxruntime
-        except ImportError as error:
-            raise _missing_extra_error("onnxruntime", "onnx", "Running an ONNX export") from error
+        onnxruntime = _import_extra("onnxruntime", "onnx", "Running an ONNX export")
         options = onnxruntime.SessionOptions()
         if num_threads is not None:
             options.intra_op_num_threads = num_threads
@@ -308,10 +314,7 @@ class _OpenVINOGraph:
     """An OpenVINO IR export compiled for the CPU at float32 precision (as exported; no bfloat16 inference hint)."""
 
     def __init__(self, export_dir: Path, config: dict[str, Any], num_threads: int | None):
-        try:
-            import openvino
-        except ImportError as error:
-            raise _missing_extra_error("openvino", "openvino", "Running an OpenVINO export") from error
+        openvino = _import_extra("openvino", "openvino", "Running an OpenVINO export")
         core = openvino.Core()
         model = core.read_model(str(export_dir / config["files"][0]))
 

@@ -1,6 +1,7 @@
 """Shared test fixtures: offline Hub, the real data in ../shared, the real CLIP tokenizer, tiny CLIP configs."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -113,6 +114,21 @@ def headclip_checkpoint(tmp_path, tiny_model, clip_tokenizer):
     tiny_model.save_pretrained(path)
     HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=tiny_model.config.image_size).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def image_folder(tmp_path, test_data_dir):
+    """A folder of three real images of different sizes and formats, one corrupt PNG and a text file."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    bottle = test_data_dir / "mvtec_ad" / "bottle"
+    shutil.copy(bottle / "broken_small" / "000.png", folder / "bottle_broken.png")
+    shutil.copy(bottle / "good" / "000.png", folder / "bottle_good.png")
+    polyp = sorted((test_data_dir / "kvasir_seg" / "colon" / "polyp").iterdir())[0]
+    shutil.copy(polyp, folder / "polyp.jpg")
+    (folder / "corrupt.png").write_bytes((bottle / "good" / "001.png").read_bytes()[:2000])  # truncated
+    (folder / "notes.txt").write_text("not an image")
+    return folder
 
 
 # Prepended to the scripts of `run_without_headclip` and `run_without_torch`: importing the module BLOCKED (or one of

@@ -5,35 +5,15 @@
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO_ROOT
+from test_cli import run
 
 from headclip_hf.cli import build_parser, main
 from headclip_hf.export import EXPORT_CONFIG_NAME, read_export_config
-
-
-@pytest.fixture
-def images(tmp_path, test_data_dir):
-    """Five real images (bottles, polyps) and one truncated PNG."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    bottle = test_data_dir / "mvtec_ad" / "bottle"
-    shutil.copy(bottle / "broken_small" / "000.png", folder / "bottle_broken.png")
-    shutil.copy(bottle / "good" / "000.png", folder / "bottle_good.png")
-    for index, polyp in enumerate(sorted((test_data_dir / "kvasir_seg" / "colon" / "polyp").iterdir())[:3]):
-        shutil.copy(polyp, folder / f"polyp_{index}.jpg")
-    (folder / "corrupt.png").write_bytes((bottle / "good" / "001.png").read_bytes()[:2000])
-    return folder
-
-
-def run(capsys, *argv):
-    status = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def read_scores(folder):
@@ -41,7 +21,7 @@ def read_scores(folder):
         return {row["path"]: row for row in csv.DictReader(file)}
 
 
-def test_export_then_detect_with_the_export_folder(headclip_checkpoint, images, tmp_path, capsys):
+def test_export_then_detect_with_the_export_folder(headclip_checkpoint, image_folder, tmp_path, capsys):
     export_dir = tmp_path / "export"
     status, stdout, _ = run(
         capsys, "export", "--model", headclip_checkpoint, "--output_dir", export_dir, "--dynamic_batch"
@@ -53,9 +33,9 @@ def test_export_then_detect_with_the_export_folder(headclip_checkpoint, images, 
     )
 
     reference, exported = tmp_path / "reference", tmp_path / "exported"
-    assert run(capsys, "detect", images, "--model", headclip_checkpoint, "--output_dir", reference)[0] == 1
-    status, stdout, stderr = run(capsys, "detect", images, "--model", export_dir, "--output_dir", exported)
-    assert status == 1 and "5 of 6 images processed" in stdout and "corrupt.png" in stderr
+    assert run(capsys, "detect", image_folder, "--model", headclip_checkpoint, "--output_dir", reference)[0] == 1
+    status, stdout, stderr = run(capsys, "detect", image_folder, "--model", export_dir, "--output_dir", exported)
+    assert status == 1 and "3 of 4 images processed" in stdout and "corrupt.png" in stderr
     expected, rows = read_scores(reference), read_scores(exported)
     assert list(rows) == list(expected)
     for path, row in rows.items():
@@ -69,7 +49,8 @@ def test_export_then_detect_with_the_export_folder(headclip_checkpoint, images, 
         assert (exported / row["heatmap"]).is_file() and (exported / row["mask"]).is_file()
     assert json.loads((exported / "scores.json").read_text())["threshold"] == 0.5
 
-    status, _, stderr = run(capsys, "detect", images, "--model", export_dir, "--dtype", "bfloat16", "--image_size", 32)
+    options = ("--dtype", "bfloat16", "--image_size", 32)
+    status, _, stderr = run(capsys, "detect", image_folder, "--model", export_dir, "--output_dir", exported, *options)
     assert status == 1
     assert f"--image_size, --dtype cannot be used with the export folder {export_dir}" in stderr
 
@@ -98,23 +79,24 @@ def test_export_errors(headclip_checkpoint, tmp_path, capsys, monkeypatch):
     assert not out.exists() and [path.name for path in other.iterdir()] == ["notes.txt"]
 
 
-def test_speed_options_on_detect_and_evaluate(headclip_checkpoint, images, tmp_path, capsys):
+def test_speed_options_on_detect_and_evaluate(headclip_checkpoint, image_folder, tmp_path, capsys):
     args = build_parser().parse_args(["evaluate", "data", "--dtype", "bfloat16", "--compile"])
     assert (args.dtype, args.compile) == ("bfloat16", True)
     reference = tmp_path / "reference"
-    run(capsys, "detect", images, "--model", headclip_checkpoint, "--output_dir", reference)
+    run(capsys, "detect", image_folder, "--model", headclip_checkpoint, "--output_dir", reference)
     expected = read_scores(reference)
     for options in (["--dtype", "bfloat16"], ["--compile"]):
         out = tmp_path / options[-1]
-        assert run(capsys, "detect", images, "--model", headclip_checkpoint, "--output_dir", out, *options)[0] == 1
+        arguments = ("detect", image_folder, "--model", headclip_checkpoint, "--output_dir", out, *options)
+        assert run(capsys, *arguments)[0] == 1
         for path, row in read_scores(out).items():
             if not row["error"]:
                 difference = abs(float(row["score"]) - float(expected[path]["score"]))
                 assert (0 < difference < 0.01) if options[0] == "--dtype" else difference <= 1e-5, (options, path)
 
 
-def test_detection_sharded_over_two_processes_equals_one_process(headclip_checkpoint, images, tmp_path):
-    arguments = ["detect", str(images), "--model", str(headclip_checkpoint), "--batch_size", "2"]
+def test_detection_sharded_over_two_processes_equals_one_process(headclip_checkpoint, image_folder, tmp_path):
+    arguments = ["detect", str(image_folder), "--model", str(headclip_checkpoint), "--batch_size", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     single = subprocess.run(
         [sys.executable, "-m", "headclip_hf.cli", *arguments, "--output_dir", str(tmp_path / "single")],
@@ -137,12 +119,12 @@ def test_detection_sharded_over_two_processes_equals_one_process(headclip_checkp
     )
     for result in (single, sharded):  # exit status 1: the corrupt file, reported once
         assert result.returncode == 1, result.stderr[-4000:]
-        assert result.stdout.count("5 of 6 images processed") == 1
+        assert result.stdout.count("3 of 4 images processed") == 1
     single_files, sharded_files = (
         sorted(path.relative_to(tmp_path / name) for path in (tmp_path / name).rglob("*") if path.is_file())
         for name in ("single", "sharded")
     )
-    assert len(single_files) == 2 + 2 * 5 and sharded_files == single_files
+    assert len(single_files) == 2 + 2 * 3 and sharded_files == single_files
     for name in single_files:
         assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
     assert not (tmp_path / "sharded" / EXPORT_CONFIG_NAME).exists()
