@@ -210,8 +210,8 @@ def build_demo(
     model: HeadCLIPModel,
     processor: HeadCLIPProcessor,
     examples: Sequence[str | os.PathLike] | None = None,
+    model_name: str | None = None,
     title: str = "HeadCLIP zero-shot anomaly detection",
-    description: str | None = None,
 ) -> gradio.Blocks:
     """
     The demo app (see the module docstring) over `model` and `processor`.
@@ -221,9 +221,9 @@ def build_demo(
         processor (`HeadCLIPProcessor`): Its processor.
         examples (`list` of paths, *optional*, defaults to the sample images of the repository):
             Images offered as examples; an empty list offers none.
+        model_name (`str`, *optional*, defaults to `model.config._name_or_path`):
+            The model's name on the page (a Hub id or a folder).
         title (`str`, *optional*): The page's title.
-        description (`str`, *optional*): Markdown under the title (by default: what the page does and the model's
-            name).
 
     Returns:
         The `gradio.Blocks`; serve it with its `launch` method.
@@ -241,12 +241,11 @@ def build_demo(
         if calibrated
         else f"the default {DEFAULT_THRESHOLD} (the model is not calibrated)"
     )
-    if description is None:
-        description = (
-            f"Upload an image, or pick an example: the model `{model.config._name_or_path or 'HeadCLIP'}` scores it "
-            f"(image level) and maps where it looks anomalous (pixel level), without having seen this kind of object "
-            f"in training. The thresholds start at {threshold_source}."
-        )
+    description = (
+        f"Upload an image, or pick an example: the model `{model_name or model.config._name_or_path}` scores it "
+        "(image level) and maps where it looks anomalous (pixel level), without having seen this kind of object in "
+        f"training. The thresholds start at {threshold_source}."
+    )
 
     def on_upload(image_file, reference_files, threshold, pixel_threshold) -> tuple:
         try:
