@@ -215,10 +215,19 @@ def image_ap(labels: Any, scores: Any) -> float:
 
 def image_f1_max(labels: Any, scores: Any) -> float:
     """Image-level F1-max: the best F1 over all thresholds. Arguments as in `image_auroc`."""
+    return image_f1_operating_point(labels, scores)[0]
+
+
+def image_f1_operating_point(labels: Any, scores: Any) -> tuple[float, float]:
+    """Image-level F1-optimal operating point: (F1-max, the threshold reaching it), an image being predicted
+    anomalous when its score is >= the threshold (the lowest such threshold on ties). Arguments as in `image_auroc`.
+    """
     labels, scores = _image_inputs(labels, scores)
     _require_both_image_classes(labels)
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    return float(f1_scores(precision, recall).max())
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = f1_scores(precision[:-1], recall[:-1])  # the last point (recall 0) has no threshold
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
 
 
 def f1_scores(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
@@ -333,10 +342,14 @@ class PixelScoreHistograms:
         if self.num_negative == 0:
             raise UndefinedMetricError(f"no normal pixels (all {self.num_images} masks are fully anomalous)")
 
+    def _occupied_bins(self) -> np.ndarray:
+        """The bins holding pixels, highest first: the thresholds of the curves are their lower edges."""
+        self.require_both_classes()
+        return np.flatnonzero((self.positive_counts + self.negative_counts) > 0)[::-1]
+
     def _cumulative(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """True positives, false positives and summed region overlap at each occupied threshold, highest first."""
-        self.require_both_classes()
-        occupied = np.flatnonzero((self.positive_counts + self.negative_counts) > 0)[::-1]
+        occupied = self._occupied_bins()
         return (
             np.cumsum(self.positive_counts[occupied]),
             np.cumsum(self.negative_counts[occupied]),
@@ -370,8 +383,15 @@ class PixelScoreHistograms:
         return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
     def f1_max(self) -> float:
+        return self.f1_operating_point()[0]
+
+    def f1_operating_point(self) -> tuple[float, float]:
+        """(F1-max, the threshold reaching it): a pixel is predicted anomalous when its score is >= the threshold, a
+        bin edge k / num_bins."""
         true_positives, false_positives, _ = self._cumulative()
-        return float(np.max(2 * true_positives / (true_positives + false_positives + self.num_positive)))
+        f1 = 2 * true_positives / (true_positives + false_positives + self.num_positive)
+        best = int(np.argmax(f1))
+        return float(f1[best]), float(self._occupied_bins()[best] / self.num_bins)
 
     def aupro(self, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
         if not 0 < fpr_limit <= 1:
@@ -437,12 +457,15 @@ class CategoryResult:
         curves: for plotting, the curves of the defined metrics: "image_roc" and "pixel_roc" (fpr, tpr),
             "image_pr" and "pixel_pr" (recall ascending, precision), "pixel_pro" (fpr, pro). Not serialised.
         image_labels, image_scores: [num_images] the image-level inputs, for plotting score distributions.
+        f1_thresholds: the F1-optimal thresholds ("image", "pixel") of the levels whose F1-max is defined: the
+            operating point a report uses when the model has no calibrated threshold. Not serialised.
     """
 
     name: str
     metrics: dict[str, MetricResult]
     counts: dict[str, int]
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    f1_thresholds: dict[str, float] = field(default_factory=dict, repr=False)
     image_labels: np.ndarray | None = field(default=None, repr=False)
     image_scores: np.ndarray | None = field(default=None, repr=False)
 
@@ -709,15 +732,17 @@ class AnomalyMetricsAccumulator:
         metrics["mad_image"] = _mean_of_parts([metrics[metric] for metric in IMAGE_METRICS])
         metrics["mad_pixel"] = _mean_of_parts([metrics[metric] for metric in PIXEL_METRICS])
 
-        curves = {}
+        curves, f1_thresholds = {}, {}
         if metrics["image_auroc"].is_defined:
             fpr, tpr, _ = roc_curve(labels, scores)
             precision, recall, _ = precision_recall_curve(labels, scores)  # recall descending: flip to ascending
             curves["image_roc"], curves["image_pr"] = (fpr, tpr), (recall[::-1], precision[::-1])
+            f1_thresholds["image"] = image_f1_operating_point(labels, scores)[1]
         if metrics["pixel_auroc"].is_defined:
             curves["pixel_roc"] = pixels.roc_curve()
             curves["pixel_pr"] = pixels.precision_recall_curve()
             curves["pixel_pro"] = pixels.pro_curve()
+            f1_thresholds["pixel"] = pixels.f1_operating_point()[1]
 
         num_anomalous = int(labels.sum())
         counts = {
@@ -736,4 +761,5 @@ class AnomalyMetricsAccumulator:
             curves=curves,
             image_labels=labels,
             image_scores=scores,
+            f1_thresholds=f1_thresholds,
         )
