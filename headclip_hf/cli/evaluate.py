@@ -8,19 +8,34 @@ from accelerate import PartialState
 
 from ..data import LAYOUTS, load_anomaly_dataset
 from ..evaluation import evaluate_model
+from ..evaluation_report import (
+    DEFAULT_GALLERY_SIZE,
+    PER_IMAGE_CSV,
+    REPORT_FILES_DIR,
+    REPORT_HTML,
+    write_evaluation_report,
+)
 from ..files import OutputKind, check_output_folder, output_folder
 from ..reporting import PLOTS_DIR, RESULTS_JSON, RESULTS_MARKDOWN, results_to_markdown, save_results
 from ._common import CommandError, add_model_arguments, add_output_dir_argument, load_model_and_processor, positive_int
 
-EVALUATE_OUTPUT = OutputKind("headclip evaluate output", frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR}))
+EVALUATE_OUTPUT = OutputKind(
+    "headclip evaluate output",
+    frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR, REPORT_HTML, REPORT_FILES_DIR, PER_IMAGE_CSV}),
+)
 
 EPILOG = f"""examples:
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec
   headclip evaluate data/visa --layout visa --categories candle pcb1 --model runs/mvtec/adapter --output_dir eval/visa
+  headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec --report   # + report.html
 
 Writes OUTPUT_DIR/{RESULTS_MARKDOWN} (table per category and mean, in percent), OUTPUT_DIR/{RESULTS_JSON} (fractions;
 undefined metrics as null with their reason) and OUTPUT_DIR/{PLOTS_DIR}/<category>.png (ROC, PR and PRO curves,
-score distributions)."""
+score distributions). With --report also OUTPUT_DIR/{REPORT_HTML} (open it in a browser, no server needed: the
+metrics, the plots and per category the highest-scoring normal images, the lowest-scoring anomalous images and the
+best detections as image | ground truth | heatmap | predicted mask; pictures in OUTPUT_DIR/{REPORT_FILES_DIR}/) and
+OUTPUT_DIR/{PER_IMAGE_CSV} (path, category, label, score, predicted label, threshold per image). The threshold is the
+model's calibrated one, else the category's F1-optimal one."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -37,6 +52,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
     parser.add_argument("--no_plots", action="store_true", help="write the table and JSON only")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help=f"also write {REPORT_HTML} (metrics, plots, a gallery of false alarms, misses and best detections per "
+        f"category) and {PER_IMAGE_CSV}",
+    )
+    parser.add_argument(
+        "--gallery_size",
+        type=positive_int,
+        default=DEFAULT_GALLERY_SIZE,
+        help=f"images per gallery section of --report (default: {DEFAULT_GALLERY_SIZE})",
+    )
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -54,6 +81,18 @@ def run(args: argparse.Namespace) -> int:
     if state.is_main_process:  # under `accelerate launch` every process holds the gathered results
         with output_folder(args.output_dir, EVALUATE_OUTPUT, args.overwrite) as staging:
             written = save_results(results, staging, plots=not args.no_plots)
+            if args.report:
+                written |= write_evaluation_report(
+                    staging,
+                    results,
+                    dataset,
+                    model,
+                    processor,
+                    gallery_size=args.gallery_size,
+                    plots=not args.no_plots,
+                    model_name=args.model if args.adapter is None else f"{args.model} + {args.adapter}",
+                    dataset_name=args.data,
+                )
         print(results_to_markdown(results))
         print(
             "Written: "
