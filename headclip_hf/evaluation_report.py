@@ -108,21 +108,26 @@ def per_image_scores(dataset: datasets.Dataset, results: AnomalyDetectionResults
 
 def operating_point(category: CategoryResult, model: HeadCLIPModel) -> OperatingPoint:
     """The thresholds of `category` (see the module docstring for the order of preference)."""
-    calibrated_image = getattr(model.config, "image_threshold", None)
-    calibrated_pixel = getattr(model.config, "pixel_threshold", None)
-    if calibrated_image is not None:
-        image_threshold, image_source = float(calibrated_image), "calibrated"
-    elif "image" in category.f1_thresholds:
-        image_threshold, image_source = category.f1_thresholds["image"], "F1-optimal on this category"
-    else:
-        image_threshold, image_source = DEFAULT_THRESHOLD, "the default: image F1 is undefined on this category"
-    if calibrated_pixel is not None:
-        pixel_threshold, pixel_source = float(calibrated_pixel), "calibrated"
-    elif "pixel" in category.f1_thresholds:
-        pixel_threshold, pixel_source = category.f1_thresholds["pixel"], "F1-optimal on this category"
-    else:
-        pixel_threshold, pixel_source = image_threshold, "the image threshold: pixel F1 is undefined on this category"
-    return OperatingPoint(image_threshold, image_source, pixel_threshold, pixel_source)
+    image = _threshold(
+        getattr(model.config, "image_threshold", None),
+        category.f1_thresholds.get("image"),
+        (DEFAULT_THRESHOLD, "the default: image F1 is undefined on this category"),
+    )
+    pixel = _threshold(
+        getattr(model.config, "pixel_threshold", None),
+        category.f1_thresholds.get("pixel"),
+        (image[0], "the image threshold: pixel F1 is undefined on this category"),
+    )
+    return OperatingPoint(*image, *pixel)
+
+
+def _threshold(calibrated: float | None, f1_optimal: float | None, fallback: tuple[float, str]) -> tuple[float, str]:
+    """The calibrated threshold if any, else the F1-optimal one if defined, else `fallback`; and its source."""
+    if calibrated is not None:
+        return float(calibrated), "calibrated"
+    if f1_optimal is not None:
+        return f1_optimal, "F1-optimal on this category"
+    return fallback
 
 
 def select_gallery(images: list[ImageScore], size: int) -> dict[str, list[ImageScore]]:
