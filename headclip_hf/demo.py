@@ -190,11 +190,11 @@ def render(detection: Detection | None, threshold: float, pixel_threshold: float
     in_mask = detection.anomaly_map >= pixel_threshold
     mask = Image.fromarray(np.where(in_mask, 255, 0).astype(np.uint8))
     mode = f"few-shot with {detection.num_references} normal references" if detection.num_references else "zero-shot"
-    comparison = ">=" if label == LABELS[1] else "<"
+    comparison = "reaches" if label == LABELS[1] else "is below"
     message = (
-        f"**{detection.name}** ({mode}): score {detection.score:.{SCORE_DECIMALS}f} {comparison} image threshold "
-        f"{threshold:.{SCORE_DECIMALS}f}, so **{label}**. The mask marks the {in_mask.mean():.1%} of pixels whose map "
-        f"value is >= {pixel_threshold:.{SCORE_DECIMALS}f}."
+        f"**{detection.name}** ({mode}): score {detection.score:.{SCORE_DECIMALS}f} {comparison} the image threshold "
+        f"{threshold:.{SCORE_DECIMALS}f}, so **{label}**. The predicted mask marks the {in_mask.mean():.1%} of pixels "
+        f"whose map value reaches the pixel threshold {pixel_threshold:.{SCORE_DECIMALS}f}."
     )
     return DemoView(
         image=detection.image,

@@ -214,6 +214,12 @@ def _text(browser, elem_id: str) -> str:
     return browser.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input").get_attribute("value")
 
 
+def _message(browser) -> str:
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.ID, "message").text
+
+
 def _wait(browser, condition, what: str):
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -259,16 +265,18 @@ def test_demo_in_a_browser(demo_url, browser, detector, tmp_path):
     high = min(1.0, round(expected["score"] + 0.05, 3))
     threshold_box.send_keys(Keys.CONTROL, "a")
     threshold_box.send_keys(f"{high}", Keys.ENTER)
-    _wait(browser, lambda: f"image threshold {high:.4f}" in browser.find_element(By.ID, "message").text, "rethreshold")
+    _wait(browser, lambda: f"image threshold {high:.4f}" in _message(browser), "rethreshold")
     assert _text(browser, "label") == "normal" and _text(browser, "score") == f"{expected['score']:.4f}"
+    assert f"is below the image threshold {high:.4f}, so normal." in _message(browser)  # markdown rendered
+    assert browser.find_element(By.CSS_SELECTOR, "#message strong").text == ANOMALOUS_SAMPLE.name
 
     # A file that is not an image: a message, and the app goes on serving.
     _clear_upload(browser, "image-file")
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     _upload(browser, "image-file", notes)
-    _wait(browser, lambda: "notes.txt" in browser.find_element(By.ID, "message").text, "the error message")
-    message = browser.find_element(By.ID, "message").text
+    _wait(browser, lambda: "notes.txt" in _message(browser), "the error message")
+    message = _message(browser)
     assert "Could not process the upload. The file 'notes.txt' is not an image that can be read" in message
     assert str(tmp_path) not in message  # the file as the user named it, not the server's upload path
     assert _text(browser, "score") == ""
@@ -279,3 +287,21 @@ def test_demo_in_a_browser(demo_url, browser, detector, tmp_path):
     normal = detector(str(NORMAL_SAMPLE))
     _wait(browser, lambda: _text(browser, "score") == f"{normal['score']:.4f}", "the second image's score")
     assert (tmp_path / "demo.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not supports_few_shot(HeadCLIPModel), reason=FEW_SHOT_MISSING)
+def test_demo_few_shot_in_a_browser(demo_url, browser, detector, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(demo_url)
+    _wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#reference-files input[type=file]"), "the page")
+    references = [NORMAL_SAMPLE, SAMPLE_IMAGES_DIR / "bottle_good_001.png"]
+    browser.find_element(By.CSS_SELECTOR, "#reference-files input[type=file]").send_keys(
+        "\n".join(str(path) for path in references)
+    )
+    _upload(browser, "image-file", ANOMALOUS_SAMPLE)
+    _wait(browser, lambda: "few-shot with 2 normal references" in _message(browser), "the few-shot result")
+    expected = detector(str(ANOMALOUS_SAMPLE), reference_images=[str(path) for path in references])
+    assert _text(browser, "score") == f"{expected['score']:.4f}"
+    assert np.array_equal(_shown_image(browser, "heatmap"), np.asarray(expected["heatmap"]))
+    browser.save_screenshot(str(tmp_path / "demo_few_shot.png"))
