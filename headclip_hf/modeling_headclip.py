@@ -122,9 +122,9 @@ def max_reference_similarity(
 
     Layer by layer, the references are compared in chunks of at most `chunk_size`, so memory stays at one
     `(B * N, chunk)` similarity matrix whatever the number of references. The maximum over the chunks' maxima is the
-    maximum over all references, so the result does not depend on `chunk_size`, bit for bit: the chunks have
-    near-equal widths (`torch.tensor_split`), never a narrow remainder, because BLAS libraries compute narrow products
-    (below about 12 columns) with other kernels that round differently in the last bit.
+    maximum over all references, so the result does not depend on `chunk_size` (16 or more), bit for bit: the chunks
+    have near-equal widths (`torch.tensor_split`), never a narrow remainder, because BLAS libraries compute narrow
+    products (below about 12 columns) with other kernels that round differently in the last bit.
 
     Args:
         patch_embeds (`torch.FloatTensor` of shape `(L, B, N, P)`):

@@ -8,6 +8,9 @@ Everything here reads an `AnomalyDetectionResults` (from `headclip_hf.metrics`);
 - PNG: per category a 2 x 3 grid: image ROC, image PR, image score distributions; pixel ROC, pixel PR, PRO curve up to
   the AUPRO FPR limit. Figures are drawn with `matplotlib.figure.Figure` and saved by the Agg renderer, without pyplot,
   so the caller's matplotlib backend and open figures are left alone.
+- k-shot (`KShotResults` of `headclip_hf.evaluation`): every seed's run as above under `seed_<seed>/`, and a summary,
+  `k_shot_results.md` (mean ± standard deviation over the seeds) and `k_shot_results.json` (also the reference files
+  used per seed and category).
 """
 
 from __future__ import annotations
@@ -16,12 +19,19 @@ import json
 import re
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, MetricResult, f1_scores
+
+if TYPE_CHECKING:
+    from .evaluation import KShotResults
+
+K_SHOT_JSON = "k_shot_results.json"
+K_SHOT_MARKDOWN = "k_shot_results.md"
 
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
@@ -84,6 +94,57 @@ def save_results(results: AnomalyDetectionResults, output_dir: str | Path, *, pl
         for name, category in results.categories.items():
             path = output_dir / "plots" / f"{safe_file_name(name)}.png"
             paths[f"plot/{name}"] = plot_category_curves(category, path, fpr_limit=results.fpr_limit)
+    return paths
+
+
+def k_shot_results_to_markdown(results: KShotResults) -> str:
+    """
+    A markdown table of every category and the mean over categories: per metric the mean ± standard deviation over
+    the seeds, in percent with one decimal; then the protocol (k, seeds, where each category's references came from).
+    """
+    summary = results.summary()
+    num_seeds = len(results.seeds)
+    footnotes: dict[str, int] = {}
+
+    def cell(entry: dict) -> str:
+        if entry["mean"] is None:
+            return f"n/a [{footnotes.setdefault(entry['reason'], len(footnotes) + 1)}]"
+        text = f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+        return text if entry["num_seeds"] == num_seeds else f"{text} ({entry['num_seeds']}/{num_seeds} seeds)"
+
+    header = ["Category"] + [METRIC_TITLES[name] for name in METRIC_NAMES]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(METRIC_NAMES)) + "|"]
+    for row, metrics in summary.items():
+        name = f"**Mean** ({len(summary) - 1} categories)" if row == "mean" else row
+        lines.append("| " + " | ".join([name] + [cell(metrics[metric]) for metric in METRIC_NAMES]) + " |")
+    sources = ", ".join(f"{category}: {source}" for category, source in results.reference_sources.items())
+    notes = [
+        "",
+        f"{results.k_shot}-shot: {results.k_shot} normal reference images per category, drawn with each of the seeds "
+        f"{results.seeds}; values in percent, mean ± standard deviation over the seeds. References from the training "
+        f"normals (train) or from the test normals, then left out of the evaluation (test): {sources}. The files used "
+        f"are listed in {K_SHOT_JSON}; each seed's full results are in seed_<seed>/.",
+    ]
+    if footnotes:
+        notes.append("")
+        notes.extend(f"- [{number}] undefined: {reason}" for reason, number in footnotes.items())
+    return "\n".join(lines + notes) + "\n"
+
+
+def save_k_shot_results(results: KShotResults, output_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write `k_shot_results.json`, `k_shot_results.md` and every seed's `save_results` under `seed_<seed>/`.
+
+    Returns:
+        The written paths: keys "json", "markdown" and "seed_<seed>/<key of save_results>".
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / K_SHOT_JSON, "markdown": output_dir / K_SHOT_MARKDOWN}
+    paths["json"].write_text(json.dumps(results.to_dict(), indent=2) + "\n")
+    paths["markdown"].write_text(k_shot_results_to_markdown(results))
+    for seed, run in results.runs.items():
+        for key, path in save_results(run, output_dir / f"seed_{seed}", plots=plots).items():
+            paths[f"seed_{seed}/{key}"] = path
     return paths
 
 
