@@ -8,12 +8,15 @@ protocol: train on one data set's test split, evaluate on others), with Accelera
     accelerate launch examples/train_headclip.py ...       # several GPUs or nodes
 
 The arguments (model, data and training dataclasses, parsed with `HfArgumentParser`) and the training loop live in
-`headclip_hf.training`, so that the `headclip train` command runs the very same code; `--help` explains every
-argument and shows more examples (resuming, LoRA, mixed precision, several CPU processes, ablations). The result is
+`headclip_hf.training`; this script runs the `headclip train` command itself (same code, same clear errors).
+`--help` explains every argument and shows more examples (resuming, LoRA, mixed precision, several CPU processes,
+ablations). The result is
 `<output_dir>/adapter`, loadable with `headclip_hf.adapters.load_headclip_model(<output_dir>/adapter)`.
 """
 
-from headclip_hf.training import main
+import sys
+
+from headclip_hf.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -18,10 +18,6 @@ HeadCLIP modules travel as `modules_to_save`.
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +25,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from .configuration_headclip import HeadCLIPConfig
+from .files import OutputKind, output_folder
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
 
@@ -43,45 +40,17 @@ HEADCLIP_MODULES = ("prompt_learner", "attention_head_weights")
 HEADCLIP_PARAMETER_PREFIXES = tuple(f"{name}." for name in HEADCLIP_MODULES)
 # Next to a PEFT adapter (LoRA training): the HeadCLIP config fields the model was trained with.
 PEFT_HEADCLIP_CONFIG_NAME = "headclip_config.json"
+# What the adapter writers put in a folder (see `headclip_hf.files`): an earlier adapter is replaced, other files are
+# kept. PEFT's `save_pretrained` writes its weights, config and a model card.
+ADAPTER_OUTPUT = OutputKind("HeadCLIP adapter", frozenset({ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME}))
+PEFT_ADAPTER_OUTPUT = OutputKind(
+    "PEFT adapter",
+    frozenset(
+        {PEFT_CONFIG_NAME, "adapter_model.safetensors", "adapter_model.bin", "README.md", PEFT_HEADCLIP_CONFIG_NAME}
+    ),
+)
 # from_pretrained arguments that say where and how to fetch files, passed on to the config too.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
-
-
-def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Move the complete folder `staging` to `target`; a previous `target` is moved aside first and deleted last."""
-    staging, target = Path(staging), Path(target)
-    previous = target.with_name(f".{target.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    had_target = target.exists()
-    if had_target:
-        os.replace(target, previous)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if had_target:
-            os.replace(previous, target)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-@contextmanager
-def staging_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """
-    Write a folder atomically: yields an empty staging folder next to `target`; when the block ends without error it
-    replaces `target` (`replace_directory`), otherwise it is deleted and `target` is left as it was. A crash or Ctrl-C
-    never leaves a half-written `target`.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the result gets the usual permissions
-    try:
-        yield staging
-        replace_directory(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def headclip_state_dict(model: HeadCLIPModel) -> dict[str, torch.Tensor]:
@@ -116,15 +85,20 @@ def is_peft_adapter(path: str | os.PathLike) -> bool:
 
 
 def save_headclip_adapter(
-    model: HeadCLIPModel, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None
+    model: HeadCLIPModel,
+    save_directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """
-    Save the HeadCLIP parameters of `model` as an adapter folder (atomically replacing any previous one).
+    Save the HeadCLIP parameters of `model` as an adapter folder, atomically (`headclip_hf.files.output_folder`): an
+    earlier adapter there is replaced; a folder holding other files is refused unless `overwrite`.
 
     Args:
         model: the trained model.
         save_directory: the adapter folder to write.
         base_model_name_or_path: the CLIP checkpoint the adapter applies to; by default the one `model` came from.
+        overwrite: replace the adapter files in a folder that also holds other files (those stay).
 
     Returns:
         The adapter folder.
@@ -142,7 +116,7 @@ def save_headclip_adapter(
         "base_model_name_or_path": str(base),
         "headclip_config": model.config.headclip_fields(),
     }
-    with staging_directory(save_directory) as staging:
+    with output_folder(save_directory, ADAPTER_OUTPUT, overwrite) as staging:
         save_file(headclip_state_dict(model), staging / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     return save_directory
@@ -264,6 +238,7 @@ def _adapter_base(adapter: str | os.PathLike) -> str:
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
+    "ADAPTER_OUTPUT",
     "ADAPTER_WEIGHTS_NAME",
     "headclip_state_dict",
     "is_headclip_adapter",
@@ -271,9 +246,7 @@ __all__ = [
     "load_headclip_adapter",
     "load_headclip_model",
     "load_headclip_model_and_processor",
-    "staging_directory",
     "read_adapter_config",
-    "replace_directory",
     "save_headclip_adapter",
     "state_dict_mismatches",
 ]

@@ -24,7 +24,6 @@ The reference casts the deep prompts with `.half()` when it inserts them, so the
 HeadCLIP then computes what the reference computes.
 """
 
-import argparse
 import logging
 import pickle
 from collections.abc import Iterator, Mapping
@@ -46,8 +45,6 @@ from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
 
 logger = logging.getLogger(__name__)
-
-ANOMALYCLIP_BASE = DEFAULT_CLIP_CHECKPOINT
 
 # AnomalyCLIP's settings (the reference's train.py / test.py defaults). The architecture-dependent fields
 # (`feature_layers`, `vv_start_layer`) are set by `anomalyclip_config` from the vision depth.
@@ -247,7 +244,7 @@ def check_token_embeddings(state_dict: Mapping[str, torch.Tensor], model: HeadCL
             raise ValueError(
                 f"The checkpoint's frozen prompt token embeddings (token_prefix_{side}, token_suffix_{side}) differ "
                 f"from those of the base {str(base)!r} by up to {difference:.3g}: the checkpoint was trained on "
-                f"another CLIP. Pass that CLIP as the base (AnomalyCLIP's checkpoints use {ANOMALYCLIP_BASE})."
+                f"another CLIP. Pass that CLIP as the base (AnomalyCLIP's checkpoints use {DEFAULT_CLIP_CHECKPOINT})."
             )
 
 
@@ -284,7 +281,7 @@ def load_base_model(base: str | Path, config: HeadCLIPConfig, **from_pretrained_
 
 def convert_anomalyclip_checkpoint(
     checkpoint_path: str | Path,
-    base: str | Path = ANOMALYCLIP_BASE,
+    base: str | Path = DEFAULT_CLIP_CHECKPOINT,
     output_dir: str | Path | None = None,
     feature_layers: list[int] | None = None,
     vv_start_layer: int | None = None,
@@ -381,62 +378,10 @@ def convert_anomalyclip_checkpoint(
     return model
 
 
-def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the arguments of `headclip convert anomalyclip` to `parser`; run them with [`run_convert`]."""
-    parser.add_argument("checkpoint", help="AnomalyCLIP checkpoint, e.g. checkpoints/9_12_4_multiscale/epoch_15.pth")
-    parser.add_argument(
-        "--base", default=ANOMALYCLIP_BASE, help="the CLIP the checkpoint was trained on (%(default)s)"
-    )
-    parser.add_argument("--out", required=True, help="output folder: a complete HeadCLIP save_pretrained folder")
-    parser.add_argument(
-        "--adapter", action="store_true", help="write only the HeadCLIP parameters, as a HeadCLIP adapter of --base"
-    )
-    parser.add_argument(
-        "--feature-layers",
-        type=int,
-        nargs="+",
-        default=None,
-        help="vision layers whose maps are averaged (default: the last, as the reference's --features_list 24)",
-    )
-    parser.add_argument(
-        "--vv-start-layer", type=int, default=None, help="first value-value layer (default: depth / 4, 6 for ViT-L/14)"
-    )
-    defaults = ANOMALYCLIP_SETTINGS
-    for flags, field, meaning in (
-        (("--prompt-length", "--n_ctx"), "prompt_length", "context vectors per prompt"),
-        (("--deep-prompt-depth", "--depth"), "deep_prompt_depth", "deep prompts at text layers 2..depth"),
-        (("--deep-prompt-length", "--t_n_ctx"), "deep_prompt_length", "tokens per deep prompt"),
-        (("--image-size", "--image_size"), "image_size", "working image size in pixels"),
-    ):
-        parser.add_argument(*flags, type=int, default=defaults[field], help=f"{meaning} (default: %(default)s)")
-    return parser
-
-
-def run_convert(args: argparse.Namespace) -> None:
-    """Run `headclip convert anomalyclip` with the arguments of [`add_convert_arguments`]."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    convert_anomalyclip_checkpoint(
-        args.checkpoint,
-        base=args.base,
-        output_dir=args.out,
-        feature_layers=args.feature_layers,
-        vv_start_layer=args.vv_start_layer,
-        prompt_length=args.prompt_length,
-        deep_prompt_depth=args.deep_prompt_depth,
-        deep_prompt_length=args.deep_prompt_length,
-        image_size=args.image_size,
-        adapter=args.adapter,
-    )
-    logger.info("Converted %s (base %s) to %s", args.checkpoint, args.base, args.out)
-
-
 __all__ = [
-    "ANOMALYCLIP_BASE",
     "ANOMALYCLIP_SETTINGS",
-    "add_convert_arguments",
     "anomalyclip_config",
     "check_anomalyclip_state_dict",
     "convert_anomalyclip_checkpoint",
     "load_anomalyclip_checkpoint",
-    "run_convert",
 ]

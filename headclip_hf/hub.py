@@ -31,12 +31,10 @@ from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
 from .processing_headclip import HeadCLIPProcessor
-from .reporting import METRIC_TITLES
+from .reporting import METRIC_TITLES, RESULTS_JSON, RESULTS_MARKDOWN
 
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 EVALUATION_FOLDER = "evaluation"
-RESULTS_JSON = "results.json"
-RESULTS_MARKDOWN = "results.md"
 DEFAULT_LICENSE = "cc-by-nc-sa-4.0"  # MVTec AD's licence, inherited by models trained on it
 CARD_TAGS = ["anomaly-detection", "zero-shot-anomaly-detection", "headclip", "clip", "vision"]
 

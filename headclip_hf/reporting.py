@@ -30,6 +30,9 @@ from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, Metr
 if TYPE_CHECKING:
     from .evaluation import KShotResults
 
+RESULTS_JSON = "results.json"
+RESULTS_MARKDOWN = "results.md"
+PLOTS_DIR = "plots"
 K_SHOT_JSON = "k_shot_results.json"
 K_SHOT_MARKDOWN = "k_shot_results.md"
 
@@ -87,12 +90,12 @@ def save_results(results: AnomalyDetectionResults, output_dir: str | Path, *, pl
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
+    paths = {"json": output_dir / RESULTS_JSON, "markdown": output_dir / RESULTS_MARKDOWN}
     paths["json"].write_text(json.dumps(results.to_dict(), indent=2) + "\n")
     paths["markdown"].write_text(results_to_markdown(results))
     if plots:
         for name, category in results.categories.items():
-            path = output_dir / "plots" / f"{safe_file_name(name)}.png"
+            path = output_dir / PLOTS_DIR / f"{safe_file_name(name)}.png"
             paths[f"plot/{name}"] = plot_category_curves(category, path, fpr_limit=results.fpr_limit)
     return paths
 

@@ -16,7 +16,6 @@ The result is an adapter (`<output_dir>/adapter`): a HeadCLIP adapter (see `head
 PEFT adapter whose `modules_to_save` carry the HeadCLIP parameters.
 """
 
-import argparse
 import json
 import logging
 import math
@@ -34,24 +33,21 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
 from .adapters import (
     HEADCLIP_MODULES,
+    PEFT_ADAPTER_OUTPUT,
     PEFT_HEADCLIP_CONFIG_NAME,
-    is_peft_adapter,
-    load_headclip_model_and_processor,
-    replace_directory,
     save_headclip_adapter,
-    staging_directory,
     state_dict_mismatches,
 )
 from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT
-from .data import AnomalyCollator, load_anomaly_dataset
+from .data import AnomalyCollator
 from .evaluation import evaluate_model, warn_if_sizes_differ
+from .files import output_folder, replace_directory
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
-from .reporting import results_to_markdown, safe_file_name, save_results
+from .reporting import results_to_markdown, save_results
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +249,7 @@ def _save_adapter(model, output_dir: Path, base_model_name_or_path: str) -> Path
     target = output_dir / ADAPTER_DIR
     if not isinstance(model, PeftModel):
         return save_headclip_adapter(model, target, base_model_name_or_path)
-    with staging_directory(target) as staging:
+    with output_folder(target, PEFT_ADAPTER_OUTPUT) as staging:
         model.save_pretrained(staging)
         fields = {"headclip_config": model.get_base_model().config.headclip_fields()}
         (staging / PEFT_HEADCLIP_CONFIG_NAME).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
@@ -427,83 +423,10 @@ def _evaluate(
         accelerator.log(metrics, step=progress.global_step)
 
 
-def _parse_config_overrides(overrides: str | None) -> dict:
-    """'field=value,field=value' -> {field: value}; values are JSON (numbers, true/false, lists) or plain strings."""
-    if not overrides:
-        return {}
-    parsed = {}
-    # Split at the commas that start a new "field=", so that list values such as [6,12,18,24] stay whole.
-    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", overrides.strip().rstrip(",")):
-        key, separator, value = item.partition("=")
-        if not separator or not key.strip().isidentifier():
-            raise ValueError(f"config_overrides item {item!r} is not 'field=value' (e.g. 'joint_alpha=1.0').")
-        try:
-            parsed[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key.strip()] = value.strip()
-    return parsed
-
-
-TRAIN_EXAMPLES = """examples:
-  # one CPU or GPU: train on MVTec AD's test split, evaluate on VisA after every epoch
-  headclip train --train_data data/mvtec_ad --eval_data data/visa --output_dir runs/mvtec
-
-  # several GPUs or nodes (data sharded, metrics gathered), bf16 autocast, TensorBoard logs
-  accelerate launch examples/train_headclip.py --train_data data/mvtec_ad --output_dir runs/mvtec \\
-      --mixed_precision bf16 --report_to tensorboard
-
-  # two CPU processes on a machine without GPUs (accelerate's multi-process launcher, gloo)
-  accelerate launch --multi_gpu --num_processes 2 examples/train_headclip.py --use_cpu \\
-      --train_data data/mvtec_ad --output_dir runs/mvtec
-
-  # continue an interrupted run where it stopped
-  headclip train --train_data data/mvtec_ad --output_dir runs/mvtec --resume_from_checkpoint latest
-
-  # LoRA (rank 8) on the vision attention projections on top of HeadCLIP: a PEFT adapter
-  headclip train --train_data data/mvtec_ad --output_dir runs/mvtec-lora --lora_rank 8
-
-  # ablation: AnomalyCLIP's image score and no head weights
-  headclip train --train_data data/mvtec_ad --output_dir runs/ablation \\
-      --config_overrides 'joint_alpha=1.0,use_head_weights=false'
-
-The result is <output_dir>/adapter; use it with `headclip detect IMAGES --model <output_dir>/adapter`."""
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """`headclip train` / `examples/train_headclip.py`: parse the arguments, load model and data, train."""
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, HeadCLIPTrainingArguments),
-        description="Train HeadCLIP's prompts and head weights on an auxiliary labelled anomaly data set.",
-        epilog=TRAIN_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if is_peft_adapter(model_args.model_name_or_path):
-        raise ValueError(
-            f"{model_args.model_name_or_path} is a LoRA (PEFT) adapter: training cannot continue from it (the new "
-            "adapter would name the plain base and lose the LoRA weights). Start from its base checkpoint, or from "
-            "a full model saved with `load_headclip_model(adapter).save_pretrained(folder)`."
-        )
-    set_seed(training_args.seed)  # before loading: prompt positions left free by the init phrase start random
-    model, processor = load_headclip_model_and_processor(
-        model_args.model_name_or_path,
-        image_size=model_args.image_size,
-        **_parse_config_overrides(model_args.config_overrides),
-    )
-    train_dataset = load_anomaly_dataset(data_args.train_data, layout=data_args.train_layout)
-    eval_datasets = {
-        safe_file_name(Path(path).resolve().name): load_anomaly_dataset(path, layout=data_args.eval_layout)
-        for path in data_args.eval_data
-    }
-    return train(model, processor, train_dataset, training_args, eval_datasets=eval_datasets)
-
-
 __all__ = [
     "DataArguments",
     "HeadCLIPTrainingArguments",
     "ModelArguments",
     "add_lora",
-    "main",
     "train",
 ]

@@ -11,9 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, cli, training
+from headclip_hf import HeadCLIPModel, HeadCLIPProcessor
 from headclip_hf.adapters import save_headclip_adapter
-from headclip_hf.cli import DEFAULT_MODEL, build_parser, collect_images, main
+from headclip_hf.cli import build_parser, main
+from headclip_hf.cli import convert as convert_command
+from headclip_hf.cli import train as train_command
+from headclip_hf.cli.detect import collect_images
+from headclip_hf.configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 
 
 @pytest.fixture
@@ -45,9 +49,9 @@ def test_help_lists_commands_and_examples(capsys):
     for command in ("detect", "evaluate", "train", "push", "convert"):
         assert command in overview
     for command, options in {
-        "detect": ("--model", "--adapter", "--out", "--threshold", "--pixel-threshold", "--batch-size"),
-        "evaluate": ("--layout", "--model", "--adapter", "--out", "--categories"),
-        "push": ("--repo-id", "--results", "--dry-run", "--private", "--revision", "--adapter-only"),
+        "detect": ("--model", "--adapter", "--output_dir", "--threshold", "--pixel_threshold", "--batch_size"),
+        "evaluate": ("--layout", "--model", "--adapter", "--output_dir", "--categories", "--image_size"),
+        "push": ("--repo_id", "--results", "--dry_run", "--private", "--revision", "--adapter_only"),
     }.items():
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
@@ -56,7 +60,53 @@ def test_help_lists_commands_and_examples(capsys):
         assert "examples:" in text and f"headclip {command} " in text
         for option in options:
             assert option in text
-    assert build_parser().parse_args(["detect", "a.png"]).model == DEFAULT_MODEL == "openai/clip-vit-large-patch14-336"
+            if "_" in option:  # help shows one spelling: transformers' underscore one
+                assert option.replace("_", "-") not in text
+    default_model = build_parser().parse_args(["detect", "a.png"]).model
+    assert default_model == DEFAULT_CLIP_CHECKPOINT == "openai/clip-vit-large-patch14-336"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "detect",
+            "a.png",
+            "--output_dir",
+            "x",
+            "--batch_size",
+            "3",
+            "--pixel_threshold",
+            "0.4",
+            "--image_size",
+            "64",
+        ],
+        [
+            "detect",
+            "a.png",
+            "--output-dir",
+            "x",
+            "--batch-size",
+            "3",
+            "--pixel-threshold",
+            "0.4",
+            "--image-size",
+            "64",
+        ],
+        ["detect", "a.png", "--out", "x", "--batch_size", "3", "--pixel-threshold", "0.4", "--image_size", "64"],
+    ],
+    ids=["underscore", "dash", "mixed"],
+)
+def test_every_flag_accepts_both_spellings(argv):
+    args = build_parser().parse_args(argv)
+    assert (args.output_dir, args.batch_size, args.pixel_threshold, args.image_size) == ("x", 3, 0.4, 64)
+
+
+def test_train_shows_one_spelling(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--per_device_train_batch_size" in text and "--per-device-train-batch-size" not in text
 
 
 def test_detect_folder_with_a_corrupt_file(image_folder, headclip_checkpoint, tmp_path, capsys):
@@ -197,7 +247,7 @@ def test_evaluate_reports_a_bad_data_folder(tmp_path, capsys):
 
 def test_train_hands_its_arguments_to_the_training_entry_point(monkeypatch):
     received = []
-    monkeypatch.setattr(training, "main", received.append)
+    monkeypatch.setattr(train_command, "main", received.append)
     assert main(["train", "--train_data", "data/mvtec_ad", "--output_dir", "runs/x"]) == 0
     assert received == [["--train_data", "data/mvtec_ad", "--output_dir", "runs/x"]]
 
@@ -218,10 +268,10 @@ def test_convert_anomalyclip(monkeypatch, capsys):
     text = capsys.readouterr().out
     assert exit_info.value.code == 0 and "examples:" in text and "--adapter" in text
     received = []
-    monkeypatch.setattr(cli, "run_convert", received.append)
+    monkeypatch.setattr(convert_command, "run", lambda args: received.append(args) or 0)
     assert main(["convert", "anomalyclip", "epoch_15.pth", "--out", "converted", "--adapter"]) == 0
     (args,) = received
-    assert (args.checkpoint, args.out, args.adapter, args.base) == (
+    assert (args.checkpoint, args.output_dir, args.adapter, args.base) == (
         "epoch_15.pth",
         "converted",
         True,

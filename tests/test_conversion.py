@@ -14,12 +14,12 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel, HeadCLIPProcessor
 from headclip_hf.adapters import load_headclip_model
+from headclip_hf.cli import build_parser
+from headclip_hf.cli import convert as convert_command
 from headclip_hf.conversion import (
-    add_convert_arguments,
     anomalyclip_config,
     convert_anomalyclip_checkpoint,
     load_anomalyclip_checkpoint,
-    run_convert,
 )
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "anomalyclip"
@@ -281,10 +281,10 @@ def test_checkpoint_without_prompt_learner_is_refused(base_dir, tmp_path):
 
 
 def parse_convert_args(argv: list[str]) -> argparse.Namespace:
-    return add_convert_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return build_parser().parse_args(["convert", "anomalyclip", *argv])
 
 
-def test_run_convert_writes_a_loadable_model_folder(base_dir, tmp_path, pixel_values, reference, caplog):
+def test_convert_command_writes_a_loadable_model_folder(base_dir, tmp_path, pixel_values, reference, caplog):
     out = tmp_path / "converted"
     args = parse_convert_args(
         [str(CHECKPOINT), "--base", str(base_dir), "--out", str(out), "--n_ctx", "4", "--depth", "3"]
@@ -292,7 +292,7 @@ def test_run_convert_writes_a_loadable_model_folder(base_dir, tmp_path, pixel_va
     )
     assert args.feature_layers is None and not args.adapter
     with caplog.at_level(logging.WARNING, logger="headclip_hf.conversion"):
-        run_convert(args)
+        convert_command.run(args)
     assert "No processor saved" in caplog.text  # the tiny base has no tokenizer
     loaded = HeadCLIPModel.from_pretrained(out).eval()
     assert loaded.config.feature_layers == [4] and loaded.config.joint_alpha == 1.0
@@ -302,14 +302,14 @@ def test_run_convert_writes_a_loadable_model_folder(base_dir, tmp_path, pixel_va
     assert_close(output.anomaly_map, reference["features_4.anomaly_map_smoothed"])
 
 
-def test_run_convert_adapter(base_dir, tmp_path, pixel_values, reference):
+def test_convert_command_adapter(base_dir, tmp_path, pixel_values, reference):
     out = tmp_path / "adapter"
     args = parse_convert_args(
         [str(CHECKPOINT), "--base", str(base_dir), "--out", str(out), "--adapter", "--feature-layers", "2", "3", "4"]
         + ["--prompt-length", "4", "--deep-prompt-depth", "3", "--deep-prompt-length", "2"]
         + ["--vv-start-layer", "2", "--image_size", "32"]
     )
-    run_convert(args)
+    convert_command.run(args)
     assert not (out / "model.safetensors").exists()
     loaded = load_headclip_model(out).eval()
     with torch.no_grad():

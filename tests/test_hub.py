@@ -258,13 +258,13 @@ def test_dry_run_folder_of_adapter_only(headclip_checkpoint, results_dir, tmp_pa
 def test_adapter_only_needs_a_hub_base(headclip_checkpoint, results_dir, tmp_path, capsys):
     folder = tmp_path / "repo"
     assert push(headclip_checkpoint, results_dir, "--adapter-only", "--dry-run", "--output-dir", folder) == 1
-    assert "pass --base-model" in capsys.readouterr().err
+    assert "pass --base_model" in capsys.readouterr().err
     assert not folder.exists()
 
 
 def test_dry_run_errors(headclip_checkpoint, results_dir, tmp_path, capsys):
     assert push(headclip_checkpoint, results_dir, "--dry-run") == 1
-    assert "--dry-run writes the repository folder to --output-dir" in capsys.readouterr().err
+    assert "--dry_run writes the repository folder to --output_dir" in capsys.readouterr().err
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "old.txt").write_text("old")

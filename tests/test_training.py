@@ -20,12 +20,12 @@ from headclip_hf.adapters import (
     load_headclip_adapter,
     load_headclip_model,
     save_headclip_adapter,
-    staging_directory,
 )
+from headclip_hf.cli.train import main as training_main
+from headclip_hf.cli.train import parse_config_overrides
 from headclip_hf.configuration_headclip import HeadCLIPConfig
 from headclip_hf.modeling_headclip import HeadCLIPHeadWeights, HeadCLIPPromptLearner
-from headclip_hf.training import HeadCLIPTrainingArguments, _parse_config_overrides, train
-from headclip_hf.training import main as training_main
+from headclip_hf.training import HeadCLIPTrainingArguments, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,25 +176,6 @@ def test_adapter_of_another_shape_is_refused(base_dir, tmp_path, tiny_config_fac
         load_headclip_adapter(HeadCLIPModel.from_pretrained(base_dir), tmp_path / "other")
 
 
-def test_failed_move_into_place_restores_the_previous_folder(tmp_path, monkeypatch):
-    target = tmp_path / "adapter"
-    target.mkdir()
-    (target / "weights").write_text("previous")
-    real_replace = os.replace
-
-    def fail_moving_staging_in(source, destination):
-        if Path(source).name.startswith(".adapter.") and not Path(source).name.endswith("previous"):
-            raise OSError("device busy")
-        return real_replace(source, destination)
-
-    monkeypatch.setattr("headclip_hf.adapters.os.replace", fail_moving_staging_in)
-    with pytest.raises(OSError, match="device busy"):
-        with staging_directory(target) as staging:
-            (staging / "weights").write_text("new")
-    assert (target / "weights").read_text() == "previous"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-
-
 def test_failed_adapter_save_keeps_the_previous_adapter(base_dir, tmp_path, monkeypatch):
     model = HeadCLIPModel.from_pretrained(base_dir)
     target = save_headclip_adapter(model, tmp_path / "adapter")
@@ -272,12 +253,12 @@ def test_tensorboard_logs_bf16_autocast_and_gradient_accumulation(base_dir, tmp_
 
 
 def test_config_overrides_parse_json_values_and_lists():
-    parsed = _parse_config_overrides("joint_alpha=1.0,feature_layers=[2, 4],use_head_weights=false,joint_pooling=max")
+    parsed = parse_config_overrides("joint_alpha=1.0,feature_layers=[2, 4],use_head_weights=false,joint_pooling=max")
     assert parsed == {"joint_alpha": 1.0, "feature_layers": [2, 4], "use_head_weights": False, "joint_pooling": "max"}
-    assert _parse_config_overrides(None) == {}
-    assert _parse_config_overrides("joint_alpha=1.0,") == {"joint_alpha": 1.0}
+    assert parse_config_overrides(None) == {}
+    assert parse_config_overrides("joint_alpha=1.0,") == {"joint_alpha": 1.0}
     with pytest.raises(ValueError, match="config_overrides item 'joint_alpha' is not 'field=value'"):
-        _parse_config_overrides("joint_alpha")
+        parse_config_overrides("joint_alpha")
 
 
 def test_training_needs_masks_unless_image_labels_only(base_dir, tmp_path):

@@ -1,0 +1,147 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""What every `headclip` command shares: the flag convention, argument types, model arguments and loading, errors."""
+
+import argparse
+
+import torch
+from accelerate import PartialState
+
+from ..adapters import load_headclip_model_and_processor
+from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
+from ..modeling_headclip import HeadCLIPModel
+from ..processing_headclip import HeadCLIPProcessor
+
+
+class CommandError(Exception):
+    """A failure to report to the user in one message, without a traceback (exit status 1)."""
+
+
+def dash_spelling(option: str) -> str | None:
+    """`--output_dir` -> `--output-dir`; `None` for options without an underscore after the leading dashes."""
+    if not option.startswith("--") or "_" not in option[2:]:
+        return None
+    return "--" + option[2:].replace("_", "-")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """
+    Help that shows one spelling per option: transformers' underscore spelling (`--output_dir`), the one
+    `headclip train` shares with `TrainingArguments`. The dash spelling (`--output-dir`) and aliases such as `--out`
+    are accepted but not listed.
+    """
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        short = [option for option in action.option_strings if not option.startswith("--")]
+        long = [option for option in action.option_strings if option.startswith("--")][:1]
+        shown = short + long
+        if action.nargs == 0:
+            return ", ".join(shown)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return ", ".join(f"{option} {metavar}" for option in shown)
+
+
+def apply_flag_convention(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """
+    Make `parser` and its sub-command parsers follow the `headclip` flag convention: every `--long_option` also
+    accepts its dash spelling (`--long-option`), as transformers' `HfArgumentParser` does, and help shows one
+    spelling ([`HelpFormatter`]). Command modules declare the underscore spelling only.
+    """
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                apply_flag_convention(subparser)
+        for option in list(action.option_strings):
+            dashed = dash_spelling(option)
+            if dashed is not None and dashed not in parser._option_string_actions:
+                action.option_strings.append(dashed)
+                parser._option_string_actions[dashed] = action
+    return parser
+
+
+def probability(text: str) -> float:
+    """An argument type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1] (scores and maps are probabilities)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argument type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--adapter`, `--image_size` and `--device`, shared by the commands that run a model."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_CLIP_CHECKPOINT,
+        help=f"CLIP or HeadCLIP checkpoint (Hub id or local folder), or a HeadCLIP adapter folder "
+        f"(default: {DEFAULT_CLIP_CHECKPOINT}, an untrained HeadCLIP); offline: a local folder, HF_HUB_OFFLINE=1 is "
+        "honoured",
+    )
+    group.add_argument("--adapter", help="HeadCLIP adapter folder to load on top of --model, e.g. runs/mvtec/adapter")
+    group.add_argument(
+        "--image_size", type=positive_int, help="working input size in pixels (default: the model's, 518)"
+    )
+    group.add_argument(
+        "--device", help="device, e.g. cpu, cuda, cuda:1, mps (default: the first accelerator, else the CPU)"
+    )
+
+
+def add_output_dir_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """`--output_dir` (also `--out`) and `--overwrite` for a command that writes a folder."""
+    parser.add_argument(
+        "--output_dir",
+        "--out",
+        default=default,
+        required=default is None,
+        help=f"output folder for {what}" + (f" (default: {default})" if default else ""),
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace this command's own files in an output folder that also holds other files (they are kept)",
+    )
+
+
+def load_model_and_processor(
+    model_name_or_path: str,
+    adapter: str | None = None,
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[HeadCLIPModel, HeadCLIPProcessor]:
+    """
+    Load a HeadCLIP (`load_headclip_model`: a checkpoint, an adapter folder, or a checkpoint plus `adapter`) in eval
+    mode on `device`, and the processor of the checkpoint it came from, at the model's working size.
+
+    Raises:
+        `CommandError`: the model or processor cannot be loaded (no network and no local copy, a wrong path, ...); the
+            message says how to work offline.
+    """
+    try:
+        model, processor = load_headclip_model_and_processor(model_name_or_path, adapter, image_size)
+    except ValueError as error:  # e.g. a malformed adapter folder
+        raise CommandError(f"Cannot load the model from {model_name_or_path!r}: {error}") from error
+    except OSError as error:  # includes huggingface_hub's offline, not-found and HTTP errors
+        raise CommandError(
+            f"Cannot load the model or processor from {model_name_or_path!r}: {error}\n"
+            "Without network access, point --model at a local folder holding the checkpoint (config.json, "
+            "model.safetensors, preprocessor and tokenizer files; e.g. one written by `save_pretrained` or downloaded "
+            "with `hf download` on a connected machine): --model /path/to/local/folder. HF_HUB_OFFLINE=1 is "
+            "honoured: the Hub is then not contacted and only local folders and the local Hugging Face cache are used."
+        ) from error
+    return model.to(device or PartialState().device).eval(), processor

@@ -1,0 +1,115 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""`headclip push`: publish a trained HeadCLIP with its model card on the Hugging Face Hub."""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from ..adapters import is_peft_adapter
+from ..hub import DEFAULT_LICENSE, render_model_card, save_hub_folder, upload_hub_folder
+from ..reporting import RESULTS_JSON, RESULTS_MARKDOWN
+from ._common import CommandError, add_model_arguments, load_model_and_processor
+
+EPILOG = """examples:
+  headclip push --model runs/mvtec/adapter --results eval/visa --train_dataset "MVTec AD" --eval_dataset VisA \\
+      --repo_id user/headclip-mvtec --dry_run --output_dir hub-preview/
+  headclip push --model runs/mvtec/adapter --results eval/visa --train_dataset "MVTec AD" --eval_dataset VisA \\
+      --repo_id user/headclip-mvtec --private --revision v1
+
+The repository holds the full model with its remote code and the custom pipeline (loads with
+AutoModel/pipeline(..., trust_remote_code=True) without headclip_hf), or with --adapter_only the adapter alone;
+plus the processor, the model card (README.md, metrics in its table and model-index metadata) and the evaluation
+run under evaluation/. Log in first (`hf auth login`) or pass --token."""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "push",
+        help="publish a trained HeadCLIP with its model card on the Hub",
+        description="Publish a trained HeadCLIP on the Hugging Face Hub, with a model card holding its metrics.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--repo_id", required=True, help="Hub repository, user/name")
+    parser.add_argument(
+        "--results", required=True, help="the --output_dir folder of `headclip evaluate` for this model"
+    )
+    parser.add_argument("--train_dataset", required=True, help='data set the model was trained on, e.g. "MVTec AD"')
+    parser.add_argument("--eval_dataset", required=True, help="data set of the --results run, e.g. VisA")
+    parser.add_argument(
+        "--license", default=DEFAULT_LICENSE, help=f"Hub licence id (default: {DEFAULT_LICENSE}, MVTec AD's)"
+    )
+    parser.add_argument(
+        "--base_model", help="Hub id of the base CLIP (default: where the model came from, if the Hub)"
+    )
+    parser.add_argument("--adapter_only", action="store_true", help="publish the adapter only, not the full model")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="write the repository folder to --output_dir, no upload"
+    )
+    parser.add_argument(
+        "--output_dir", "--out", help="where to write the repository folder (default: a temporary folder)"
+    )
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to push to (created if missing; default: main)")
+    parser.add_argument("--token", help="Hub token (default: the one of `hf auth login` or HF_TOKEN)")
+    parser.add_argument("--commit_message", default="Upload HeadCLIP", help="commit message")
+    add_model_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dry_run and args.output_dir is None:
+        raise CommandError("--dry_run writes the repository folder to --output_dir: pass --output_dir DIR.")
+    results_dir = Path(args.results)
+    if not all((results_dir / name).is_file() for name in (RESULTS_JSON, RESULTS_MARKDOWN)):
+        raise CommandError(
+            f"{results_dir} holds no evaluation results ({RESULTS_JSON}, {RESULTS_MARKDOWN}): pass the --output_dir "
+            "folder of `headclip evaluate`."
+        )
+    if args.adapter_only and is_peft_adapter(args.adapter or args.model):
+        raise CommandError(
+            "A LoRA (PEFT) adapter changes the CLIP backbone, which a HeadCLIP adapter does not hold: publish the "
+            "full model (without --adapter_only)."
+        )
+    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, "cpu")
+    base_model = args.base_model or _hub_id_or_none(model.config._name_or_path)
+    if args.adapter_only and base_model is None:
+        raise CommandError(
+            f"The model came from the local folder {model.config._name_or_path}: an adapter-only repository must name "
+            "its base on the Hub, pass --base_model (e.g. openai/clip-vit-large-patch14-336)."
+        )
+    card = render_model_card(
+        model,
+        results_dir,
+        repo_id=args.repo_id,
+        train_dataset=args.train_dataset,
+        eval_dataset=args.eval_dataset,
+        license=args.license,
+        base_model=base_model,
+        adapter_only=args.adapter_only,
+    )
+    with tempfile.TemporaryDirectory(prefix="headclip-push-") as staging:
+        folder = Path(args.output_dir or Path(staging) / "repo")
+        try:
+            save_hub_folder(
+                model, processor, folder, card, results_dir, adapter_only=args.adapter_only, base_model=base_model
+            )
+        except FileExistsError as error:
+            raise CommandError(str(error)) from error
+        if args.dry_run:
+            print(f"Dry run: wrote the repository folder for {args.repo_id} to {folder}; nothing was uploaded.")
+            return 0
+        url = upload_hub_folder(
+            folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            token=args.token,
+            commit_message=args.commit_message,
+        )
+    print(f"Uploaded {args.repo_id}: {url}")
+    return 0
+
+
+def _hub_id_or_none(name_or_path: str) -> str | None:
+    """`name_or_path` if it names a Hub repository rather than a local folder."""
+    return None if not name_or_path or Path(name_or_path).exists() else name_or_path
