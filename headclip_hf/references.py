@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import check_output_file, output_file
 from .modeling_headclip import HeadCLIPModel
 
 REFERENCES_FORMAT = "headclip-references"
@@ -128,6 +128,27 @@ def reference_model_identity(model: HeadCLIPModel) -> str:
     return digest.hexdigest()
 
 
+def is_references_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a HeadCLIP references file (one `save_reference_embeds` may replace without `overwrite`)."""
+    try:
+        read_reference_metadata(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_references_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """
+    Check, before any work, that `save_reference_embeds` may write `path`: a new file, an earlier references file
+    (replaced), or any other file only with `overwrite`.
+
+    Raises:
+        `FileExistsError`: `path` is another kind of file and `overwrite` is False.
+        `IsADirectoryError` / `NotADirectoryError` / `PermissionError`: `path` cannot be written.
+    """
+    return check_output_file(path, overwrite, is_earlier_output=is_references_file)
+
+
 def save_reference_embeds(
     reference_embeds: torch.Tensor,
     path: str | os.PathLike,
@@ -138,7 +159,8 @@ def save_reference_embeds(
 ) -> Path:
     """
     Save few-shot reference embeddings with what they are valid for (see the module docstring). The file is written
-    to a temporary name next to `path` and moved into place, so it is never left half-written.
+    under a temporary name next to `path` and renamed (`headclip_hf.files.output_file`), so it is never left
+    half-written; an earlier references file at `path` is replaced, any other file only with `overwrite`.
 
     Args:
         reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`): From `encode_reference_images` /
@@ -148,19 +170,17 @@ def save_reference_embeds(
         image_size (`int`): The input size they were computed at (`processor.image_size`).
         files (`Sequence`, *optional*): The reference images, in encoding order (paths are recorded as they are,
             in-memory images by position).
-        overwrite (`bool`, defaults to `False`): Replace an existing file at `path`.
+        overwrite (`bool`, defaults to `False`): Replace a file at `path` that is not a references file.
 
     Returns:
         The written path.
 
     Raises:
-        `FileExistsError`: `path` exists and `overwrite` is False.
+        `FileExistsError`: `path` is another kind of file and `overwrite` is False.
         `ValueError`: `reference_embeds` does not have this model's `(L, M, P)` shape, or M is not a whole number of
             images at `image_size`.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists: pass overwrite=True (--overwrite) to replace it.")
+    check_references_output(path, overwrite)
     model.check_reference_embeds(reference_embeds)
     patches_per_image = (image_size // model.config.vision_config.patch_size) ** 2
     num_images, remainder = divmod(reference_embeds.shape[1], patches_per_image)
@@ -181,23 +201,9 @@ def save_reference_embeds(
         "files": json.dumps(image_names(files) if files is not None else []),
     }
     tensors = {REFERENCES_TENSOR_NAME: reference_embeds.detach().to(device="cpu", dtype=torch.float32).contiguous()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    try:
+    with output_file(path, overwrite, is_earlier_output=is_references_file) as temporary:
         save_file(tensors, temporary, metadata=metadata)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    return Path(path)
 
 
 def read_reference_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -293,7 +299,9 @@ def load_reference_embeds(
 
 
 __all__ = [
+    "check_references_output",
     "encode_reference_images",
+    "is_references_file",
     "load_reference_embeds",
     "read_reference_metadata",
     "reference_model_identity",

@@ -236,10 +236,16 @@ def test_references_file_round_trip(tiny_model, processor, good_images, tmp_path
     )
     assert [p.name for p in tmp_path.iterdir()] == ["refs.safetensors"]  # no temporary file left behind
 
-    with pytest.raises(FileExistsError, match=r"refs.safetensors already exists: pass overwrite=True"):
-        save_reference_embeds(reference_embeds, path, tiny_model, SIZE, good_images[:2])
-    save_reference_embeds(reference_embeds[:, :64], path, tiny_model, SIZE, good_images[:1], overwrite=True)
+    # An earlier references file is replaced; any other file only with overwrite=True.
+    save_reference_embeds(reference_embeds[:, :64], path, tiny_model, SIZE, good_images[:1])
     assert read_reference_metadata(path)["num_images"] == 1
+    other = tmp_path / "notes.safetensors"
+    other.write_text("the user's file")
+    with pytest.raises(FileExistsError, match=r"notes.safetensors already exists and was not written by this command"):
+        save_reference_embeds(reference_embeds, other, tiny_model, SIZE, good_images[:2])
+    assert other.read_text() == "the user's file"
+    save_reference_embeds(reference_embeds, other, tiny_model, SIZE, good_images[:2], overwrite=True)
+    assert torch.equal(load_reference_embeds(other, tiny_model), reference_embeds)
     with pytest.raises(ValueError, match=r"holds 128 patch embeddings per layer, which is not 3 images of 64 patches"):
         save_reference_embeds(reference_embeds, tmp_path / "other.safetensors", tiny_model, SIZE, good_images[:3])
 
