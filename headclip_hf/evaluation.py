@@ -224,39 +224,20 @@ class KShotResults:
         }
 
 
-@torch.inference_mode()
-def evaluate_k_shot(
-    model: HeadCLIPModel,
-    processor: Any,
+def draw_k_shot_references(
     dataset: datasets.Dataset,
     k_shot: int,
     seeds: Sequence[int] = (0,),
     reference_dataset: datasets.Dataset | None = None,
-    batch_size: int = 8,
-    num_workers: int = 0,
-    num_bins: int = DEFAULT_NUM_BINS,
-    show_progress: bool = True,
-) -> KShotResults:
+) -> tuple[dict[int, dict[str, list[str]]], dict[str, str]]:
     """
-    The k-shot protocol: per seed and category, draw `k_shot` normal reference images of that category, evaluate the
-    category with its own references, and report every seed's results and their mean and standard deviation. The
-    model is put in eval mode (its training mode is restored afterwards); one category's references are held at a time.
-
-    References of a category come from `reference_dataset`'s normal rows of that category (the layout's training
-    normals, `load_training_normals`) or, where it has none, from the category's test normals in `dataset`, which are
-    then left out of that category's evaluation for that seed: a reference is never evaluated. The same seed draws the
-    same files (`select_k_shot`). Every draw is checked before the first forward pass.
-
-    Args:
-        model, processor: the HeadCLIP and its `HeadCLIPProcessor`.
-        dataset: the test rows (`load_anomaly_dataset`).
-        k_shot: normal references per category.
-        seeds: one evaluation per seed (distinct).
-        reference_dataset: the training normals (`load_training_normals`), or `None` to draw from the test normals.
-        batch_size, num_workers, num_bins, show_progress: as for `evaluate_model`.
+    The references of the k-shot protocol (see `evaluate_k_shot`), without running a model: per seed and category of
+    `dataset`, `k_shot` normal image files drawn from `reference_dataset`'s normals of that category, or from the
+    category's test normals in `dataset` where `reference_dataset` has none. Cheap: call it to check a run's inputs
+    before loading a model.
 
     Returns:
-        `KShotResults`.
+        The draws (seed -> category -> files) and where each category's references come from ("train" or "test").
 
     Raises:
         `ValueError`: no seeds or repeated seeds, `k_shot` below 1, or a category with fewer than `k_shot` normal
@@ -283,6 +264,48 @@ def evaluate_k_shot(
         }
         for seed in seeds
     }
+    return draws, sources
+
+
+@torch.inference_mode()
+def evaluate_k_shot(
+    model: HeadCLIPModel,
+    processor: Any,
+    dataset: datasets.Dataset,
+    k_shot: int,
+    seeds: Sequence[int] = (0,),
+    reference_dataset: datasets.Dataset | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    num_bins: int = DEFAULT_NUM_BINS,
+    show_progress: bool = True,
+) -> KShotResults:
+    """
+    The k-shot protocol: per seed and category, draw `k_shot` normal reference images of that category, evaluate the
+    category with its own references, and report every seed's results and their mean and standard deviation. The
+    model is put in eval mode (its training mode is restored afterwards); one category's references are held at a time.
+
+    References of a category come from `reference_dataset`'s normal rows of that category (the layout's training
+    normals, `load_training_normals`) or, where it has none, from the category's test normals in `dataset`, which are
+    then left out of that category's evaluation for that seed: a reference is never evaluated. The same seed draws the
+    same files (`draw_k_shot_references`, `select_k_shot`). Every draw is checked before the first forward pass.
+
+    Args:
+        model, processor: the HeadCLIP and its `HeadCLIPProcessor`.
+        dataset: the test rows (`load_anomaly_dataset`).
+        k_shot: normal references per category.
+        seeds: one evaluation per seed (distinct).
+        reference_dataset: the training normals (`load_training_normals`), or `None` to draw from the test normals.
+        batch_size, num_workers, num_bins, show_progress: as for `evaluate_model`.
+
+    Returns:
+        `KShotResults`.
+
+    Raises:
+        `ValueError`: no seeds or repeated seeds, `k_shot` below 1, or a category with fewer than `k_shot` normal
+            images to draw from (named, with the count).
+    """
+    draws, sources = draw_k_shot_references(dataset, k_shot, seeds, reference_dataset)
     categories, paths = list(dataset["category"]), list(dataset["path"])
     warn_if_sizes_differ(model, processor)
     was_training = model.training
@@ -323,4 +346,4 @@ def _category_normals(dataset: datasets.Dataset) -> dict[str, list[str]]:
     return normals
 
 
-__all__ = ["KShotResults", "evaluate_k_shot", "evaluate_model", "load_training_normals"]
+__all__ = ["KShotResults", "draw_k_shot_references", "evaluate_k_shot", "evaluate_model", "load_training_normals"]
