@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import pipeline
 
 from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, load_anomaly_dataset
+from headclip_hf.cli import main as cli_main
 from headclip_hf.evaluation import evaluate_k_shot, evaluate_model, load_training_normals
 from headclip_hf.metrics import image_auroc, pixel_auroc
 from headclip_hf.modeling_headclip import gaussian_blur, max_reference_similarity
@@ -436,3 +437,123 @@ def test_k_shot_bad_inputs(tiny_model, processor, test_data_dir, bottle, tmp_pat
         evaluate_k_shot(tiny_model, processor, dataset, k_shot=21)
     with pytest.raises(ValueError, match=r"seeds=\[1, 1\] is invalid: pass one or more distinct seeds"):
         evaluate_k_shot(tiny_model, processor, dataset, k_shot=1, seeds=[1, 1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line: headclip references, detect and evaluate in few-shot mode
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_headclip(capsys, *argv):
+    status = cli_main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def small_bottle(bottle, tmp_path):
+    """A generic-layout copy of the bottle at 64 px: 4 normal images, 3 broken ones with their masks."""
+    root = tmp_path / "small" / "bottle"
+    for folder, count in (("good", 4), ("broken_large", 3), ("ground_truth/broken_large", 3)):
+        (root / folder).mkdir(parents=True)
+        for source in sorted((bottle / folder).iterdir())[:count]:
+            Image.open(source).resize((64, 64)).save(root / folder / source.name)
+    return root
+
+
+def test_cli_references_then_detect(headclip_checkpoint, small_bottle, tmp_path, capsys):
+    refs = tmp_path / "refs.safetensors"
+    status, out, err = run_headclip(
+        capsys, "references", small_bottle / "good", "--model", headclip_checkpoint, "--output_file", refs,
+        "--k_shot", 2, "--k_shot_seed", 1,
+    )  # fmt: skip
+    assert status == 0, err
+    chosen = select_k_shot(sorted((small_bottle / "good").resolve().iterdir()), 2, seed=1)
+    metadata = read_reference_metadata(refs)
+    assert metadata["files"] == [str(path) for path in chosen] and metadata["image_size"] == SIZE
+    assert f"Wrote {refs}: 2 reference images at 64 px" in out
+
+    images = small_bottle / "broken_large"
+    status, _, err = run_headclip(
+        capsys, "detect", images, "--model", headclip_checkpoint, "--references", refs, "--output_dir", tmp_path / "a"
+    )
+    assert status == 0, err
+    status, _, err = run_headclip(
+        capsys, "detect", images, "--model", headclip_checkpoint, "--output_dir", tmp_path / "b",
+        "--reference_images", small_bottle / "good", "--k_shot", 2, "--k_shot_seed", 1,
+    )  # fmt: skip
+    assert status == 0, err
+    with_file = json.loads((tmp_path / "a" / "scores.json").read_text())
+    with_images = json.loads((tmp_path / "b" / "scores.json").read_text())
+    assert with_file["few_shot"] == {"references": str(refs), "files": metadata["files"]}
+    assert with_images["few_shot"]["reference_images"] == metadata["files"]
+
+    model = HeadCLIPModel.from_pretrained(headclip_checkpoint).eval()
+    processor = HeadCLIPProcessor.from_pretrained(headclip_checkpoint)
+    files = sorted(images.iterdir())
+    expected = few_shot_outputs(model, processor(images=files)["pixel_values"], load_reference_embeds(refs, model))
+    for result in (with_file, with_images):
+        scores = [row["score"] for row in result["images"]]
+        np.testing.assert_allclose(scores, expected.image_score.numpy(), rtol=0, atol=1e-6)
+
+
+def test_cli_few_shot_input_errors(headclip_checkpoint, small_bottle, tiny_model, clip_tokenizer, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model_args = ("--model", headclip_checkpoint)
+    status, _, err = run_headclip(capsys, "references", empty, *model_args, "--output_file", tmp_path / "r")
+    assert status == 1 and err.startswith("headclip: error: no reference images in ") and "no image files" in err
+    status, _, err = run_headclip(capsys, "references", small_bottle / "good", *model_args, "--k_shot", 5)
+    assert status == 1 and "k_shot=5 is larger than the 4 reference images available" in err
+    users_file = tmp_path / "notes.safetensors"
+    users_file.write_text("keep me")
+    status, _, err = run_headclip(capsys, "references", small_bottle / "good", *model_args, "--out", users_file)
+    assert status == 1 and "notes.safetensors already exists and was not written by this command" in err
+    assert users_file.read_text() == "keep me"
+
+    refs = tmp_path / "refs.safetensors"
+    assert run_headclip(capsys, "references", small_bottle / "good", *model_args, "--out", refs)[0] == 0
+    detect = ("detect", small_bottle / "broken_large", "--output_dir", tmp_path / "out")
+    status, _, err = run_headclip(capsys, *detect, *model_args, "--references", refs, "--image_size", 32)
+    assert status == 1 and "computed at image size 64 px, but the model runs at 32 px" in err
+    other = tmp_path / "other_model"  # the same architecture with other head weights
+    with torch.no_grad():
+        tiny_model.head_weights.fill_(0.8)
+    tiny_model.save_pretrained(other)
+    HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=SIZE).save_pretrained(other)
+    status, _, err = run_headclip(capsys, *detect, "--model", other, "--references", refs)
+    assert status == 1 and "another model than this one" in err
+    status, _, err = run_headclip(capsys, *detect, *model_args, "--references", tmp_path / "missing.safetensors")
+    assert status == 1 and "missing.safetensors does not exist" in err
+    status, _, err = run_headclip(capsys, *detect, *model_args, "--k_shot", 2)
+    assert status == 1 and "--k_shot picks among --reference_images" in err
+    status, _, err = run_headclip(capsys, *detect, *model_args, "--reference_images", empty)
+    assert status == 1 and "no reference images in" in err
+    assert not (tmp_path / "out").exists()  # every refusal came before any output
+
+
+def test_cli_evaluate_k_shot(headclip_checkpoint, small_bottle, tmp_path, capsys):
+    out = tmp_path / "eval"
+    status, stdout, err = run_headclip(
+        capsys, "evaluate", small_bottle, "--model", headclip_checkpoint, "--output_dir", out, "--no_plots",
+        "--k_shot", 2, "--k_shot_seeds", 0, 3,
+    )  # fmt: skip
+    assert status == 0, err
+    saved = json.loads((out / K_SHOT_JSON).read_text())
+    assert saved["k_shot"] == 2 and saved["seeds"] == [0, 3] and saved["reference_sources"] == {"bottle": "test"}
+    normals = sorted(str(path) for path in (small_bottle / "good").resolve().iterdir())
+    for seed in (0, 3):
+        assert saved["references"][str(seed)]["bottle"] == select_k_shot(normals, 2, seed)
+        counts = json.loads((out / f"seed_{seed}" / "results.json").read_text())["categories"]["bottle"]["counts"]
+        assert counts["num_normal_images"] == 2 and counts["num_anomalous_images"] == 3
+    assert "±" in stdout and (out / K_SHOT_MARKDOWN).is_file()
+
+    status, _, err = run_headclip(
+        capsys, "evaluate", small_bottle, "--model", tmp_path / "not_loaded", "--output_dir", tmp_path / "e2",
+        "--k_shot", 5,
+    )  # fmt: skip
+    assert status == 1 and "k_shot=5 is larger than the 4 normal images of category 'bottle' (test split)" in err
+    status, _, err = run_headclip(
+        capsys, "evaluate", small_bottle, "--k_shot_seeds", 1, "--output_dir", tmp_path / "e3"
+    )
+    assert status == 1 and "--k_shot_seeds draws few-shot references: pass --k_shot K too" in err
