@@ -5,6 +5,7 @@
     headclip evaluate data/visa --model runs/mvtec/adapter --output_dir eval/visa
     headclip train --train_data data/mvtec_ad --output_dir runs/mvtec
     headclip push --model runs/mvtec/adapter --results eval/visa --repo_id user/headclip-mvtec ...
+    headclip references good/ --model runs/mvtec/adapter --output_file refs.safetensors   # few-shot references
     headclip convert anomalyclip ...
     headclip demo --model runs/mvtec/adapter                             # try it in the browser
 
@@ -28,10 +29,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import convert, demo, detect, evaluate, push, train
+from . import convert, demo, detect, evaluate, push, references, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, train, push, convert, demo)
+COMMANDS = (detect, evaluate, references, train, push, convert, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
