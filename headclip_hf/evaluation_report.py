@@ -15,7 +15,7 @@
 - `per_image.csv`: every image's path, category, label, score, predicted label and the threshold that decided it.
 
 The threshold of a category is the model's calibrated one (`config.image_threshold` / `config.pixel_threshold`) when
-it has one, else the category's F1-optimal threshold (`CategoryResult.f1_thresholds`, from `headclip_hf.metrics`),
+it has one, else the category's F1-optimal threshold (`CategoryResult.f1_max_thresholds`, from `headclip_hf.metrics`),
 else (a category with one class only) the pipeline's default 0.5; the pixel threshold falls back to the image one.
 
 Memory stays bounded: the scores of all images come from the evaluation itself (`CategoryResult.image_scores`, in the
@@ -60,7 +60,7 @@ class ImageScore:
 
 
 @dataclass(frozen=True)
-class OperatingPoint:
+class ReportThresholds:
     """The thresholds that turn a category's scores and maps into decisions, and where each comes from."""
 
     image_threshold: float
@@ -106,19 +106,19 @@ def per_image_scores(dataset: datasets.Dataset, results: AnomalyDetectionResults
     return images
 
 
-def operating_point(category: CategoryResult, model: HeadCLIPModel) -> OperatingPoint:
+def report_thresholds(category: CategoryResult, model: HeadCLIPModel) -> ReportThresholds:
     """The thresholds of `category` (see the module docstring for the order of preference)."""
     image = _threshold(
         getattr(model.config, "image_threshold", None),
-        category.f1_thresholds.get("image"),
+        category.f1_max_thresholds["image"].value,
         (DEFAULT_THRESHOLD, "the default: image F1 is undefined on this category"),
     )
     pixel = _threshold(
         getattr(model.config, "pixel_threshold", None),
-        category.f1_thresholds.get("pixel"),
+        category.f1_max_thresholds["pixel"].value,
         (image[0], "the image threshold: pixel F1 is undefined on this category"),
     )
-    return OperatingPoint(*image, *pixel)
+    return ReportThresholds(*image, *pixel)
 
 
 def _threshold(calibrated: float | None, f1_optimal: float | None, fallback: tuple[float, str]) -> tuple[float, str]:
@@ -185,7 +185,7 @@ def write_evaluation_report(
         raise ValueError(f"gallery_size must be at least 1, got {gallery_size}.")
     output_dir = Path(output_dir)
     images = per_image_scores(dataset, results)
-    points = {name: operating_point(category, model) for name, category in results.categories.items()}
+    points = {name: report_thresholds(category, model) for name, category in results.categories.items()}
     per_image_path = output_dir / PER_IMAGE_CSV
     with open(per_image_path, "w", newline="") as file:
         writer = csv.writer(file)
@@ -257,7 +257,7 @@ def _gallery_item(
     detector: ZeroShotAnomalyDetectionPipeline,
     dataset: datasets.Dataset,
     image: ImageScore,
-    point: OperatingPoint,
+    point: ReportThresholds,
     output_dir: Path,
     stem: Path,
 ) -> dict[str, Any]:
@@ -312,8 +312,8 @@ __all__ = [
     "REPORT_FILES_DIR",
     "REPORT_HTML",
     "ImageScore",
-    "OperatingPoint",
-    "operating_point",
+    "ReportThresholds",
+    "report_thresholds",
     "per_image_scores",
     "select_gallery",
     "write_evaluation_report",

@@ -18,8 +18,8 @@ from headclip_hf.evaluation import evaluate_model
 from headclip_hf.evaluation_report import (
     PER_IMAGE_COLUMNS,
     ImageScore,
-    operating_point,
     per_image_scores,
+    report_thresholds,
     select_gallery,
 )
 from headclip_hf.metrics import AnomalyMetricsAccumulator
@@ -152,18 +152,31 @@ def test_gallery_sections():
     assert (len(small["false_alarms"]), len(small["misses"]), len(small["detections"])) == (0, 2, 0)
 
 
-def test_operating_point_prefers_calibrated_thresholds(tiny_model):
+def test_report_thresholds_prefer_calibrated_thresholds(tiny_model):
     accumulator = AnomalyMetricsAccumulator(num_bins=16)
     masks = torch.zeros(4, 4, 4)
     masks[2:, :2] = 1
     maps = masks * 0.5 + 0.25
-    accumulator.update(category="c", labels=[0, 0, 1, 1], scores=[0.1, 0.3, 0.6, 0.2], masks=masks, maps=maps)
+    labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.6, 0.2])
+    accumulator.update(category="c", labels=labels, scores=scores, masks=masks, maps=maps)
     category = accumulator.compute().categories["c"]
-    point = operating_point(category, tiny_model)
-    assert (point.image_threshold, point.image_source) == (0.2, "F1-optimal on this category")  # F1 0.8
-    assert (point.pixel_threshold, point.pixel_source) == (0.75, "F1-optimal on this category")
+    thresholds = report_thresholds(category, tiny_model)
+    assert thresholds.image_source == thresholds.pixel_source == "F1-optimal on this category"
+    assert f1_at(labels.astype(bool), scores, thresholds.image_threshold) == pytest.approx(0.8)  # the best F1
+    assert thresholds.pixel_threshold == 0.75  # the bin edge at which the maps separate the masks exactly
     tiny_model.config.image_threshold = 0.45
-    point = operating_point(category, tiny_model)
-    assert (point.image_threshold, point.image_source, point.pixel_threshold) == (0.45, "calibrated", 0.75)
+    thresholds = report_thresholds(category, tiny_model)
+    assert (thresholds.image_threshold, thresholds.image_source, thresholds.pixel_threshold) == (
+        0.45,
+        "calibrated",
+        0.75,
+    )
     tiny_model.config.pixel_threshold = 0.3
-    assert operating_point(category, tiny_model).pixel_threshold == 0.3
+    assert report_thresholds(category, tiny_model).pixel_threshold == 0.3
+
+    colon = AnomalyMetricsAccumulator(num_bins=16)
+    colon.update(category="colon", labels=[1], scores=[0.7])  # one class, no masks: no F1-optimal threshold
+    tiny_model.config.image_threshold = tiny_model.config.pixel_threshold = None  # uncalibrated
+    thresholds = report_thresholds(colon.compute().categories["colon"], tiny_model)
+    assert (thresholds.image_threshold, thresholds.pixel_threshold) == (0.5, 0.5)
+    assert thresholds.image_source == "the default: image F1 is undefined on this category"
