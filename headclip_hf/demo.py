@@ -233,7 +233,7 @@ def build_demo(
     """
     gr = import_gradio()
     detector = ZeroShotAnomalyDetectionPipeline(model=model, processor=processor, task=TASK, device=model.device)
-    image_threshold, pixel_threshold, calibrated = model_thresholds(model)
+    start_threshold, start_pixel_threshold, calibrated = model_thresholds(model)
     few_shot = supports_few_shot(model)
     examples = [str(path) for path in (sample_images() if examples is None else examples)]
     threshold_source = (
@@ -266,10 +266,15 @@ def build_demo(
                 if examples:
                     gr.Examples(examples=[[path] for path in examples], inputs=[image_file], label="Sample images")
                 threshold = gr.Slider(
-                    0.0, 1.0, value=image_threshold, step=0.001, label="Image threshold", elem_id="image-threshold"
+                    0.0, 1.0, value=start_threshold, step=0.001, label="Image threshold", elem_id="image-threshold"
                 )
                 pixel_threshold = gr.Slider(
-                    0.0, 1.0, value=pixel_threshold, step=0.001, label="Pixel threshold", elem_id="pixel-threshold"
+                    0.0,
+                    1.0,
+                    value=start_pixel_threshold,
+                    step=0.001,
+                    label="Pixel threshold",
+                    elem_id="pixel-threshold",
                 )
                 # Few-shot mode only for a model that has one.
                 references = gr.File(
