@@ -95,6 +95,7 @@ def load_anomaly_dataset(
     skip_unreadable: bool = False,
     cache_dir: str | os.PathLike | None = None,
     num_proc: int | None = None,
+    allow_outside_root: bool = False,
 ) -> datasets.Dataset:
     """
     Load an anomaly-detection data set into a `datasets.Dataset` with the columns of [`ANOMALY_FEATURES`].
@@ -135,15 +136,19 @@ def load_anomaly_dataset(
         cache_dir (`str` or `os.PathLike`, *optional*): The `datasets` cache folder (`~/.cache/huggingface/datasets` by
             default).
         num_proc (`int`, *optional*): Processes that generate the rows (decode and re-encode the masks).
+        allow_outside_root (`bool`, defaults to `False`): Read files that a meta file or CSV lists outside `root`
+            (`../x.png`, absolute paths); refused by default.
 
     Returns:
         `datasets.Dataset`: One row per image, named after `split`; `info.description` summarises the load.
 
     Raises:
         `ValueError`: an unknown `layout` or category, a root that holds no images in the layouts tried, a malformed
-            meta file or CSV, a mask whose size differs from its image's.
+            meta file or CSV (the message names the entry; labels must be 0 or 1), a listed path that leaves `root`,
+            a mask whose size differs from its image's.
         `FileNotFoundError`: `root` does not exist, or a meta file / CSV names an image that does not exist.
-        `OSError`: an unreadable or truncated image or mask (unless `skip_unreadable=True`).
+        `OSError`: an unreadable or truncated image or mask, a broken symbolic link, an image beyond PIL's
+            decompression-bomb limit (unless `skip_unreadable=True`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"Unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}.")
@@ -156,7 +161,7 @@ def load_anomaly_dataset(
         if layout is None:
             raise ValueError(f"No images found in data set root {root}. {_layouts_tried(tried)}")
 
-    entries, has_masks = _SCANNERS[layout](root, split)
+    entries, has_masks = _SCANNERS[layout](root, split, allow_outside_root)
     entries = _select_categories(entries, categories, root)
     if not entries:
         raise ValueError(f"No images found in data set root {root} for split {split!r}. {_layouts_tried(tried)}")
@@ -197,11 +202,12 @@ def _detect_layout(root: Path) -> str | None:
     return None
 
 
-# Layout scanners: `(root, split) -> (entries, has_masks)`, where `has_masks[category]` says whether the category has
-# pixel labels at all. Paths in the entries are absolute; a named mask file may still be missing (checked later).
+# Layout scanners: `(root, split, allow_outside_root) -> (entries, has_masks)`, where `has_masks[category]` says
+# whether the category has pixel labels at all. Paths in the entries are absolute; a named mask file may still be
+# missing (checked later).
 
 
-def _scan_meta_json(root: Path, split: str) -> tuple[list[_Entry], dict[str, bool]]:
+def _scan_meta_json(root: Path, split: str, allow_outside_root: bool) -> tuple[list[_Entry], dict[str, bool]]:
     meta_path = root / META_JSON
     if not meta_path.is_file():
         return [], {}
@@ -209,29 +215,86 @@ def _scan_meta_json(root: Path, split: str) -> tuple[list[_Entry], dict[str, boo
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{meta_path} is not valid JSON: {err}.") from err
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{meta_path} must hold an object {{split: {{category: [entries]}}}}, not {_type_name(meta)}."
+        )
     if split not in meta:
         raise ValueError(f"{meta_path} has no split {split!r}; its splits are {sorted(meta)}.")
     entries = []
     has_masks: dict[str, bool] = {}
     for split_name, classes in meta.items():
+        if not isinstance(classes, dict):
+            raise ValueError(
+                f"{meta_path}: split {split_name!r} must map category names to lists of entries, not "
+                f"{_type_name(classes)}."
+            )
         for class_name, items in classes.items():
-            for item in items:
-                try:
-                    label = int(item["anomaly"])
-                    image = root / item["img_path"]
-                except (KeyError, TypeError, ValueError) as err:
-                    raise ValueError(f"{meta_path}: malformed entry {item!r} ({err!r}).") from err
-                category = item.get("cls_name") or class_name
-                mask = item.get("mask_path") or None
+            if not isinstance(items, list):
+                raise ValueError(
+                    f"{meta_path}: {split_name}/{class_name} must be a list of entries, not {_type_name(items)}."
+                )
+            for index, item in enumerate(items):
+                where = f"{meta_path}: entry {split_name}/{class_name}[{index}]"
+                image, mask, category, defect_type, label = _meta_entry_fields(item, where)
+                where += f" ({image})"
+                category = category or class_name
                 has_masks[category] = has_masks.get(category, False) or (label == 1 and mask is not None)
                 if split_name == split:
-                    defect_type = item.get("specie_name") or (NORMAL_DEFECT_TYPE if label == 0 else "anomaly")
-                    mask_path = str(root / mask) if mask else None
-                    entries.append(_Entry(_existing_file(image, meta_path), label, category, defect_type, mask_path))
+                    image_path = _listed_path(root, image, "img_path", where, allow_outside_root)
+                    mask_path = _listed_path(root, mask, "mask_path", where, allow_outside_root) if mask else None
+                    defect_type = defect_type or (NORMAL_DEFECT_TYPE if label == 0 else "anomaly")
+                    entries.append(
+                        _Entry(
+                            _existing_file(image_path, meta_path),
+                            label,
+                            category,
+                            defect_type,
+                            str(mask_path) if mask_path is not None else None,
+                        )
+                    )
     return entries, has_masks
 
 
-def _scan_visa(root: Path, split: str) -> tuple[list[_Entry], dict[str, bool]]:
+def _type_name(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _meta_entry_fields(item: Any, where: str) -> tuple[str, str | None, str | None, str | None, int]:
+    """Check one meta.json entry: `(img_path, mask_path or None, cls_name, specie_name, anomaly)`."""
+    if not isinstance(item, dict):
+        raise ValueError(
+            f"{where} must be an object with img_path, mask_path and anomaly (0 or 1), not {_type_name(item)}."
+        )
+    image = item.get("img_path")
+    if isinstance(image, str) and image:
+        where += f" ({image})"
+    else:
+        raise ValueError(f"{where}: img_path must be a path (a non-empty string) relative to the root, not {image!r}.")
+    mask = item.get("mask_path")
+    if mask is not None and not isinstance(mask, str):
+        raise ValueError(f'{where}: mask_path must be a path (a string; "" or null for none), not {mask!r}.')
+    for key in ("cls_name", "specie_name"):
+        if item.get(key) is not None and not isinstance(item[key], str):
+            raise ValueError(f"{where}: {key} must be a string, not {item[key]!r}.")
+    label = item.get("anomaly")
+    if isinstance(label, str) or label not in (0, 1):
+        raise ValueError(f"{where}: anomaly must be 0 or 1, not {label!r} (1 marks an anomalous image).")
+    return image, mask or None, item.get("cls_name"), item.get("specie_name"), int(label)
+
+
+def _listed_path(root: Path, listed: str, field_name: str, where: str, allow_outside_root: bool) -> Path:
+    """`root / listed`, normalised; a path that leaves `root` (`..`, absolute) is refused unless allowed."""
+    path = Path(os.path.normpath(root / listed))
+    if not allow_outside_root and not path.is_relative_to(root):
+        raise ValueError(
+            f"{where}: {field_name} {listed!r} leaves the data set root {root}. Listed files must lie under the root; "
+            "pass allow_outside_root=True to read files elsewhere (only for lists you trust)."
+        )
+    return path
+
+
+def _scan_visa(root: Path, split: str, allow_outside_root: bool) -> tuple[list[_Entry], dict[str, bool]]:
     csv_path = root / VISA_SPLIT_CSV
     if not csv_path.is_file():
         return [], {}
@@ -251,14 +314,15 @@ def _scan_visa(root: Path, split: str) -> tuple[list[_Entry], dict[str, bool]]:
         category = row["object"]
         has_masks[category] = has_masks.get(category, False) or bool(row["mask"])
         if row["split"] == split:
-            image = _existing_file(root / row["image"], csv_path)
+            where = f"{csv_path}, line {line}"
+            image = _existing_file(_listed_path(root, row["image"], "image", where, allow_outside_root), csv_path)
             defect_type = NORMAL_DEFECT_TYPE if label == 0 else "anomaly"
-            mask = str(root / row["mask"]) if row["mask"] else None
+            mask = str(_listed_path(root, row["mask"], "mask", where, allow_outside_root)) if row["mask"] else None
             entries.append(_Entry(image, label, category, defect_type, mask))
     return entries, has_masks
 
 
-def _scan_mvtec(root: Path, split: str) -> tuple[list[_Entry], dict[str, bool]]:
+def _scan_mvtec(root: Path, split: str, allow_outside_root: bool) -> tuple[list[_Entry], dict[str, bool]]:
     entries = []
     has_masks = {}
     for category_dir in _mvtec_category_dirs(root):
@@ -267,7 +331,7 @@ def _scan_mvtec(root: Path, split: str) -> tuple[list[_Entry], dict[str, bool]]:
     return entries, has_masks
 
 
-def _scan_generic(root: Path, split: str) -> tuple[list[_Entry], dict[str, bool]]:
+def _scan_generic(root: Path, split: str, allow_outside_root: bool) -> tuple[list[_Entry], dict[str, bool]]:
     if split != "test":
         raise ValueError(f"The generic layout (used for {root}) has only a test split, not {split!r}.")
     entries = []
@@ -278,7 +342,7 @@ def _scan_generic(root: Path, split: str) -> tuple[list[_Entry], dict[str, bool]
     return entries, has_masks
 
 
-_SCANNERS: dict[str, Callable[[Path, str], tuple[list[_Entry], dict[str, bool]]]] = {
+_SCANNERS: dict[str, Callable[[Path, str, bool], tuple[list[_Entry], dict[str, bool]]]] = {
     "meta_json": _scan_meta_json,
     "visa": _scan_visa,
     "mvtec": _scan_mvtec,
@@ -293,8 +357,8 @@ def _scan_folder_category(category_dir: Path, images_dir: Path) -> list[_Entry]:
         if defect_dir.name == "ground_truth":
             continue
         label = 0 if defect_dir.name == NORMAL_DEFECT_TYPE else 1
-        masks = {path.stem: path for path in _image_files(category_dir / "ground_truth" / defect_dir.name)}
-        for image in _image_files(defect_dir):
+        masks = {path.stem: path for path in image_files(category_dir / "ground_truth" / defect_dir.name)}
+        for image in image_files(defect_dir):
             mask = None
             if label == 1:
                 mask = masks.get(f"{image.stem}_mask") or masks.get(image.stem)
@@ -318,7 +382,7 @@ def _generic_category_dirs(root: Path) -> list[Path]:
 
 def _is_generic_category(path: Path) -> bool:
     """A folder with at least one sub-folder (other than `ground_truth`) that directly holds images."""
-    return any(_image_files(sub) for sub in _subdirs(path) if sub.name != "ground_truth")
+    return any(image_files(sub) for sub in _subdirs(path) if sub.name != "ground_truth")
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -327,18 +391,26 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(child for child in path.iterdir() if child.is_dir() and not child.name.startswith("."))
 
 
-def _image_files(path: Path) -> list[Path]:
-    if not path.is_dir():
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """
+    The image files directly in `folder` (by extension, hidden files left out), sorted; `[]` if it is not a folder.
+
+    Broken symbolic links are listed too, so that readers report them as unreadable files (named and counted) rather
+    than drop them without a word.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
         return []
     return sorted(
         child
-        for child in path.iterdir()
-        if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".")
+        for child in folder.iterdir()
+        if child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".") and not child.is_dir()
     )
 
 
 def _existing_file(path: Path, listed_in: Path) -> str:
-    if not path.is_file():
+    """`path` as a string; a listed file that is missing is an error (a broken link stays, to be named unreadable)."""
+    if not os.path.lexists(path) or path.is_dir():
         raise FileNotFoundError(f"Image {path}, listed in {listed_in}, does not exist.")
     return str(path)
 
@@ -362,7 +434,7 @@ def _resolve_masks(entries: list[_Entry], has_masks: dict[str, bool]) -> list[_E
             resolved.append(replace(entry, mask=None, mask_valid=False))
         elif entry.label == 0:
             resolved.append(replace(entry, mask=None, mask_valid=True))
-        elif entry.mask is not None and Path(entry.mask).is_file():
+        elif entry.mask is not None and os.path.lexists(entry.mask):  # a broken link is reported as unreadable
             resolved.append(replace(entry, mask_valid=True))
         else:
             missing.append(entry.image if entry.mask is None else f"{entry.image} (mask {entry.mask} not found)")
@@ -410,13 +482,15 @@ def _validate_files(entries: list[_Entry], skip_unreadable: bool) -> tuple[list[
 
 def _readable_image_size(path: str) -> tuple[int, int]:
     """
-    The (width, height) of an image file that reads to its end; an `OSError` naming the file otherwise.
+    The (width, height) of an image file that reads to its end; an `OSError` naming the file otherwise (also for a
+    broken symbolic link, and for an image larger than PIL's decompression-bomb limit, `Image.MAX_IMAGE_PIXELS`).
 
-    The check costs a fraction of a decode: `verify()` reads a PNG's chunks and checks their CRCs without
-    decompressing (0.3 ms per 900x900 MVTec image here, against 10 ms for a full decode); JPEG's `verify()` checks
-    nothing, so a JPEG is decoded at 1/8 scale (`draft`), which still reads the whole entropy-coded stream (0.4 ms per
-    Kvasir-SEG image). Other formats are decoded fully.
+    The check costs a fraction of a decode (the README's "Speed" section has the figures): `verify()` reads a PNG's
+    chunks and checks their CRCs without decompressing; JPEG's `verify()` checks nothing, so a JPEG is decoded at 1/8
+    scale (`draft`), which still reads the whole entropy-coded stream. Other formats are decoded fully.
     """
+    if os.path.islink(path) and not os.path.exists(path):
+        raise OSError(f"image file {path} (broken symbolic link to {os.readlink(path)})")
     try:
         with Image.open(path) as image:
             size = image.size
@@ -426,7 +500,7 @@ def _readable_image_size(path: str) -> tuple[int, int]:
                 if image.format == "JPEG":
                     image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise OSError(f"image file {path} ({type(err).__name__}: {err})") from err
     return size
 

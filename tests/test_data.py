@@ -4,6 +4,8 @@ import csv
 import json
 import logging
 import os
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from headclip_hf.data import LAYOUTS, AnomalyCollator, load_anomaly_dataset, make_transform
+from headclip_hf.data import LAYOUTS, AnomalyCollator, image_files, load_anomaly_dataset, make_transform
 
 LOGGER = "headclip_hf.data"
 SIZE = (32, 32)  # width, height of the synthetic images
@@ -392,6 +394,128 @@ def test_listed_image_that_does_not_exist_is_an_error(tmp_path):
     missing.unlink()
 
     with pytest.raises(FileNotFoundError, match=f"Image {missing}, listed in .*1cls.csv, does not exist"):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+
+def save_decompression_bomb(path: Path, size: int = 20000) -> Path:
+    """A tiny PNG (one empty IDAT) whose header claims `size` x `size` grey pixels: PIL refuses it as a bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_decompression_bomb_is_an_unreadable_image(tmp_path, caplog):
+    root = make_generic_tree(tmp_path / "things")
+    bomb = save_decompression_bomb(root / "good" / "002.png")
+
+    with pytest.raises(
+        OSError, match=f"Cannot read image file {bomb} \\(DecompressionBombError: .*skip_unreadable=True"
+    ):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dataset = load_anomaly_dataset(root, skip_unreadable=True, cache_dir=tmp_path / "cache")
+    assert len(dataset) == 4 and str(bomb) not in dataset["path"]
+    assert "Skipped 1 of 5 rows with unreadable files" in caplog.text and str(bomb) in caplog.text
+
+
+def test_broken_symbolic_link_is_named_and_counted_like_an_unreadable_file(tmp_path, caplog):
+    root = make_generic_tree(tmp_path / "things")
+    link = root / "good" / "002.png"
+    link.symlink_to(tmp_path / "moved_away.png")
+
+    with pytest.raises(OSError, match=f"Cannot read image file {link} \\(broken symbolic link to .*moved_away.png\\)"):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dataset = load_anomaly_dataset(root, skip_unreadable=True, cache_dir=tmp_path / "cache")
+    assert len(dataset) == 4
+    assert "Skipped 1 of 5 rows with unreadable files" in caplog.text and str(link) in caplog.text
+    assert image_files(root / "good") == [root / "good" / "000.png", root / "good" / "001.png", link]
+
+
+def test_broken_symbolic_link_as_mask_is_an_error_naming_it(tmp_path):
+    root = make_generic_tree(tmp_path / "things")
+    mask = root / "ground_truth" / "dent" / "001_mask.png"
+    mask.unlink()
+    mask.symlink_to(tmp_path / "nowhere.png")
+
+    with pytest.raises(OSError, match=f"Cannot read image file {mask} \\(broken symbolic link"):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+
+def write_meta(root: Path, meta) -> Path:
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def meta_item(image: str, anomaly=1, mask: object = "") -> dict:
+    return {"img_path": image, "mask_path": mask, "cls_name": "widget", "specie_name": "crack", "anomaly": anomaly}
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"test": []}, r"meta\.json: split 'test' must map category names to lists of entries, not list"),
+        ({"test": {"widget": None}}, r"meta\.json: test/widget must be a list of entries, not None"),
+        ({"test": {"widget": [None]}}, r"meta\.json: entry test/widget\[0\] must be an object .* not None"),
+        (
+            {"test": {"widget": [meta_item("widget/test/crack/000.png", mask=5)]}},
+            r"entry test/widget\[0\] \(widget/test/crack/000\.png\): mask_path must be a path .* not 5",
+        ),
+        (
+            {"test": {"widget": [meta_item("widget/test/crack/000.png", anomaly=0.7)]}},
+            r"entry test/widget\[0\] \(widget/test/crack/000\.png\): anomaly must be 0 or 1, not 0\.7",
+        ),
+        (
+            {"test": {"widget": [meta_item("widget/test/crack/000.png", anomaly=2)]}},
+            r"entry test/widget\[0\] \(widget/test/crack/000\.png\): anomaly must be 0 or 1, not 2",
+        ),
+        (
+            {"test": {"widget": [{"mask_path": "", "anomaly": 0}]}},
+            r"entry test/widget\[0\]: img_path must be a path .* not None",
+        ),
+        ({"test": {"widget": []}, "train": 3}, r"meta\.json: split 'train' must map category names"),
+        ([], r"meta\.json must hold an object \{split: \{category: \[entries\]\}\}, not list"),
+    ],
+)
+def test_malformed_meta_json_entries_are_named(tmp_path, meta, message):
+    root = write_meta(make_mvtec_tree(tmp_path / "mvtec"), meta)
+
+    with pytest.raises(ValueError, match=message):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+
+def test_listed_paths_that_leave_the_root_are_refused_unless_allowed(tmp_path):
+    outside = save_image(tmp_path / "elsewhere" / "000.png")
+    root = make_mvtec_tree(tmp_path / "mvtec")
+    write_meta(root, {"test": {"widget": [meta_item("../elsewhere/000.png", anomaly=0)]}})
+
+    with pytest.raises(
+        ValueError, match=r"entry test/widget\[0\] .*: img_path '\.\./elsewhere/000\.png' leaves the data set root"
+    ):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+    write_meta(root, {"test": {"widget": [meta_item(str(outside), anomaly=0)]}})
+    with pytest.raises(ValueError, match="leaves the data set root .*allow_outside_root=True"):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+    dataset = load_anomaly_dataset(root, allow_outside_root=True, cache_dir=tmp_path / "cache")
+    assert dataset["path"] == [str(outside)]
+
+
+def test_visa_csv_paths_that_leave_the_root_are_refused(tmp_path):
+    root = make_visa_raw_tree(tmp_path / "VisA")
+    csv_path = root / "split_csv" / "1cls.csv"
+    csv_path.write_text(csv_path.read_text().replace("candle/Data/Images/Normal/0002.JPG", "../0002.JPG"))
+    save_image(tmp_path / "0002.JPG")
+
+    with pytest.raises(ValueError, match=r"1cls\.csv, line 6: image '\.\./0002\.JPG' leaves the data set root"):
         load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
 
 
