@@ -6,6 +6,7 @@
     headclip train --train_data data/mvtec_ad --output_dir runs/mvtec
     headclip push --model runs/mvtec/adapter --results eval/visa --repo_id user/headclip-mvtec ...
     headclip convert anomalyclip ...
+    headclip dataset export data/mvtec_ad --output_dir exports/mvtec_ad --push_to_hub user/mvtec-ad
 
 `headclip <command> --help` documents each command. Conventions shared by every command:
 
@@ -27,10 +28,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import convert, detect, evaluate, push, train
+from . import convert, dataset, detect, evaluate, push, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, train, push, convert)
+COMMANDS = (detect, evaluate, train, push, convert, dataset)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,17 +6,24 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from ..data import LAYOUTS, load_anomaly_dataset
 from ..evaluation import evaluate_model
 from ..files import OutputKind, check_output_folder, output_folder
 from ..reporting import PLOTS_DIR, RESULTS_JSON, RESULTS_MARKDOWN, results_to_markdown, save_results
-from ._common import CommandError, add_model_arguments, add_output_dir_argument, load_model_and_processor, positive_int
+from ._common import (
+    add_data_arguments,
+    add_model_arguments,
+    add_output_dir_argument,
+    load_data,
+    load_model_and_processor,
+    positive_int,
+)
 
 EVALUATE_OUTPUT = OutputKind("headclip evaluate output", frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR}))
 
 EPILOG = f"""examples:
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec
   headclip evaluate data/visa --layout visa --categories candle pcb1 --model runs/mvtec/adapter --output_dir eval/visa
+  headclip evaluate user/mvtec-ad --split test --streaming --model runs/visa/adapter --output_dir eval/mvtec
 
 Writes OUTPUT_DIR/{RESULTS_MARKDOWN} (table per category and mean, in percent), OUTPUT_DIR/{RESULTS_JSON} (fractions;
 undefined metrics as null with their reason) and OUTPUT_DIR/{PLOTS_DIR}/<category>.png (ROC, PR and PRO curves,
@@ -30,9 +37,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Evaluate on an anomaly data set: image and pixel metrics per category and their mean.",
         epilog=EPILOG,
     )
-    parser.add_argument("data", help="data set root or one category folder")
-    parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="folder layout (default: auto-detect)")
-    parser.add_argument("--categories", nargs="+", help="evaluate only these categories")
+    add_data_arguments(parser)
     add_output_dir_argument(parser, "evaluation", "the results table, JSON and plots")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
@@ -45,10 +50,7 @@ def run(args: argparse.Namespace) -> int:
     state = PartialState()
     if state.is_main_process:
         check_output_folder(args.output_dir, EVALUATE_OUTPUT, args.overwrite)
-    try:
-        dataset = load_anomaly_dataset(args.data, layout=args.layout, categories=args.categories)
-    except (OSError, ValueError) as error:
-        raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
+    dataset = load_data(args)
     model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
     results = evaluate_model(model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     if state.is_main_process:  # under `accelerate launch` every process holds the gathered results
