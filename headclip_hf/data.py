@@ -888,12 +888,12 @@ def _from_table(
         converted = _select_table_categories(table, "category", {}, default_category, options.categories, origin)
     else:
         plan = _plan_columns(table.features, options, origin, default_category, base_folder)
+        for column in (plan.image, plan.mask):  # before any filter: a streaming filter hands on decoded rows
+            if column is not None and isinstance(table.features[column], datasets.Image):
+                table = table.cast_column(column, datasets.Image(decode=False))
         table = _select_table_categories(
             table, plan.category, plan.class_names, default_category, options.categories, origin
         )
-        for column in (plan.image, plan.mask):
-            if column is not None and isinstance(table.features[column], datasets.Image):
-                table = table.cast_column(column, datasets.Image(decode=False))
         converted, skipped = _convert_rows(table, plan, origin, options)
     if streaming:
         converted.info.description = (
