@@ -1,14 +1,17 @@
 # Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
 """Anomaly-detection data sets as `datasets.Dataset`s, and the collator that turns their rows into model inputs.
 
-[`load_anomaly_dataset`] reads the folder layouts of the zero-shot anomaly detection literature into one table with the
-columns of [`ANOMALY_FEATURES`]:
+[`load_anomaly_dataset`] reads the folder layouts of the zero-shot anomaly detection literature, and the tables that
+data sets are shared as on the Hugging Face Hub (Hub ids, Parquet, `save_to_disk` folders, `imagefolder` folders,
+in-memory `datasets.Dataset`s, with their columns mapped), into one table with the columns of [`ANOMALY_FEATURES`]:
 
-- `image` (`Image`): the image, stored as its file path and decoded to a PIL image on access.
+- `image` (`Image`): the image, stored as its file path (folders) or bytes (tables) and decoded to a PIL image on
+  access.
 - `mask` (`Image`, or None): the pixel labels as a grey 0/255 image (255 = anomalous pixel), `None` where no mask file
   is used: normal images (their mask is all zero, the collator makes it) and images whose mask is unknown.
 - `label` (`ClassLabel` ["normal", "anomaly"]), `category` (object class, e.g. "bottle"), `defect_type` ("good" for
-  every normal image, the defect folder or the data set's defect name otherwise), `path` (the image file).
+  every normal image, the defect folder or the data set's defect name otherwise), `path` (the image file; relative to
+  the source folder in an export).
 - `mask_valid` (`bool`): True when the row's pixel labels are known: an anomalous image with its mask, or a normal
   image of a category that has masks (its mask is known to be all zero). False for an anomalous image whose mask is
   missing and for every row of a category without pixel labels (image-label-only sets such as Brain MRI or Head CT).
@@ -19,8 +22,10 @@ values (VisA's raw masks number the defect regions 1, 2, ...), 0/1 or 16-bit ima
 module reads them all. The loader decodes every mask once, while the data set is generated (so the result is cached),
 and stores it as a 0/255 grey PNG: everything downstream (the processor, the metrics, plots) sees one convention.
 
-Nothing is dropped silently: a missing mask is a warning that lists the images, an unreadable file an error (or, with
-`skip_unreadable=True`, a warning with the count and the files), a mask of the wrong size an error.
+Nothing is dropped silently: a missing mask is a warning that lists the images, an unreadable file (also a broken
+symbolic link, or an image beyond PIL's decompression-bomb limit) an error (or, with `skip_unreadable=True`, a warning
+with the count and the files), a mask of the wrong size an error. [`headclip_hf.dataset_export`] writes any of these
+as Parquet with the files embedded.
 """
 
 import csv

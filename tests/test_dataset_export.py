@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import DatasetCard
 from test_data import make_generic_tree, make_mvtec_tree
+from test_hub import RecordingHfApi
 
 from headclip_hf import HeadCLIPProcessor, export_anomaly_dataset, load_anomaly_dataset
 from headclip_hf import evaluation as evaluation_module
@@ -211,30 +212,8 @@ def test_several_splits_and_small_shards_keep_the_rows_in_order(tmp_path):
         assert list(loaded["label"]) == list(original["label"])
 
 
-class RecordingHfApi:
-    """Stands in for `huggingface_hub.HfApi`: records the calls and the files of the uploaded folder."""
-
-    calls: list = []
-
-    def __init__(self, token=None):
-        self.calls.append(("init", {"token": token}))
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        files = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
-        self.calls.append(("upload_folder", {**kwargs, "files": files}))
-
-        class Commit:
-            commit_url = "https://huggingface.co/datasets/someone/widgets/commit/abc"
-
-        return Commit()
-
-
 def test_export_and_push_to_hub(tmp_path, monkeypatch, capsys):
-    RecordingHfApi.calls = []
+    RecordingHfApi.calls = []  # the stand-in for HfApi of the model tests (test_hub.py)
     monkeypatch.setattr("headclip_hf.hub.HfApi", RecordingHfApi)
     root = make_generic_tree(tmp_path / "widgets")
     out = tmp_path / "export"
