@@ -185,8 +185,9 @@ def upload_hub_folder(
     repo_type: str = "model",
 ) -> str:
     """
-    Upload `folder` to the repository `repo_id`, creating the repository (and the branch `revision`) when missing.
-    `private` applies when the repository is created. `repo_type` "space" uploads a Gradio Space (`headclip_hf.space`).
+    Upload `folder` to the repository `repo_id` (a model; with `repo_type="dataset"` a data set, with "space" a Gradio
+    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing. `private` applies
+    when the repository is created.
 
     Returns:
         The URL of the commit.
