@@ -180,3 +180,19 @@ def test_report_thresholds_prefer_calibrated_thresholds(tiny_model):
     thresholds = report_thresholds(colon.compute().categories["colon"], tiny_model)
     assert (thresholds.image_threshold, thresholds.pixel_threshold) == (0.5, 0.5)
     assert thresholds.image_source == "the default: image F1 is undefined on this category"
+
+
+def test_report_needs_a_zero_shot_evaluation_of_a_data_set_in_hand(sample_data, tmp_path, capsys):
+    args = [
+        "evaluate",
+        str(sample_data),
+        "--model",
+        str(tmp_path / "never-loaded"),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    assert main([*args, "--report", "--k_shot", "1"]) == 1
+    assert "--report shows a zero-shot evaluation: leave out --k_shot" in capsys.readouterr().err
+    assert main([*args, "--report", "--streaming"]) == 1
+    assert "--report shows the gallery images again, which a stream cannot" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
