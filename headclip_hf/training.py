@@ -18,8 +18,8 @@ A run writes, under `output_dir`:
   Resuming (`resume_from_checkpoint`: a folder or "latest") reads only tensors and JSON, never a pickled object: a
   checkpoint holding any other file is refused, and so is one written with another HeadCLIP configuration. A resumed
   run ends with exactly the parameters of a run that was never interrupted.
-- `eval/step_<N>/<data set>/`: the results of each evaluation (`headclip evaluate`'s files), at the end of every epoch
-  or every `eval_steps` steps, and always at the end of training.
+- `eval/step_<N>/<data set>/`: the results of each evaluation (`results.json`, `results.md`; the curve plots too at the
+  end of training), at the end of every epoch or every `eval_steps` steps, and always at the end of training.
 - `adapter/`: the final model (the best one with `load_best_model_at_end`): a HeadCLIP adapter (see
   `headclip_hf.adapters`), or, with LoRA, a PEFT adapter whose `modules_to_save` carry the HeadCLIP parameters.
 - `training_state.json` (the log and evaluation history) and `all_results.json` (the run's summary and the metrics of
@@ -944,7 +944,10 @@ class _TrainingRun:
     # Evaluation and model selection
 
     def _evaluate(self) -> None:
-        """Evaluate on every eval set (results in `eval/step_<N>/<set>/`), log the means, track the best model."""
+        """
+        Evaluate on every eval set (results in `eval/step_<N>/<set>/`; with the curve plots at the end of training),
+        log the means, track the best model.
+        """
         step = self.state.global_step
         metrics = {}
         for name, dataset in self.eval_datasets.items():
@@ -956,7 +959,8 @@ class _TrainingRun:
                 num_workers=self.args.dataloader_num_workers,
             )
             if self.accelerator.is_main_process:
-                save_results(results, self.output_dir / EVAL_DIR / f"step_{step}" / name)
+                plots = step >= self.total_steps
+                save_results(results, self.output_dir / EVAL_DIR / f"step_{step}" / name, plots=plots)
                 logger.info(f"Step {step}, {name}:\n{results_to_markdown(results)}")
             metrics.update({f"eval/{name}/{metric}": result.value for metric, result in results.mean.items()})
         self.state.last_evaluation_step = step

@@ -750,17 +750,18 @@ def test_two_cpu_processes_equal_one_process(base_dir, tmp_path):
     assert len(losses) == 2
 
 
-def test_reproduce_zero_shot_script(base_dir, tmp_path, test_data_dir):
+def test_reproduce_zero_shot_script(clip_checkpoint, clip_tokenizer, tmp_path, test_data_dir):
     """The reproduction script end to end: 4 variants x 2 directions on real images (bottle and Kvasir), tiny size."""
+    HeadCLIPProcessor(tokenizer=clip_tokenizer).save_pretrained(clip_checkpoint)  # a plain CLIP folder, as on the Hub
     script = runpy.run_path(str(REPO_ROOT / "examples" / "reproduce_zero_shot.py"))
     output_dir = tmp_path / "reproduction"
     table = script["main"](
         [
             "--mvtec", str(test_data_dir / "mvtec_ad" / "bottle"),
             "--visa", str(test_data_dir / "kvasir_seg" / "colon"),
-            "--model_name_or_path", str(base_dir), "--image_size", "32", "--output_dir", str(output_dir),
+            "--model_name_or_path", str(clip_checkpoint), "--image_size", "32", "--output_dir", str(output_dir),
             "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_eval_samples", "6",
-            "--cache_dir", str(tmp_path / "cache"),
+            "--cache_dir", str(tmp_path / "cache"), "--config_overrides", "deep_prompt_depth=3",
         ]
     )  # fmt: skip
     variants = ["anomalyclip", "head_weights", "joint_score", "headclip"]
