@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
+from test_hub import RecordingHfApi
 from transformers import get_scheduler
 
 from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, load_anomaly_dataset
@@ -638,33 +639,20 @@ def test_logging_hyperparameters_and_metrics(base_dir, tmp_path, capsys, monkeyp
     assert step == 2 and "eval/data/mad_image" in evaluation
 
 
-class RecordingHfApi:
-    """Stands in for `huggingface_hub.HfApi` (as in test_hub.py): records the calls and the uploaded files."""
+class CardRecordingHfApi(RecordingHfApi):
+    """test_hub's stand-in for `huggingface_hub.HfApi`, also keeping the model card of the uploaded folder."""
 
-    calls: list = []
-
-    def __init__(self, token=None):
-        self.calls.append(("init", {"token": token}))
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+    cards: list = []
 
     def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        card = (folder / "README.md").read_text()
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        self.calls.append(("upload_folder", {**kwargs, "files": files, "card": card}))
-
-        class Commit:
-            commit_url = "https://huggingface.co/someone/headclip-trained/commit/abc"
-
-        return Commit()
+        self.cards.append((Path(kwargs["folder_path"]) / "README.md").read_text())
+        return super().upload_folder(**kwargs)
 
 
 def test_push_to_hub_at_the_end_through_headclip_push(base_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    RecordingHfApi.calls = []
-    monkeypatch.setattr("headclip_hf.hub.HfApi", RecordingHfApi)
+    CardRecordingHfApi.calls, CardRecordingHfApi.cards = [], []
+    monkeypatch.setattr("headclip_hf.hub.HfApi", CardRecordingHfApi)
     data = write_generic_folder(tmp_path / "parts")
     argv = [
         "--model_name_or_path", base_dir, "--image_size", 64, "--train_data", data, "--eval_data", data,
@@ -674,7 +662,7 @@ def test_push_to_hub_at_the_end_through_headclip_push(base_dir, tmp_path, capsys
     ]  # fmt: skip
     code, err, out = headclip_train(capsys, *argv)
     assert code == 0, err
-    calls = dict(RecordingHfApi.calls)
+    calls = dict(CardRecordingHfApi.calls)
     assert calls["init"] == {"token": "hf_t"}
     assert calls["create_repo"] == {"repo_id": "someone/headclip-trained", "repo_type": "model", "private": True,
                                     "exist_ok": True}  # fmt: skip
@@ -683,8 +671,9 @@ def test_push_to_hub_at_the_end_through_headclip_push(base_dir, tmp_path, capsys
     # The card holds the evaluation of the pushed (best) model.
     summary = json.loads((tmp_path / "run" / "all_results.json").read_text())
     results_dir = tmp_path / "run" / "eval" / f"step_{summary['model_evaluation_step']}" / "parts"
-    assert (results_dir / "results.md").read_text().strip() in upload["card"]
-    assert "trained on the labelled test split of **parts**" in upload["card"]
+    (card,) = CardRecordingHfApi.cards
+    assert (results_dir / "results.md").read_text().strip() in card
+    assert "trained on the labelled test split of **parts**" in card
     assert "commit/abc" in out
 
 
