@@ -765,11 +765,7 @@ class _TrainingRun:
             per_device_train_batch_size=args.per_device_train_batch_size,
             model_config=_model_config_record(model, args),
         )
-        if args.gradient_checkpointing:
-            model.activation_checkpointing_enable()
-        if args.lora_rank > 0:
-            model = add_lora(model, args)
-        model.train()
+        model = self._training_model(model)
         loader = DataLoader(
             train_dataset,
             batch_size=args.per_device_train_batch_size,
@@ -794,9 +790,21 @@ class _TrainingRun:
         self.session_images = 0
         self.session_start = time.perf_counter()
         if args.trackers is not None:
-            config = {**hyperparameters, **asdict(args), **self.state.model_config}
-            config.pop("hub_token")  # a secret, never logged
-            self.accelerator.init_trackers("headclip", config={k: _tracker_value(v) for k, v in config.items()})
+            self._init_trackers(hyperparameters)
+
+    def _training_model(self, model: HeadCLIPModel) -> torch.nn.Module:
+        """`model` in training mode, with activation checkpointing and LoRA when asked."""
+        if self.args.gradient_checkpointing:
+            model.activation_checkpointing_enable()
+        if self.args.lora_rank > 0:
+            model = add_lora(model, self.args)
+        return model.train()
+
+    def _init_trackers(self, hyperparameters: dict) -> None:
+        """Start the trackers; hyper-parameters: `hyperparameters`, the training arguments, the model config."""
+        config = {**hyperparameters, **asdict(self.args), **self.state.model_config}
+        config.pop("hub_token")  # a secret, never logged
+        self.accelerator.init_trackers("headclip", config={k: _tracker_value(v) for k, v in config.items()})
 
     @property
     def unwrapped_model(self):
@@ -806,7 +814,10 @@ class _TrainingRun:
         """With `overwrite_output_dir`: delete the previous run's entries of `output_dir` (other files stay)."""
         if self.accelerator.is_main_process:
             for path in _previous_run_entries(self.output_dir):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         self.accelerator.wait_for_everyone()
 
     # Resume
@@ -874,7 +885,9 @@ class _TrainingRun:
                     self._log_training(loss, window)
                 if on_step_end is not None:
                     on_step_end(self.state.global_step, loss)
+                paused = time.perf_counter()
                 self._evaluate_and_save_when_due(end_of_epoch)
+                window["start"] += time.perf_counter() - paused  # images/s counts training time only
                 if self.state.global_step >= self.total_steps:
                     break
         bar.close()
