@@ -1,23 +1,29 @@
-"""Per-image inference time of HeadCLIP (anomaly map + joint score) on each execution path, against a bare CLIP
-vision forward.
+"""Per-image inference time of HeadCLIP (anomaly map + joint score) on each execution path, zero-shot and few-shot,
+against a bare CLIP vision forward.
 
 Builds the real architectures from `../shared/configs` with random weights (only the cost matters here; the prompt
 embeddings use the real CLIP tokenizer's ids) and times, in one run and interleaved, on the same weights, input size
 and batch:
 
 - bare: `CLIPVisionModel` forward (`interpolate_pos_encoding=True`), the floor any CLIP-based detector pays;
-- eager float32: `HeadCLIPModel` forward in eval mode (head weights, value-value path, 4 pixel maps, Gaussian
-  smoothing, global and joint scores; the prompt embeddings are cached after the first call);
+- eager float32 (zero-shot): `HeadCLIPModel` forward in eval mode (head weights, value-value path, 4 pixel maps,
+  Gaussian smoothing, global and joint scores; the prompt embeddings are cached after the first call);
 - bfloat16: the same with bfloat16 weights (`prepare_for_inference(dtype="bfloat16")`; maps stay float32);
 - torch.compile: the float32 model compiled (`prepare_for_inference(compile=True)`, inductor);
-- ONNX Runtime / OpenVINO: `export_model(..., dynamic_batch=True)` run by `ExportedDetector.run` (float32).
+- ONNX Runtime / OpenVINO: `export_model(..., dynamic_batch=True)` run by `ExportedDetector.run` (float32);
+- k-shot (k = 1, 4, 16 by default): the eager float32 forward with `reference_embeds` of k reference images. The
+  references are encoded once beforehand (`encode_references`, as the pipeline and `headclip references` do) and
+  that encoding is NOT timed: the time is the forward with precomputed references (zero-shot forward +
+  nearest-neighbour search + few-shot maps). The table also gives the size of the reference embeddings (float32).
 
-Each row reports the median time per image, its ratio to eager float32, and the largest |anomaly map difference| to
-eager float32 on the same input. Exports and compilation happen before timing; one untimed warm-up call per path.
+Each row reports the median time per image, its ratio to the bare pass and to eager float32, and, for the paths that
+compute the zero-shot map (not k-shot, whose map is another one by design), the largest |anomaly map difference| to
+eager float32 on the same input. Exports, compilation and reference encoding happen before timing; one untimed
+warm-up call per path.
 
 Usage:
     python benchmarks/inference.py                       # ViT-B/16 @ 224 and ViT-L/14@336 @ 518, batch 1 and 4
-    python benchmarks/inference.py --cases base:224 --batch-sizes 1 --repeats 5 --paths eager onnxruntime
+    python benchmarks/inference.py --cases base:224 --batch-sizes 1 --repeats 5 --paths onnxruntime --k-shots 4
     python benchmarks/inference.py --cases tiny:64 --repeats 1   # a 4-layer, 32-wide CLIP: checks the script runs
 """
 
@@ -36,6 +42,7 @@ from transformers import CLIPTokenizer
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel, HeadCLIPProcessor
 from headclip_hf.export import ExportedDetector, export_model
 from headclip_hf.inference import prepare_for_inference
+from headclip_hf.modeling_headclip import REFERENCE_CHUNK_SIZE
 
 ARCHITECTURES = {"base": "clip-vit-base-patch16", "large": "clip-vit-large-patch14-336"}
 # "tiny": not a real CLIP, only to check that the script runs.
@@ -47,7 +54,8 @@ TINY_CONFIG = dict(
     projection_dim=16,
 )
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
-PATHS = ("bare", "eager", "bfloat16", "compile", "onnxruntime", "openvino")
+# Paths beyond the two that always run (bare and eager float32), in the order of the table.
+PATHS = ("bfloat16", "compile", "onnxruntime", "openvino")
 PATH_TITLES = {
     "bare": "bare CLIP vision",
     "eager": "HeadCLIP eager float32",
@@ -68,21 +76,26 @@ def bare_runner(model: HeadCLIPModel) -> Runner:
     return run
 
 
+def torch_runner(model: HeadCLIPModel, reference_embeds: torch.Tensor | None = None) -> Runner:
+    def run(pixel_values: torch.Tensor) -> np.ndarray:
+        outputs = model(pixel_values=pixel_values.to(model.dtype), reference_embeds=reference_embeds)
+        return outputs.anomaly_map.numpy()
+
+    return run
+
+
 def build_runners(
-    model: HeadCLIPModel, processor: HeadCLIPProcessor, paths: list[str], export_root: Path, threads: int | None
-) -> dict[str, Runner]:
-    """One runner per path, all from the weights of `model`."""
-
-    def torch_runner(module: HeadCLIPModel) -> Runner:
-        return lambda pixel_values: module(pixel_values=pixel_values.to(module.dtype)).anomaly_map.numpy()
-
-    runners: dict[str, Runner] = {}
+    model: HeadCLIPModel,
+    processor: HeadCLIPProcessor,
+    paths: list[str],
+    k_shots: list[int],
+    export_root: Path,
+    threads: int | None,
+) -> tuple[dict[str, Runner], dict[str, float]]:
+    """One runner per path and per k-shot mode, all from the weights of `model`; and the k-shot references' sizes."""
+    runners: dict[str, Runner] = {"bare": bare_runner(model), "eager": torch_runner(model)}
     for path in paths:
-        if path == "bare":
-            runners[path] = bare_runner(model)
-        elif path == "eager":
-            runners[path] = torch_runner(model)
-        elif path in ("bfloat16", "compile"):
+        if path in ("bfloat16", "compile"):
             options = {"dtype": "bfloat16"} if path == "bfloat16" else {"compile": True}
             runners[path] = torch_runner(prepare_for_inference(copy.deepcopy(model), **options))
         else:
@@ -90,7 +103,14 @@ def build_runners(
             folder = export_model(model, processor, export_root / format, format=format, dynamic_batch=True)
             detector = ExportedDetector(folder, num_threads=threads)
             runners[path] = lambda pixel_values, detector=detector: detector.run(pixel_values.numpy())["anomaly_map"]
-    return runners
+    reference_megabytes = {}
+    size = processor.image_size
+    for k in k_shots:
+        with torch.inference_mode():
+            reference_embeds = model.encode_references(torch.randn(k, 3, size, size))
+        runners[f"{k}-shot"] = torch_runner(model, reference_embeds)
+        reference_megabytes[f"{k}-shot"] = reference_embeds.numel() * 4 / 2**20
+    return runners, reference_megabytes
 
 
 def seconds(runner: Runner, pixel_values: torch.Tensor) -> tuple[float, np.ndarray | None]:
@@ -106,11 +126,15 @@ def main() -> None:
     parser.add_argument("--tokenizer-dir", type=Path, default=SHARED / "clip_tokenizer", help="the CLIP tokenizer")
     parser.add_argument("--cases", nargs="+", default=["base:224", "large:518"], help="architecture:image_size")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="execution paths to time")
+    parser.add_argument(
+        "--paths", nargs="*", choices=PATHS, default=list(PATHS), help="paths besides bare and eager float32"
+    )
+    parser.add_argument(
+        "--k-shots", nargs="*", type=int, default=[1, 4, 16], help="few-shot rows (none: zero-shot only)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path and case (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of every path (default: each's own)")
     args = parser.parse_args()
-    paths = ["eager", *[path for path in args.paths if path != "eager"]]  # the reference always runs
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -118,11 +142,16 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, device cpu, threads {torch.get_num_threads() if args.threads else 'default'}, "
-        f"repeats {args.repeats} (median reported), interleaved, inference_mode; paths: {', '.join(paths)}"
+        f"repeats {args.repeats} (median reported), interleaved, inference_mode; k-shot: forward with precomputed "
+        f"references (encoding them not timed), nearest-neighbour search in chunks of {REFERENCE_CHUNK_SIZE} "
+        "reference patches"
     )
     print()
-    print("| model | image | batch | path | s/img | vs eager float32 | max map diff to eager float32 |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | image | batch | path | references (MB) | s/img | vs bare | vs eager float32 "
+        "| max map diff to eager float32 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for case in args.cases:
         name, size = case.split(":")
         size = int(size)
@@ -134,7 +163,9 @@ def main() -> None:
         processor = HeadCLIPProcessor(tokenizer=tokenizer, image_size=size)  # for the exports' preprocessing
         title = f"{config.vision_config.num_hidden_layers}-layer ViT/{config.vision_config.patch_size} ({name})"
         with tempfile.TemporaryDirectory(prefix="headclip-benchmark-") as export_root:
-            runners = build_runners(model, processor, paths, Path(export_root), args.threads)
+            runners, reference_megabytes = build_runners(
+                model, processor, args.paths, args.k_shots, Path(export_root), args.threads
+            )
             for batch_size in args.batch_sizes:
                 pixel_values = torch.randn(batch_size, 3, size, size)
                 times = {path: [] for path in runners}
@@ -145,13 +176,15 @@ def main() -> None:
                     for _ in range(args.repeats):  # interleaved, so drift hits every path alike
                         for path, runner in runners.items():
                             times[path].append(seconds(runner, pixel_values)[0])
-                eager_s = statistics.median(times["eager"]) / batch_size
+                per_image = {path: statistics.median(path_times) / batch_size for path, path_times in times.items()}
                 for path in runners:
-                    path_s = statistics.median(times[path]) / batch_size
-                    difference = "-" if maps[path] is None else f"{np.abs(maps[path] - maps['eager']).max():.1e}"
+                    same_map = path not in reference_megabytes and maps[path] is not None
+                    difference = f"{np.abs(maps[path] - maps['eager']).max():.1e}" if same_map else "-"
+                    megabytes = f"{reference_megabytes[path]:.1f}" if path in reference_megabytes else "-"
                     print(
-                        f"| {title} | {size} | {batch_size} | {PATH_TITLES[path]} | {path_s:.3f} "
-                        f"| {path_s / eager_s:.2f}x | {difference} |",
+                        f"| {title} | {size} | {batch_size} | {PATH_TITLES.get(path, f'HeadCLIP {path}')} "
+                        f"| {megabytes} | {per_image[path]:.3f} | {per_image[path] / per_image['bare']:.2f}x "
+                        f"| {per_image[path] / per_image['eager']:.2f}x | {difference} |",
                         flush=True,
                     )
 

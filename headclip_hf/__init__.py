@@ -22,10 +22,12 @@ else:
 
     from .configuration_headclip import HeadCLIPConfig
     from .data import ANOMALY_FEATURES, AnomalyCollator, load_anomaly_dataset, make_transform
+    from .dataset_export import export_anomaly_dataset, upload_anomaly_dataset
     from .metrics import AnomalyDetectionResults, AnomalyMetricsAccumulator, MetricResult, UndefinedMetricError
     from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
     from .pipeline_headclip import ZeroShotAnomalyDetectionPipeline, register_pipeline
     from .processing_headclip import HeadCLIPProcessor
+    from .references import encode_reference_images, load_reference_embeds, save_reference_embeds, select_k_shot
     from .reporting import save_results
 
     AutoConfig.register(HeadCLIPConfig.model_type, HeadCLIPConfig, exist_ok=True)
@@ -59,7 +61,13 @@ __all__ = [
     "UndefinedMetricError",
     "ZeroShotAnomalyDetectionPipeline",
     "__version__",
+    "encode_reference_images",
+    "export_anomaly_dataset",
     "load_anomaly_dataset",
+    "load_reference_embeds",
     "make_transform",
+    "save_reference_embeds",
     "save_results",
+    "select_k_shot",
+    "upload_anomaly_dataset",
 ]

@@ -5,7 +5,10 @@
     headclip evaluate data/visa --model runs/mvtec/adapter --output_dir eval/visa
     headclip train --train_data data/mvtec_ad --output_dir runs/mvtec
     headclip push --model runs/mvtec/adapter --results eval/visa --repo_id user/headclip-mvtec ...
+    headclip references good/ --model runs/mvtec/adapter --output_file refs.safetensors   # few-shot references
     headclip convert anomalyclip ...
+    headclip dataset export data/mvtec_ad --output_dir exports/mvtec_ad --push_to_hub user/mvtec-ad
+    headclip demo --model runs/mvtec/adapter                             # try it in the browser
     headclip export --model runs/mvtec/adapter --format onnx --output_dir exports/headclip-onnx
 
 `headclip <command> --help` documents each command. Conventions shared by every command:
@@ -28,10 +31,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import convert, detect, evaluate, export, push, train
+from . import convert, dataset, demo, detect, evaluate, export, push, references, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, train, push, convert, export)
+COMMANDS = (detect, evaluate, references, train, push, convert, dataset, demo, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

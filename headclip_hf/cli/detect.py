@@ -3,12 +3,11 @@
 
 import argparse
 import csv
-import glob
 import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -16,21 +15,23 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
-from ..data import IMAGE_EXTENSIONS
 from ..export import ExportedDetector, is_export_folder
 from ..files import OutputKind, check_output_folder, output_folder
 from ..image_utils_headclip import to_rgb_image
 from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetectionPipeline
+from ..references import load_reference_embeds, read_reference_metadata
 from ._common import (
     CommandError,
     add_model_arguments,
     add_output_dir_argument,
     add_speed_arguments,
+    collect_images,
     load_model_and_processor,
     positive_int,
     probability,
     process_state,
 )
+from .references import add_k_shot_arguments, select_reference_files
 
 SCORES_CSV = "scores.csv"
 SCORES_JSON = "scores.json"
@@ -42,6 +43,8 @@ EPILOG = f"""examples:
   headclip detect bottle.png                                   # default model ({DEFAULT_CLIP_CHECKPOINT})
   headclip detect images/ 'more/**/*.jpg' --model runs/mvtec/adapter --output_dir detections/
   HF_HUB_OFFLINE=1 headclip detect images/ --model /models/headclip-mvtec --threshold 0.6
+  headclip detect images/ --model runs/mvtec/adapter --reference_images good/ --k_shot 4   # few-shot
+  headclip detect images/ --model runs/mvtec/adapter --references refs.safetensors         # see headclip references
   headclip detect images/ --model runs/mvtec/adapter --dtype bfloat16 --compile    # PyTorch speed options
   headclip detect images/ --model exports/headclip-onnx     # an export folder (headclip export): ONNX Runtime
   accelerate launch -m headclip_hf.cli detect images/ --model runs/mvtec/adapter   # images shared by processes
@@ -49,10 +52,12 @@ EPILOG = f"""examples:
 Writes OUTPUT_DIR/{SCORES_CSV} and OUTPUT_DIR/{SCORES_JSON} (score and label per image, failed files with their
 error), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the image, jet colours) and
 OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's path below the images'
-common folder. The outputs appear together when the run ends (an earlier detect output there is replaced; a folder
-with other files is refused unless --overwrite). Unreadable files are reported and skipped; the exit status is 1
-when any image failed. Under `accelerate launch` each process detects its share of the batches and the main process
-writes the scores: the outputs are those of a single process."""
+common folder. With --reference_images (normal images of the same object) or --references (a file of `headclip
+references`), the few-shot mode compares each image with them as well. The outputs appear together when the run
+ends (an earlier detect output there is replaced; a folder with other files is refused unless --overwrite).
+Unreadable files are reported and skipped; the exit status is 1 when any image failed. Under `accelerate launch`
+each process detects its share of the batches and the main process writes the scores: the outputs are those of a
+single process."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -81,38 +86,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=8,
         help="images per forward pass (default: 8; an export without a dynamic batch runs one at a time)",
     )
+    few_shot = parser.add_argument_group("few-shot mode (normal reference images of the same object)")
+    sources = few_shot.add_mutually_exclusive_group()
+    sources.add_argument(
+        "--reference_images", nargs="+", metavar="DIR_OR_GLOB", help="normal images: files, folders, glob patterns"
+    )
+    sources.add_argument("--references", metavar="FILE", help="a references file written by `headclip references`")
+    add_k_shot_arguments(few_shot)
     add_speed_arguments(add_model_arguments(parser))
     parser.set_defaults(handler=run)
-
-
-def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """
-    Expand `patterns` (image files, folders, glob patterns with `*`, `?`, `[...]` and `**`) into image files.
-
-    A folder contributes its image files (by extension, not recursive); a glob its matching files. Files keep the
-    order of the patterns, sorted within a folder or glob, without duplicates.
-
-    Returns:
-        The files, and `(pattern, reason)` for each pattern that gives no image (missing path, empty folder, no match).
-    """
-    files: dict[Path, None] = {}
-    problems = []
-    for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            reason = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"
-        elif path.is_file():
-            found, reason = [path], ""
-        elif glob.has_magic(pattern):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            reason = "no file matches this pattern"
-        else:
-            found, reason = [], "no such file or folder"
-        if not found:
-            problems.append((pattern, reason))
-        files.update(dict.fromkeys(found))
-    return list(files), problems
 
 
 def _output_names(files: list[Path]) -> list[Path]:
@@ -129,15 +111,23 @@ def _output_names(files: list[Path]) -> list[Path]:
     ]
 
 
-# Options that an export folder fixes when it is made (`headclip export`), with their defaults.
-EXPORT_FIXED_OPTIONS = {"adapter": None, "image_size": None, "device": None, "dtype": "float32", "compile": False}
+# Options that an export folder fixes when it is made (`headclip export`; zero-shot), with their defaults.
+EXPORT_FIXED_OPTIONS = {
+    "adapter": None,
+    "image_size": None,
+    "device": None,
+    "dtype": "float32",
+    "compile": False,
+    "reference_images": None,
+    "references": None,
+}
 
 
-def _load_detector(args: argparse.Namespace) -> tuple[Callable, int, float, float]:
+def _load_detector(args: argparse.Namespace, few_shot: dict) -> tuple[Callable, int, float, float]:
     """
-    The detector for `--model`: `ExportedDetector` for an export folder, else the pipeline on the loaded model; with
-    the batch size it runs (1 for an export without a dynamic batch) and the image and pixel thresholds (an export's
-    calibrated ones by default).
+    The detector for `--model`: `ExportedDetector` for an export folder, else the pipeline on the loaded model (with
+    the `few_shot` references); with the batch size it runs (1 for an export without a dynamic batch) and the image
+    and pixel thresholds (an export's calibrated ones by default).
     """
     if is_export_folder(args.model):
         try:
@@ -149,7 +139,17 @@ def _load_detector(args: argparse.Namespace) -> tuple[Callable, int, float, floa
     model, processor = load_model_and_processor(
         args.model, args.adapter, args.image_size, args.device, args.dtype, args.compile
     )
-    detector = ZeroShotAnomalyDetectionPipeline(model=model, processor=processor, task=TASK, device=model.device)
+    reference_embeds = None
+    if args.references is not None:
+        reference_embeds = load_reference_embeds(args.references, model, image_size=processor.image_size)
+    detector = ZeroShotAnomalyDetectionPipeline(
+        model=model,
+        processor=processor,
+        task=TASK,
+        device=model.device,
+        reference_images=few_shot.get("reference_images"),
+        reference_embeds=reference_embeds,
+    )
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     return detector, args.batch_size, threshold, threshold if args.pixel_threshold is None else args.pixel_threshold
 
@@ -163,14 +163,15 @@ def run(args: argparse.Namespace) -> int:
         fixed = [f"--{name}" for name, default in EXPORT_FIXED_OPTIONS.items() if getattr(args, name) != default]
         if fixed:
             raise CommandError(
-                f"{', '.join(fixed)} cannot be used with the export folder {args.model}: an export fixes its model, "
-                "image size and precision when it is made (headclip export) and runs on the CPU. Leave them out, or "
-                "export again with other settings."
+                f"{', '.join(fixed)} cannot be used with the export folder {args.model}: an export runs the zero-shot "
+                "model it was made from (headclip export) at its image size and precision, on the CPU. Leave them "
+                "out, or export again with other settings."
             )
+    few_shot = _few_shot_settings(args)
     # Every process checks (a refusal stops them all before any work); the main process writes.
     check_output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite)
     state = process_state(args.device)
-    detector, batch_size, threshold, pixel_threshold = _load_detector(args)
+    detector, batch_size, threshold, pixel_threshold = _load_detector(args, few_shot)
     names = _output_names(files)
     batches = [list(range(start, min(start + batch_size, len(files)))) for start in range(0, len(files), batch_size)]
     writing = output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) if state.is_main_process else nullcontext()
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [row for shard_rows, _ in shards for row in shard_rows]
         failures += [failure for _, shard_failures in shards for failure in shard_failures]
         if state.is_main_process:
-            _write_scores(staging, rows, failures, args, threshold, pixel_threshold)
+            _write_scores(staging, rows, failures, args, threshold, pixel_threshold, few_shot)
     if state.is_main_process:
         out = Path(args.output_dir)
         print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
@@ -227,6 +228,28 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _few_shot_settings(args: argparse.Namespace) -> dict:
+    """
+    The few-shot references of the run, checked before the model loads: `{}` (zero-shot), the chosen
+    `reference_images`, or the `references` file and the images it was made from.
+    """
+    if args.reference_images is not None:
+        files = select_reference_files(args.reference_images, args.k_shot, args.k_shot_seed)
+        return {
+            "reference_images": [str(file) for file in files],
+            "k_shot": args.k_shot,
+            "k_shot_seed": args.k_shot_seed,
+        }
+    if args.k_shot is not None:
+        raise CommandError("--k_shot picks among --reference_images: pass --reference_images DIR_OR_GLOB too")
+    if args.references is not None:
+        return {
+            "references": args.references,
+            "files": read_reference_metadata(args.references)["files"],
+        }
+    return {}
+
+
 def _write_scores(
     out: Path,
     rows: list[dict],
@@ -234,6 +257,7 @@ def _write_scores(
     args: argparse.Namespace,
     threshold: float,
     pixel_threshold: float,
+    few_shot: dict,
 ) -> None:
     with open(out / SCORES_CSV, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["path", "score", "label", "heatmap", "mask", "error"])
@@ -245,6 +269,7 @@ def _write_scores(
         "adapter": args.adapter,
         "threshold": threshold,
         "pixel_threshold": pixel_threshold,
+        "few_shot": few_shot or None,
         "images": rows,
         "failed": [{"path": path, "error": reason} for path, reason in failures],
     }
