@@ -20,7 +20,9 @@ EPILOG = f"""examples:
 
 Writes OUTPUT_DIR/{RESULTS_MARKDOWN} (table per category and mean, in percent), OUTPUT_DIR/{RESULTS_JSON} (fractions;
 undefined metrics as null with their reason) and OUTPUT_DIR/{PLOTS_DIR}/<category>.png (ROC, PR and PRO curves,
-score distributions)."""
+score distributions). Both files also give per category the F1-optimal image and pixel thresholds and, for a
+calibrated model (`headclip calibrate`), the decisions at its thresholds: confusion counts, precision, recall,
+false-positive rate and accuracy."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
