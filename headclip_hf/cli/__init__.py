@@ -3,6 +3,7 @@
 
     headclip detect images/ --output_dir detections/                     # default model from the Hub
     headclip evaluate data/visa --model runs/mvtec/adapter --output_dir eval/visa
+    headclip calibrate data/my_line --model runs/mvtec/adapter --output_dir runs/my_line/adapter
     headclip train --train_data data/mvtec_ad --output_dir runs/mvtec
     headclip push --model runs/mvtec/adapter --results eval/visa --repo_id user/headclip-mvtec ...
     headclip convert anomalyclip ...
@@ -27,10 +28,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import convert, detect, evaluate, push, train
+from . import calibrate, convert, detect, evaluate, push, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, train, push, convert)
+COMMANDS = (detect, evaluate, calibrate, train, push, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
