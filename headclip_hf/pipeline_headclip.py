@@ -69,29 +69,34 @@ def resolve_thresholds(
             f"The model has no thresholds calibrated for category {category!r} (it has them for {known_categories}): "
             "its model-wide thresholds are used."
         )
-    if threshold is not None:
-        threshold_source = "given"
-    elif calibrated_image is not None:
-        threshold, threshold_source = calibrated_image, "calibrated"
-    else:
-        threshold, threshold_source = DEFAULT_THRESHOLD, "default"
+    threshold, threshold_source = _first_threshold(threshold, calibrated_image, DEFAULT_THRESHOLD, "default")
+    if threshold_source == "default":
         logger.warning_once(
-            f"This HeadCLIP model is uncalibrated: labels use score >= {DEFAULT_THRESHOLD} and masks map >= "
-            f"{DEFAULT_THRESHOLD}, which fits no category in particular. Calibrate it on a few images of your own "
-            "(`headclip calibrate`, or headclip_hf.calibration.calibrate), or pass threshold=..."
+            f"This HeadCLIP model is uncalibrated: labels use score >= {DEFAULT_THRESHOLD} (and masks map >= "
+            f"{DEFAULT_THRESHOLD} unless pixel_threshold is given), which fits no category in particular. Calibrate "
+            "it on a few images of your own (`headclip calibrate`, or headclip_hf.calibration.calibrate), or pass "
+            "threshold=..."
         )
-    if pixel_threshold is not None:
-        pixel_threshold_source = "given"
-    elif calibrated_pixel is not None:
-        pixel_threshold, pixel_threshold_source = calibrated_pixel, "calibrated"
-    else:
-        pixel_threshold, pixel_threshold_source = threshold, "threshold"
+    pixel_threshold, pixel_threshold_source = _first_threshold(
+        pixel_threshold, calibrated_pixel, threshold, "threshold"
+    )
     return {
         "threshold": float(threshold),
         "threshold_source": threshold_source,
         "pixel_threshold": float(pixel_threshold),
         "pixel_threshold_source": pixel_threshold_source,
     }
+
+
+def _first_threshold(
+    given: float | None, calibrated: float | None, fallback: float, fallback_source: str
+) -> tuple[float, str]:
+    """The given threshold, else the calibrated one, else `fallback`, with its source."""
+    if given is not None:
+        return given, "given"
+    if calibrated is not None:
+        return calibrated, "calibrated"
+    return fallback, fallback_source
 
 
 def jet_colormap(values: np.ndarray) -> np.ndarray:
