@@ -6,6 +6,7 @@
     headclip calibrate data/my_line --model runs/mvtec/adapter --output_dir runs/my_line/adapter
     headclip train --train_data data/mvtec_ad --output_dir runs/mvtec
     headclip push --model runs/mvtec/adapter --results eval/visa --repo_id user/headclip-mvtec ...
+    headclip references good/ --model runs/mvtec/adapter --output_file refs.safetensors   # few-shot references
     headclip convert anomalyclip ...
 
 `headclip <command> --help` documents each command. Conventions shared by every command:
@@ -28,10 +29,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import calibrate, convert, detect, evaluate, push, train
+from . import calibrate, convert, detect, evaluate, push, references, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, calibrate, train, push, convert)
+COMMANDS = (detect, evaluate, calibrate, references, train, push, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
