@@ -105,8 +105,8 @@ def check_calibration_data(
     image is decoded, no model runs), and warn when the normal images are too few to resolve `target_fpr`.
 
     Raises:
-        `ValueError`: an unknown method, a target rate outside (0, 1), an empty data set, a data set (or, with
-            `per_category`, a category) without the images the method needs.
+        `ValueError`: an unknown method, a target rate outside (0, 1), a streaming or empty data set, a data set
+            (or, with `per_category`, a category) without the images the method needs.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown calibration method {method!r}: choose one of {', '.join(METHODS)}.")
@@ -116,6 +116,11 @@ def check_calibration_data(
                 f"{name}={value!r} is invalid: it is a false-positive rate and must lie strictly between 0 and 1 "
                 "(e.g. 0.01 to flag at most 1% of normal images)."
             )
+    if not isinstance(dataset, datasets.Dataset):
+        raise ValueError(
+            f"Calibration needs a datasets.Dataset, got {type(dataset).__name__}: its labels are checked before the "
+            "model runs. Load the data without streaming (load_anomaly_dataset(..., streaming=False))."
+        )
     if len(dataset) == 0:
         raise ValueError("The calibration data set is empty: calibrating needs images (normal ones at least).")
     labels = np.asarray(dataset["label"], dtype=bool)

@@ -217,20 +217,21 @@ def upload_hub_folder(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str = "Upload HeadCLIP",
+    repo_type: str = "model",
 ) -> str:
     """
-    Upload `folder` to the model repository `repo_id`, creating the repository (and the branch `revision`) when
-    missing. `private` applies when the repository is created.
+    Upload `folder` to the repository `repo_id` (a model, or with `repo_type="dataset"` a data set), creating the
+    repository (and the branch `revision`) when missing. `private` applies when the repository is created.
 
     Returns:
         The URL of the commit.
     """
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     if revision is not None:
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision, commit_message=commit_message
+        repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision, commit_message=commit_message
     )
     return commit.commit_url
 

@@ -393,6 +393,8 @@ def test_bad_data_is_refused_before_the_model_runs(tiny_model, processor, bottle
     monkeypatch.setattr(tiny_model, "forward", lambda **kwargs: pytest.fail("the model ran"))
     with pytest.raises(ValueError, match="The calibration data set is empty"):
         calibrate(tiny_model, processor, bottle.select([]))
+    with pytest.raises(ValueError, match="Calibration needs a datasets.Dataset, got IterableDataset"):
+        calibrate(tiny_model, processor, bottle.to_iterable_dataset())
     anomalous = rows(bottle, label=1, count=4)
     for method in ("normal_quantile", "auto", "f1"):
         with pytest.raises(ValueError, match=rf"method='{method}' needs .*the data set has no normal images \(all 4"):
