@@ -45,7 +45,7 @@ EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
 # The package extra that installs what each format needs to export and to run.
 FORMAT_EXTRAS = {"onnx": "onnx", "openvino": "openvino", "torchscript": None}
 # The decision fields of a calibrated model's config, copied into the export when set.
-THRESHOLD_FIELDS = ("image_threshold", "pixel_threshold", "calibration")
+THRESHOLD_FIELDS = ("image_threshold", "pixel_threshold", "image_thresholds", "pixel_thresholds", "calibration")
 DEFAULT_THRESHOLD = 0.5
 LABELS = ("normal", "anomaly")
 DYNAMIC_DIM = "batch"
@@ -438,21 +438,46 @@ class ExportedDetector:
 
     @property
     def thresholds(self) -> dict[str, Any]:
-        """The calibrated thresholds the export carries (`image_threshold`, `pixel_threshold`, `calibration`)."""
+        """The calibrated thresholds the export carries (the model's config fields `image_threshold`,
+        `pixel_threshold`, per-category `image_thresholds` and `pixel_thresholds`, and `calibration`), where set."""
         return self.config["thresholds"]
 
     def decision_thresholds(
-        self, threshold: float | None = None, pixel_threshold: float | None = None
-    ) -> tuple[float, float]:
+        self, threshold: float | None = None, pixel_threshold: float | None = None, category: str | None = None
+    ) -> dict[str, Any]:
         """
-        The image and pixel thresholds a call uses: those given, else the export's calibrated `image_threshold` (else
-        0.5) and `pixel_threshold` (else the image threshold). Raises `ValueError` unless both lie in [0, 1].
+        The thresholds a call uses and where each comes from, as the pipeline's `resolve_thresholds` decides them for
+        the model: the given ones, else the calibrated ones (`category`'s where the export has them), else 0.5 for the
+        image threshold and the image threshold for the pixel one.
+
+        Returns:
+            `dict`: `threshold`, `threshold_source` ("given", "calibrated" or "default"), `pixel_threshold`,
+            `pixel_threshold_source` ("given", "calibrated" or "threshold").
+
+        Raises:
+            `ValueError`: a threshold outside [0, 1].
         """
-        if threshold is None:
-            threshold = self.thresholds.get("image_threshold", DEFAULT_THRESHOLD)
-        if pixel_threshold is None:
-            pixel_threshold = self.thresholds.get("pixel_threshold", threshold)
-        return check_unit_interval("threshold", threshold), check_unit_interval("pixel_threshold", pixel_threshold)
+        calibrated = self.thresholds
+        calibrated_image = calibrated.get("image_thresholds", {}).get(category, calibrated.get("image_threshold"))
+        calibrated_pixel = calibrated.get("pixel_thresholds", {}).get(category, calibrated.get("pixel_threshold"))
+        if threshold is not None:
+            threshold_source = "given"
+        elif calibrated_image is not None:
+            threshold, threshold_source = calibrated_image, "calibrated"
+        else:
+            threshold, threshold_source = DEFAULT_THRESHOLD, "default"
+        if pixel_threshold is not None:
+            pixel_threshold_source = "given"
+        elif calibrated_pixel is not None:
+            pixel_threshold, pixel_threshold_source = calibrated_pixel, "calibrated"
+        else:
+            pixel_threshold, pixel_threshold_source = threshold, "threshold"
+        return {
+            "threshold": check_unit_interval("threshold", threshold),
+            "threshold_source": threshold_source,
+            "pixel_threshold": check_unit_interval("pixel_threshold", pixel_threshold),
+            "pixel_threshold_source": pixel_threshold_source,
+        }
 
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
         """
@@ -485,6 +510,7 @@ class ExportedDetector:
         threshold: float | None = None,
         pixel_threshold: float | None = None,
         heatmap_alpha: float = DEFAULT_HEATMAP_ALPHA,
+        category: str | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """
         Detect anomalies in one image or a list of images.
@@ -494,10 +520,11 @@ class ExportedDetector:
             batch_size (`int`, *optional*, defaults to 1): images per graph run (more than 1 needs an export with a
                 dynamic batch).
             threshold (`float`, *optional*): `label` is "anomaly" when `score >= threshold`. Defaults to the export's
-                calibrated `image_threshold`, else 0.5.
+                calibrated image threshold, else 0.5 (`decision_thresholds`).
             pixel_threshold (`float`, *optional*): a pixel is in `mask` when its map value is `>= pixel_threshold`.
-                Defaults to the calibrated `pixel_threshold`, else `threshold`.
+                Defaults to the calibrated pixel threshold, else the image threshold.
             heatmap_alpha (`float`, *optional*, defaults to 0.5): weight of the colour map in `heatmap`.
+            category (`str`, *optional*): use this category's calibrated thresholds where the export has them.
 
         Returns:
             A dict per image (a list of dicts for a list input), as the pipeline returns: `score` (`float`), `label`,
@@ -511,7 +538,7 @@ class ExportedDetector:
                 f"The export {self.export_dir} takes one image per run (it was exported without a dynamic batch): "
                 "use batch_size=1, or export with dynamic_batch=True (--dynamic_batch)."
             )
-        threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold)
+        thresholds = self.decision_thresholds(threshold, pixel_threshold, category)
         heatmap_alpha = check_unit_interval("heatmap_alpha", heatmap_alpha)
         results = []
         for start in range(0, len(images), batch_size):
@@ -520,12 +547,13 @@ class ExportedDetector:
             for index, image in enumerate(rgb_images):
                 score = float(outputs["image_score"][index])
                 anomaly_map = np.clip(resize_bilinear(outputs["anomaly_map"][index], image.height, image.width), 0, 1)
+                mask = np.where(anomaly_map >= thresholds["pixel_threshold"], 255, 0).astype(np.uint8)
                 results.append(
                     {
                         "score": score,
-                        "label": LABELS[int(score >= threshold)],
+                        "label": LABELS[int(score >= thresholds["threshold"])],
                         "anomaly_map": anomaly_map,
-                        "mask": Image.fromarray(np.where(anomaly_map >= pixel_threshold, 255, 0).astype(np.uint8)),
+                        "mask": Image.fromarray(mask),
                         "heatmap": anomaly_heatmap(image, anomaly_map, heatmap_alpha),
                     }
                 )

@@ -23,7 +23,7 @@ from headclip_hf.export import (
     resize_bilinear,
 )
 from headclip_hf.image_utils_headclip import anomaly_heatmap
-from headclip_hf.pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
+from headclip_hf.pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline, resolve_thresholds
 
 FORMATS = ("onnx", "openvino", "torchscript")
 # The bounds against PyTorch eager float32: (max |map difference|, max |score difference|).
@@ -217,18 +217,35 @@ def test_fixed_batch_export_runs_one_image_at_a_time(exports, real_images, pipel
 
 def test_calibrated_thresholds_travel_with_the_export(model_and_processor, real_images, tmp_path):
     model, processor = model_and_processor
-    calibration = {"method": "f1", "dataset": "mvtec_ad"}
-    for name, value in (("image_threshold", 0.0), ("pixel_threshold", 1.0), ("calibration", calibration)):
+    calibrated = {
+        "image_threshold": 0.0,
+        "pixel_threshold": 1.0,
+        "image_thresholds": {"bottle": 1.0},
+        "pixel_thresholds": {"bottle": 0.0},
+        "calibration": {"method": "f1", "dataset": "mvtec_ad"},
+    }
+    for name, value in calibrated.items():
         setattr(model.config, name, value)
     try:
-        folder = export_model(model, processor, tmp_path / "export", format="torchscript")
+        detector = ExportedDetector(export_model(model, processor, tmp_path / "export", format="torchscript"))
+        assert detector.thresholds == calibrated
+        # The same decisions as the pipeline's for the model itself.
+        for threshold, pixel_threshold, category in [
+            (None, None, None),
+            (None, None, "bottle"),
+            (None, None, "screw"),
+            (0.3, None, None),
+            (None, 0.4, "bottle"),
+        ]:
+            expected = resolve_thresholds(model.config, threshold, pixel_threshold, category)
+            assert detector.decision_thresholds(threshold, pixel_threshold, category) == expected
     finally:
-        for name in ("image_threshold", "pixel_threshold", "calibration"):
-            delattr(model.config, name)
-    detector = ExportedDetector(folder)
-    assert detector.thresholds == {"image_threshold": 0.0, "pixel_threshold": 1.0, "calibration": calibration}
-    result = detector(real_images[0])  # the calibrated thresholds are the defaults
+        for name in calibrated:
+            setattr(model.config, name, None)
+    result = detector(real_images[0])  # the calibrated model-wide thresholds are the defaults
     assert result["label"] == "anomaly" and result["anomaly_map"].max() < 1.0 and not np.asarray(result["mask"]).any()
+    bottle = detector(real_images[0], category="bottle")  # then the category's
+    assert bottle["label"] == "normal" and np.asarray(bottle["mask"]).all()
     overridden = detector(real_images[0], threshold=1.0, pixel_threshold=0.0)
     assert overridden["label"] == "normal" and np.asarray(overridden["mask"]).all()
 

@@ -18,7 +18,7 @@ from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from ..export import ExportedDetector, is_export_folder
 from ..files import OutputKind, check_output_folder, output_folder
 from ..image_utils_headclip import to_rgb_image
-from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetectionPipeline
+from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetectionPipeline, resolve_thresholds
 from ..references import load_reference_embeds, read_reference_metadata
 from ._common import (
     CommandError,
@@ -49,15 +49,17 @@ EPILOG = f"""examples:
   headclip detect images/ --model exports/headclip-onnx     # an export folder (headclip export): ONNX Runtime
   accelerate launch -m headclip_hf.cli detect images/ --model runs/mvtec/adapter   # images shared by processes
 
-Writes OUTPUT_DIR/{SCORES_CSV} and OUTPUT_DIR/{SCORES_JSON} (score and label per image, failed files with their
-error), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the image, jet colours) and
-OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's path below the images'
-common folder. With --reference_images (normal images of the same object) or --references (a file of `headclip
-references`), the few-shot mode compares each image with them as well. The outputs appear together when the run
-ends (an earlier detect output there is replaced; a folder with other files is refused unless --overwrite).
-Unreadable files are reported and skipped; the exit status is 1 when any image failed. Under `accelerate launch`
-each process detects its share of the batches and the main process writes the scores: the outputs are those of a
-single process."""
+Labels and masks use the model's calibrated thresholds (`headclip calibrate`; with --category, that category's where
+calibrated), else {DEFAULT_THRESHOLD}; --threshold / --pixel_threshold override them. Writes OUTPUT_DIR/{SCORES_CSV}
+and OUTPUT_DIR/{SCORES_JSON} (score and label per image, failed files with their error, the thresholds used and
+their source: given, calibrated or default), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the
+image, jet colours) and OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's
+path below the images' common folder. With --reference_images (normal images of the same object) or --references (a
+file of `headclip references`), the few-shot mode compares each image with them as well. The outputs appear together
+when the run ends (an earlier detect output there is replaced; a folder with other files is refused unless
+--overwrite). Unreadable files are reported and skipped; the exit status is 1 when any image failed. Under
+`accelerate launch` each process detects its share of the batches and the main process writes the scores: the
+outputs are those of a single process."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -72,13 +74,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threshold",
         type=probability,
-        help="label 'anomaly' when the score is >= this (default: an export's calibrated threshold, else "
+        help=f"label 'anomaly' when the score is >= this (default: the model's calibrated threshold, else "
         f"{DEFAULT_THRESHOLD})",
     )
     parser.add_argument(
         "--pixel_threshold",
         type=probability,
-        help="mask: map >= this (default: an export's calibrated pixel threshold, else --threshold)",
+        help="mask: map >= this (default: the model's calibrated pixel threshold, else the image threshold)",
+    )
+    parser.add_argument(
+        "--category", help="the images' category: use its calibrated thresholds where the model has them"
     )
     parser.add_argument(
         "--batch_size",
@@ -123,19 +128,19 @@ EXPORT_FIXED_OPTIONS = {
 }
 
 
-def _load_detector(args: argparse.Namespace, few_shot: dict) -> tuple[Callable, int, float, float]:
+def _load_detector(args: argparse.Namespace, few_shot: dict) -> tuple[Callable, int, dict]:
     """
     The detector for `--model`: `ExportedDetector` for an export folder, else the pipeline on the loaded model (with
-    the `few_shot` references); with the batch size it runs (1 for an export without a dynamic batch) and the image
-    and pixel thresholds (an export's calibrated ones by default).
+    the `few_shot` references); with the batch size it runs (1 for an export without a dynamic batch) and the
+    thresholds with their sources (`resolve_thresholds`: the calibrated ones by default).
     """
     if is_export_folder(args.model):
         try:
             detector = ExportedDetector(args.model)
         except ImportError as error:  # the runtime's extra is not installed
             raise CommandError(str(error)) from error
-        threshold, pixel_threshold = detector.decision_thresholds(args.threshold, args.pixel_threshold)
-        return detector, args.batch_size if detector.config["dynamic_batch"] else 1, threshold, pixel_threshold
+        thresholds = detector.decision_thresholds(args.threshold, args.pixel_threshold, args.category)
+        return detector, args.batch_size if detector.config["dynamic_batch"] else 1, thresholds
     model, processor = load_model_and_processor(
         args.model, args.adapter, args.image_size, args.device, args.dtype, args.compile
     )
@@ -150,8 +155,8 @@ def _load_detector(args: argparse.Namespace, few_shot: dict) -> tuple[Callable, 
         reference_images=few_shot.get("reference_images"),
         reference_embeds=reference_embeds,
     )
-    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    return detector, args.batch_size, threshold, threshold if args.pixel_threshold is None else args.pixel_threshold
+    thresholds = resolve_thresholds(model.config, args.threshold, args.pixel_threshold, args.category)
+    return detector, args.batch_size, thresholds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     # Every process checks (a refusal stops them all before any work); the main process writes.
     check_output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite)
     state = process_state(args.device)
-    detector, batch_size, threshold, pixel_threshold = _load_detector(args, few_shot)
+    detector, batch_size, thresholds = _load_detector(args, few_shot)
     names = _output_names(files)
     batches = [list(range(start, min(start + batch_size, len(files)))) for start in range(0, len(files), batch_size)]
     writing = output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) if state.is_main_process else nullcontext()
@@ -193,7 +198,12 @@ def run(args: argparse.Namespace) -> int:
                     except (OSError, ValueError) as error:
                         shard_failures.append((str(files[index]), str(error)))
                 results = (
-                    detector(images, batch_size=batch_size, threshold=threshold, pixel_threshold=pixel_threshold)
+                    detector(
+                        images,
+                        batch_size=batch_size,
+                        threshold=thresholds["threshold"],
+                        pixel_threshold=thresholds["pixel_threshold"],
+                    )
                     if images
                     else []
                 )
@@ -217,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [row for shard_rows, _ in shards for row in shard_rows]
         failures += [failure for _, shard_failures in shards for failure in shard_failures]
         if state.is_main_process:
-            _write_scores(staging, rows, failures, args, threshold, pixel_threshold, few_shot)
+            _write_scores(staging, rows, failures, args, thresholds, few_shot)
     if state.is_main_process:
         out = Path(args.output_dir)
         print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
@@ -255,8 +265,7 @@ def _write_scores(
     rows: list[dict],
     failures: list[tuple[str, str]],
     args: argparse.Namespace,
-    threshold: float,
-    pixel_threshold: float,
+    thresholds: dict,
     few_shot: dict,
 ) -> None:
     with open(out / SCORES_CSV, "w", newline="") as file:
@@ -267,8 +276,8 @@ def _write_scores(
     summary = {
         "model": args.model,
         "adapter": args.adapter,
-        "threshold": threshold,
-        "pixel_threshold": pixel_threshold,
+        "category": args.category,
+        **thresholds,
         "few_shot": few_shot or None,
         "images": rows,
         "failed": [{"path": path, "error": reason} for path, reason in failures],
