@@ -293,8 +293,8 @@ def _scan_folder_category(category_dir: Path, images_dir: Path) -> list[_Entry]:
         if defect_dir.name == "ground_truth":
             continue
         label = 0 if defect_dir.name == NORMAL_DEFECT_TYPE else 1
-        masks = {path.stem: path for path in _image_files(category_dir / "ground_truth" / defect_dir.name)}
-        for image in _image_files(defect_dir):
+        masks = {path.stem: path for path in image_files(category_dir / "ground_truth" / defect_dir.name)}
+        for image in image_files(defect_dir):
             mask = None
             if label == 1:
                 mask = masks.get(f"{image.stem}_mask") or masks.get(image.stem)
@@ -318,7 +318,7 @@ def _generic_category_dirs(root: Path) -> list[Path]:
 
 def _is_generic_category(path: Path) -> bool:
     """A folder with at least one sub-folder (other than `ground_truth`) that directly holds images."""
-    return any(_image_files(sub) for sub in _subdirs(path) if sub.name != "ground_truth")
+    return any(image_files(sub) for sub in _subdirs(path) if sub.name != "ground_truth")
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -327,13 +327,18 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(child for child in path.iterdir() if child.is_dir() and not child.name.startswith("."))
 
 
-def _image_files(path: Path) -> list[Path]:
+def image_files(path: Path) -> list[Path]:
+    """
+    The image files directly in the folder `path` (by extension, `IMAGE_EXTENSIONS`), sorted; hidden files (`.name`)
+    are skipped. A broken symbolic link with an image extension is listed, so that reading it fails and it is reported
+    like any unreadable file. A missing folder gives `[]`.
+    """
     if not path.is_dir():
         return []
     return sorted(
         child
         for child in path.iterdir()
-        if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".")
+        if not child.is_dir() and child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".")
     )
 
 

@@ -2,9 +2,12 @@
 """What every `headclip` command shares: the flag convention, argument types, model arguments and loading, errors."""
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate import PartialState
+from PIL import Image
 
 from ..adapters import load_headclip_model_and_processor
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
@@ -102,13 +105,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_output_dir_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
-    """`--output_dir` (also `--out`) and `--overwrite` for a command that writes a folder."""
+def add_output_dir_argument(
+    parser: argparse.ArgumentParser, default: str | None, what: str, required: bool | None = None
+) -> None:
+    """
+    `--output_dir` (also `--out`) and `--overwrite` for a command that writes a folder; `--output_dir` is required
+    when there is no `default`, unless `required=False`.
+    """
     parser.add_argument(
         "--output_dir",
         "--out",
         default=default,
-        required=default is None,
+        required=default is None if required is None else required,
         help=f"output folder for {what}" + (f" (default: {default})" if default else ""),
     )
     parser.add_argument(
@@ -118,15 +126,87 @@ def add_output_dir_argument(parser: argparse.ArgumentParser, default: str | None
     )
 
 
+def add_max_image_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    """`--max_image_pixels`, for the commands that read image files (see [`image_pixel_limit`])."""
+    parser.add_argument(
+        "--max_image_pixels",
+        type=positive_int,
+        help="largest image, in pixels, that is read (PIL.Image.MAX_IMAGE_PIXELS; default PIL's, "
+        f"{Image.MAX_IMAGE_PIXELS}: PIL refuses images of more than twice this as decompression bombs, and such files "
+        "are reported as unreadable); raise it for huge images you trust",
+    )
+
+
+@contextmanager
+def image_pixel_limit(max_image_pixels: int | None) -> Iterator[None]:
+    """Set `PIL.Image.MAX_IMAGE_PIXELS` to `max_image_pixels` (unless `None`) for the block, then restore it."""
+    previous = Image.MAX_IMAGE_PIXELS
+    if max_image_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _available_devices() -> list[str]:
+    devices = ["cpu"]
+    for device_type in ("cuda", "mps", "xpu"):
+        backend = getattr(torch, device_type, None)
+        if backend is not None and backend.is_available():
+            count = backend.device_count()
+            devices += [device_type] if count <= 1 else [f"{device_type}:{index}" for index in range(count)]
+    return devices
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """
+    The device `--device name` names, checked before any model is loaded; by default the first accelerator, else the
+    CPU (accelerate's choice, which `accelerate launch` sets per process).
+
+    Raises:
+        `CommandError`: `name` is not a device, or names one this machine does not have (e.g. `cuda` without CUDA);
+            the message lists the devices there are.
+    """
+    if name is None:
+        return PartialState().device
+    available = ", ".join(_available_devices())
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CommandError(
+            f"--device {name!r} is not a device: use cpu, cuda, cuda:N, mps or xpu. This machine has: {available}."
+        ) from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available"):
+        raise CommandError(
+            f"--device {name!r}: {device.type} devices cannot run a model here; this machine has: {available}."
+        )
+    if not backend.is_available():
+        raise CommandError(
+            f"--device {name!r}: {device.type} is not available on this machine (this PyTorch {torch.__version__} "
+            f"build or its drivers do not provide it). This machine has: {available}."
+        )
+    if device.index is not None and device.index >= backend.device_count():
+        raise CommandError(
+            f"--device {name!r}: there are {backend.device_count()} {device.type} devices, numbered from 0. This "
+            f"machine has: {available}."
+        )
+    return device
+
+
 def load_model_and_processor(
     model_name_or_path: str,
     adapter: str | None = None,
     image_size: int | None = None,
-    device: str | torch.device | None = None,
+    device: torch.device | None = None,
 ) -> tuple[HeadCLIPModel, HeadCLIPProcessor]:
     """
     Load a HeadCLIP (`load_headclip_model`: a checkpoint, an adapter folder, or a checkpoint plus `adapter`) in eval
-    mode on `device`, and the processor of the checkpoint it came from, at the model's working size.
+    mode on `device` (one [`resolve_device`] checked; default accelerate's), and the processor of the checkpoint it
+    came from, at the model's working size.
 
     Raises:
         `CommandError`: the model or processor cannot be loaded (no network and no local copy, a wrong path, ...); the

@@ -11,19 +11,24 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
-from ..data import IMAGE_EXTENSIONS
+from ..data import IMAGE_EXTENSIONS, image_files
 from ..files import OutputKind, check_output_folder, output_folder
-from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetectionPipeline
+from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, NonFiniteOutputError, ZeroShotAnomalyDetectionPipeline
 from ._common import (
     CommandError,
+    add_max_image_pixels_argument,
     add_model_arguments,
     add_output_dir_argument,
+    image_pixel_limit,
     load_model_and_processor,
     positive_int,
     probability,
+    resolve_device,
 )
 
 SCORES_CSV = "scores.csv"
@@ -41,8 +46,9 @@ Writes OUTPUT_DIR/{SCORES_CSV} and OUTPUT_DIR/{SCORES_JSON} (score and label per
 error), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the image, jet colours) and
 OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's path below the images'
 common folder. The outputs appear together when the run ends (an earlier detect output there is replaced; a folder
-with other files is refused unless --overwrite). Unreadable files are reported and skipped; the exit status is 1
-when any image failed."""
+with other files is refused unless --overwrite). Unreadable files (corrupt, broken links, images above
+--max_image_pixels) and images whose score is not finite are reported and skipped; the exit status is 1 when any
+image failed."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -62,6 +68,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--pixel_threshold", type=probability, help="mask: map >= this (default: --threshold)")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
+    add_max_image_pixels_argument(parser)
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -70,8 +77,9 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
     """
     Expand `patterns` (image files, folders, glob patterns with `*`, `?`, `[...]` and `**`) into image files.
 
-    A folder contributes its image files (by extension, not recursive); a glob its matching files. Files keep the
-    order of the patterns, sorted within a folder or glob, without duplicates.
+    A folder contributes its image files (`headclip_hf.data.image_files`: by extension, not recursive, hidden files
+    skipped); a glob its matching files. Broken symbolic links are kept, so that reading them fails and they are
+    reported. Files keep the order of the patterns, sorted within a folder or glob, without duplicates.
 
     Returns:
         The files, and `(pattern, reason)` for each pattern that gives no image (missing path, empty folder, no match).
@@ -81,12 +89,12 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
     for pattern in patterns:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = image_files(path)
             reason = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"
-        elif path.is_file():
+        elif path.exists() or path.is_symlink():
             found, reason = [path], ""
         elif glob.has_magic(pattern):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if not Path(p).is_dir())
             reason = "no file matches this pattern"
         else:
             found, reason = [], "no such file or folder"
@@ -101,7 +109,7 @@ def _output_names(files: list[Path]) -> list[Path]:
     A distinct relative PNG name per file: its path below the files' common folder with the extension replaced by
     `.png` (kept before `.png` when two images differ only in their extension: `a.jpg.png`, `a.bmp.png`).
     """
-    resolved = [file.resolve() for file in files]
+    resolved = [file.parent.resolve() / file.name for file in files]  # a broken link resolves nowhere
     root = Path(os.path.commonpath([file.parent for file in resolved]))
     relative = [file.relative_to(root) for file in resolved]
     stems = Counter(path.with_name(path.stem) for path in relative)
@@ -111,59 +119,115 @@ def _output_names(files: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `headclip detect`: check the inputs, load the model, detect batch by batch, write the outputs together."""
+    pixel_threshold = args.threshold if args.pixel_threshold is None else args.pixel_threshold
+    with image_pixel_limit(args.max_image_pixels):
+        files, failures, device = _check_inputs(args)
+        detector = _load_detector(args, device)
+        with output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) as staging:
+            rows = _detect_all(detector, files, staging, failures, args.batch_size, args.threshold, pixel_threshold)
+            _write_scores(staging, rows, failures, args, pixel_threshold)
+    return _report(rows, failures, Path(args.output_dir))
+
+
+def _check_inputs(args: argparse.Namespace) -> tuple[list[Path], list[tuple[str, str]], torch.device]:
+    """
+    Everything that can be refused before the model loads: the images (at least one), the output folder, the device.
+
+    Returns:
+        The image files, `(pattern, reason)` for the patterns that gave none, and the device.
+    """
     files, failures = collect_images(args.images)
     if not files:
         problems = "; ".join(f"{pattern}: {reason}" for pattern, reason in failures)
         raise CommandError(f"no images to process ({problems})")
     check_output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite)
-    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
-    detector = ZeroShotAnomalyDetectionPipeline(model=model, processor=processor, task=TASK, device=model.device)
-    pixel_threshold = args.threshold if args.pixel_threshold is None else args.pixel_threshold
+    return files, failures, resolve_device(args.device)
+
+
+def _load_detector(args: argparse.Namespace, device: torch.device) -> ZeroShotAnomalyDetectionPipeline:
+    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, device)
+    return ZeroShotAnomalyDetectionPipeline(model=model, processor=processor, task=TASK, device=model.device)
+
+
+def _detect_all(
+    detector: ZeroShotAnomalyDetectionPipeline,
+    files: list[Path],
+    staging: Path,
+    failures: list[tuple[str, str]],
+    batch_size: int,
+    threshold: float,
+    pixel_threshold: float,
+) -> list[dict]:
+    """
+    Detect on `files` batch by batch, saving each image's heatmap and mask in `staging`. Returns a row per image;
+    images that fail (unreadable, non-finite score) are appended to `failures` as `(path, reason)`.
+    """
     rows = []
     names = _output_names(files)
-    with output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) as staging:
-        with tqdm(total=len(files), desc="Detecting", unit="image") as progress:
-            for start in range(0, len(files), args.batch_size):
-                end = start + args.batch_size
-                chunk = list(zip(files[start:end], names[start:end], strict=True))
-                images, loaded = [], []
-                for file, name in chunk:
-                    try:
-                        images.append(processor.to_rgb_image(file))
-                        loaded.append((file, name))
-                    except (OSError, ValueError) as error:
-                        failures.append((str(file), str(error)))
-                results = (
-                    detector(
-                        images, batch_size=args.batch_size, threshold=args.threshold, pixel_threshold=pixel_threshold
-                    )
-                    if images
-                    else []
-                )
-                for (file, name), result in zip(loaded, results, strict=True):
-                    heatmap_name, mask_name = Path(HEATMAPS_DIR) / name, Path(MASKS_DIR) / name
-                    for relative, picture in ((heatmap_name, result["heatmap"]), (mask_name, result["mask"])):
-                        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-                        picture.save(staging / relative)
-                    rows.append(
-                        {
-                            "path": str(file),
-                            "score": result["score"],
-                            "label": result["label"],
-                            "heatmap": str(heatmap_name),
-                            "mask": str(mask_name),
-                        }
-                    )
-                progress.update(len(chunk))
-        _write_scores(staging, rows, failures, args, pixel_threshold)
-    out = Path(args.output_dir)
-    print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
-    if failures:
-        print(f"{len(failures)} failed:", file=sys.stderr)
-        for path, reason in failures:
-            print(f"  {path}: {reason}", file=sys.stderr)
-        return 1
-    return 0
+    with tqdm(total=len(files), desc="Detecting", unit="image") as progress:
+        for start in range(0, len(files), batch_size):
+            batch = list(zip(files[start : start + batch_size], names[start : start + batch_size], strict=True))
+            images, readable = _read_images(batch, detector, failures)
+            results = _detect_batch(detector, images, readable, failures, threshold, pixel_threshold)
+            for (file, name), result in results:
+                rows.append(_save_pictures(staging, file, name, result))
+            progress.update(len(batch))
+    return rows
+
+
+def _read_images(
+    batch: list[tuple[Path, Path]], detector: ZeroShotAnomalyDetectionPipeline, failures: list[tuple[str, str]]
+) -> tuple[list[Image.Image], list[tuple[Path, Path]]]:
+    """The RGB images of the readable files of `batch` and their `(file, name)`; the others go to `failures`."""
+    images, readable = [], []
+    for file, name in batch:
+        try:
+            images.append(detector.processor.to_rgb_image(file))
+            readable.append((file, name))
+        except (OSError, ValueError) as error:
+            failures.append((str(file), str(error)))
+    return images, readable
+
+
+def _detect_batch(
+    detector: ZeroShotAnomalyDetectionPipeline,
+    images: list[Image.Image],
+    readable: list[tuple[Path, Path]],
+    failures: list[tuple[str, str]],
+    threshold: float,
+    pixel_threshold: float,
+) -> list[tuple[tuple[Path, Path], dict]]:
+    """
+    The pipeline's results for one batch, paired with their `(file, name)`. When an image's score or map is not
+    finite the batch runs again image by image, so that only that image fails (appended to `failures`).
+    """
+    thresholds = {"threshold": threshold, "pixel_threshold": pixel_threshold}
+    try:
+        return list(zip(readable, detector(images, batch_size=max(1, len(images)), **thresholds), strict=True))
+    except NonFiniteOutputError:
+        results = []
+        for (file, name), image in zip(readable, images, strict=True):
+            try:
+                results.append(((file, name), detector(image, **thresholds)))
+            except NonFiniteOutputError as error:
+                failures.append((str(file), str(error)))
+        return results
+
+
+def _save_pictures(staging: Path, file: Path, name: Path, result: dict) -> dict:
+    """Save the heatmap and mask of one image under `staging`; returns its row of the scores table."""
+    heatmap_name, mask_name = Path(HEATMAPS_DIR) / name, Path(MASKS_DIR) / name
+    for relative, picture in ((heatmap_name, result["heatmap"]), (mask_name, result["mask"])):
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        picture.save(staging / relative)
+    return {
+        "path": str(file),
+        "score": result["score"],
+        "label": result["label"],
+        "heatmap": str(heatmap_name),
+        "mask": str(mask_name),
+    }
 
 
 def _write_scores(
@@ -183,3 +247,14 @@ def _write_scores(
         "failed": [{"path": path, "error": reason} for path, reason in failures],
     }
     (out / SCORES_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _report(rows: list[dict], failures: list[tuple[str, str]], out: Path) -> int:
+    """Print what was done and what failed; the exit status (1 when any image failed)."""
+    print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
+    if not failures:
+        return 0
+    print(f"{len(failures)} failed:", file=sys.stderr)
+    for path, reason in failures:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    return 1

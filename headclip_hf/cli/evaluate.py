@@ -10,7 +10,16 @@ from ..data import LAYOUTS, load_anomaly_dataset
 from ..evaluation import evaluate_model
 from ..files import OutputKind, check_output_folder, output_folder
 from ..reporting import PLOTS_DIR, RESULTS_JSON, RESULTS_MARKDOWN, results_to_markdown, save_results
-from ._common import CommandError, add_model_arguments, add_output_dir_argument, load_model_and_processor, positive_int
+from ._common import (
+    CommandError,
+    add_max_image_pixels_argument,
+    add_model_arguments,
+    add_output_dir_argument,
+    image_pixel_limit,
+    load_model_and_processor,
+    positive_int,
+    resolve_device,
+)
 
 EVALUATE_OUTPUT = OutputKind("headclip evaluate output", frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR}))
 
@@ -37,20 +46,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
     parser.add_argument("--no_plots", action="store_true", help="write the table and JSON only")
+    add_max_image_pixels_argument(parser)
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `headclip evaluate`: check the output folder and device, load the data and the model, evaluate, write."""
     state = PartialState()
     if state.is_main_process:
         check_output_folder(args.output_dir, EVALUATE_OUTPUT, args.overwrite)
-    try:
-        dataset = load_anomaly_dataset(args.data, layout=args.layout, categories=args.categories)
-    except (OSError, ValueError) as error:
-        raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
-    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
-    results = evaluate_model(model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    device = resolve_device(args.device)
+    with image_pixel_limit(args.max_image_pixels):
+        try:
+            dataset = load_anomaly_dataset(args.data, layout=args.layout, categories=args.categories)
+        except (OSError, ValueError) as error:
+            raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
+        model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, device)
+        results = evaluate_model(model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     if state.is_main_process:  # under `accelerate launch` every process holds the gathered results
         with output_folder(args.output_dir, EVALUATE_OUTPUT, args.overwrite) as staging:
             written = save_results(results, staging, plots=not args.no_plots)
