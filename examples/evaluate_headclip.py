@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other option is passed to `headclip evaluate` (see `headclip evaluate --help`).",
+        allow_abbrev=False,  # abbreviations would take `headclip evaluate`'s options
     )
     parser.add_argument("--data", nargs="+", required=True, help="data set folders to evaluate on")
     parser.add_argument("--output_dir", "--out", required=True, help="parent folder of one output folder per data set")

@@ -57,7 +57,7 @@ def _describe_input(image: Any) -> str:
         return f"a numpy array of shape {image.shape}"
     if isinstance(image, Image.Image):
         return f"a {image.width}x{image.height} PIL image"
-    return f"a {type(image).__name__}"
+    return f"a value of type {type(image).__name__}"
 
 
 def _check_unit_interval(name: str, value: Any) -> float:

@@ -269,7 +269,8 @@ def test_dry_run_errors(headclip_checkpoint, results_dir, tmp_path, capsys):
     occupied.mkdir()
     (occupied / "old.txt").write_text("old")
     assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", occupied) == 1
-    assert f"{occupied} is not empty" in capsys.readouterr().err
+    assert f"{occupied} holds files that are not part of a Hub repository folder (old.txt)" in capsys.readouterr().err
+    assert [path.name for path in occupied.iterdir()] == ["old.txt"]
     assert push(headclip_checkpoint, tmp_path, "--dry-run", "--output-dir", tmp_path / "repo") == 1
     assert "holds no evaluation results (results.json, results.md)" in capsys.readouterr().err
     lora = tmp_path / "lora"
@@ -287,6 +288,10 @@ class RecordingHfApi:
 
     def __init__(self, token=None):
         self.calls.append(("init", {"token": token}))
+
+    def whoami(self):
+        self.calls.append(("whoami", {}))
+        return {"name": "someone"}
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
@@ -309,7 +314,7 @@ def test_push_creates_the_repository_and_uploads_the_folder(headclip_checkpoint,
     args = ("--private", "--revision", "v1", "--token", "hf_test", "--commit-message", "First HeadCLIP")
     assert push(headclip_checkpoint, results_dir, *args) == 0
     names = [name for name, _ in RecordingHfApi.calls]
-    assert names == ["init", "create_repo", "create_branch", "upload_folder"]
+    assert names == ["init", "whoami", "init", "create_repo", "create_branch", "upload_folder"]  # login checked first
     calls = dict(RecordingHfApi.calls)
     assert calls["init"] == {"token": "hf_test"}
     assert calls["create_repo"] == {"repo_id": REPO_ID, "repo_type": "model", "private": True, "exist_ok": True}
