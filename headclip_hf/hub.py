@@ -14,7 +14,7 @@ Two kinds of repository (`save_hub_folder`):
 
 Both carry the model card (`README.md`, rendered from the `model_card.md` template with the metrics of an evaluation
 run in its table and in the `model-index` metadata) and that run's `results.json`, `results.md` and plots under
-`evaluation/`. `headclip push --dry-run` writes exactly the folder that `upload_hub_folder` would upload.
+`evaluation/`. `headclip push --dry_run` writes exactly the folder that `upload_hub_folder` would upload.
 """
 
 import json
