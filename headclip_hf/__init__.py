@@ -13,6 +13,7 @@ from .metrics import AnomalyDetectionResults, AnomalyMetricsAccumulator, MetricR
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
 from .pipeline_headclip import ZeroShotAnomalyDetectionPipeline, register_pipeline
 from .processing_headclip import HeadCLIPProcessor
+from .references import encode_reference_images, load_reference_embeds, save_reference_embeds, select_k_shot
 from .reporting import save_results
 
 __version__ = "0.1.0"
@@ -38,7 +39,11 @@ __all__ = [
     "UndefinedMetricError",
     "ZeroShotAnomalyDetectionPipeline",
     "__version__",
+    "encode_reference_images",
     "load_anomaly_dataset",
+    "load_reference_embeds",
     "make_transform",
+    "save_reference_embeds",
     "save_results",
+    "select_k_shot",
 ]

@@ -166,8 +166,8 @@ def nan_for_width(width: int):
     """A `_forward` replacement that makes the score and map NaN for images `width` pixels wide."""
     forward = ZeroShotAnomalyDetectionPipeline._forward
 
-    def patched(self, model_inputs):
-        outputs = forward(self, model_inputs)
+    def patched(self, model_inputs, **forward_params):
+        outputs = forward(self, model_inputs, **forward_params)
         images = model_inputs["image"] if isinstance(model_inputs["image"], list) else [model_inputs["image"]]
         for index, image in enumerate(images):
             if image.width == width:

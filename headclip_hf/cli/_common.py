@@ -2,8 +2,10 @@
 """What every `headclip` command shares: the flag convention, argument types, model arguments and loading, errors."""
 
 import argparse
-from collections.abc import Iterator
+import glob
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -11,6 +13,7 @@ from PIL import Image
 
 from ..adapters import load_headclip_model_and_processor
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
+from ..data import IMAGE_EXTENSIONS, image_files
 from ..modeling_headclip import HeadCLIPModel
 from ..processing_headclip import HeadCLIPProcessor
 
@@ -84,6 +87,37 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
+
+
+def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """
+    Expand `patterns` (image files, folders, glob patterns with `*`, `?`, `[...]` and `**`) into image files.
+
+    A folder contributes its image files (`headclip_hf.data.image_files`: by extension, not recursive, hidden files
+    skipped); a glob its matching files. Broken symbolic links are kept, so that reading them fails and they are
+    reported. Files keep the order of the patterns, sorted within a folder or glob, without duplicates.
+
+    Returns:
+        The files, and `(pattern, reason)` for each pattern that gives no image (missing path, empty folder, no match).
+    """
+    files: dict[Path, None] = {}
+    problems = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            found = image_files(path)
+            reason = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"
+        elif path.exists() or path.is_symlink():
+            found, reason = [path], ""
+        elif glob.has_magic(pattern):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if not Path(p).is_dir())
+            reason = "no file matches this pattern"
+        else:
+            found, reason = [], "no such file or folder"
+        if not found:
+            problems.append((pattern, reason))
+        files.update(dict.fromkeys(found))
+    return list(files), problems
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,21 +231,40 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def add_output_file_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """`--output_file` (also `--out`) and `--overwrite` for a command that writes a single file."""
+    parser.add_argument(
+        "--output_file",
+        "--out",
+        default=default,
+        required=default is None,
+        help=f"output file for {what}" + (f" (default: {default})" if default else ""),
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing file that is not an earlier output of this command",
+    )
+
+
 def load_model_and_processor(
     model_name_or_path: str,
     adapter: str | None = None,
     image_size: int | None = None,
-    device: torch.device | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[HeadCLIPModel, HeadCLIPProcessor]:
     """
     Load a HeadCLIP (`load_headclip_model`: a checkpoint, an adapter folder, or a checkpoint plus `adapter`) in eval
-    mode on `device` (one [`resolve_device`] checked; default accelerate's), and the processor of the checkpoint it
-    came from, at the model's working size.
+    mode on `device`, and the processor of the checkpoint it came from, at the model's working size. A device name
+    (`--device`) is checked with [`resolve_device`] before anything loads; commands that do other work first check it
+    earlier themselves.
 
     Raises:
-        `CommandError`: the model or processor cannot be loaded (no network and no local copy, a wrong path, ...); the
-            message says how to work offline.
+        `CommandError`: the device is not available, or the model or processor cannot be loaded (no network and no
+            local copy, a wrong path, ...); the message says how to work offline.
     """
+    if not isinstance(device, torch.device):
+        device = resolve_device(device)
     try:
         model, processor = load_headclip_model_and_processor(model_name_or_path, adapter, image_size)
     except ValueError as error:  # e.g. a malformed adapter folder
@@ -224,4 +277,4 @@ def load_model_and_processor(
             "with `hf download` on a connected machine): --model /path/to/local/folder. HF_HUB_OFFLINE=1 is "
             "honoured: the Hub is then not contacted and only local folders and the local Hugging Face cache are used."
         ) from error
-    return model.to(device or PartialState().device).eval(), processor
+    return model.to(device).eval(), processor
