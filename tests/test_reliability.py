@@ -381,6 +381,8 @@ def test_one_unreadable_item_is_named_before_any_forward_pass(detector, images, 
         detector(inputs, batch_size=1)
     with pytest.raises(TypeError, match=r"^inputs\[1\] \(a value of type int\): Expected a PIL image"):
         detector([str(images / "a.png"), 3])
+    with pytest.raises(ValueError, match=rf"^reference_images\[1\] \('{corrupt}'\): Cannot read image file"):
+        detector(str(images / "a.png"), reference_images=[str(images / "b.png"), str(corrupt)])
     assert counted_forward == []
     assert len(detector(inputs[:2])) == 2 and len(counted_forward) == 2
 
@@ -420,6 +422,9 @@ def test_evaluate_example_is_headclip_evaluate_per_data_set(tmp_path, monkeypatc
         ["evaluate", f"data/{name}", "--output_dir", str(tmp_path / "eval" / name), *passed_on]
         for name in ("visa", "mpdd")
     ]
+    calls.clear()
+    assert example.main([*argv, "4", "--k_shot", "2"]) == 0
+    assert calls[0][:6] == ["evaluate", "data/visa", "--output_dir", str(tmp_path / "eval" / "visa"), "--k_shot", "2"]
     calls.clear()
     (tmp_path / "eval" / "mpdd").mkdir(parents=True)
     (tmp_path / "eval" / "mpdd" / "notes.txt").write_text("mine")
