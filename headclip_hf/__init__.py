@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_headclip import HeadCLIPConfig
 from .data import ANOMALY_FEATURES, AnomalyCollator, load_anomaly_dataset, make_transform
+from .dataset_export import export_anomaly_dataset, upload_anomaly_dataset
 from .metrics import AnomalyDetectionResults, AnomalyMetricsAccumulator, MetricResult, UndefinedMetricError
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
 from .pipeline_headclip import ZeroShotAnomalyDetectionPipeline, register_pipeline
@@ -40,10 +41,12 @@ __all__ = [
     "ZeroShotAnomalyDetectionPipeline",
     "__version__",
     "encode_reference_images",
+    "export_anomaly_dataset",
     "load_anomaly_dataset",
     "load_reference_embeds",
     "make_transform",
     "save_reference_embeds",
     "save_results",
     "select_k_shot",
+    "upload_anomaly_dataset",
 ]

@@ -2,9 +2,11 @@
 """Evaluation: run a HeadCLIP over an anomaly data set and compute the field's metrics per category.
 
 Maps and masks are compared at the model's working size (the processor resizes both, 518 x 518 by default), as the
-AnomalyCLIP protocol does. Under `accelerate`, each process evaluates a contiguous shard of the data set (no sample
-is duplicated to even out batches) and the metric states are gathered and merged, so every process returns the
-same results.
+AnomalyCLIP protocol does. Under `accelerate`, each process evaluates its part of the data set
+(`datasets.distributed.split_dataset_by_node`: a contiguous shard of a `Dataset`; whole shards, or every n-th row, of
+a streaming `IterableDataset`; no sample is duplicated to even out batches) and the metric states are gathered and
+merged, so every process returns the same results. A streaming data set is evaluated in constant memory: rows are
+read batch by batch and the metrics are histograms.
 
 Zero-shot: `evaluate_model`. Few-shot: `evaluate_model(..., reference_embeds=...)` with given references, or the
 k-shot protocol `evaluate_k_shot`, which draws K normal references per category and seed (from the layout's training
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -54,7 +57,7 @@ def _collate_with_categories(collator: AnomalyCollator):
 def _accumulate(
     model: HeadCLIPModel,
     processor: Any,
-    dataset: datasets.Dataset,
+    dataset: datasets.Dataset | datasets.IterableDataset,
     accumulator: AnomalyMetricsAccumulator,
     batch_size: int,
     num_workers: int,
@@ -64,7 +67,7 @@ def _accumulate(
 ) -> None:
     """Run `model` over this process's shard of `dataset` and add its scores and maps to `accumulator`."""
     state = PartialState()
-    shard = dataset.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+    shard = split_dataset_by_node(dataset, rank=state.process_index, world_size=state.num_processes)
     loader = DataLoader(
         shard,
         batch_size=batch_size,
@@ -103,7 +106,7 @@ def _gathered_results(accumulator: AnomalyMetricsAccumulator, num_bins: int) -> 
 def evaluate_model(
     model: HeadCLIPModel,
     processor: Any,
-    dataset: datasets.Dataset,
+    dataset: datasets.Dataset | datasets.IterableDataset,
     batch_size: int = 8,
     num_workers: int = 0,
     num_bins: int = DEFAULT_NUM_BINS,
@@ -116,7 +119,8 @@ def evaluate_model(
     Args:
         model: a HeadCLIP (put in eval mode here; its training mode is restored afterwards).
         processor: the `HeadCLIPProcessor` that prepares images and masks.
-        dataset: the data set; pixel metrics use the rows whose `mask_valid` is true.
+        dataset: the data set, or a streaming one (`load_anomaly_dataset(..., streaming=True)`, never materialised);
+            pixel metrics use the rows whose `mask_valid` is true.
         batch_size, num_workers: the `DataLoader` settings.
         num_bins: score histogram bins of the streaming pixel metrics.
         show_progress: show a progress bar (on the main process only).

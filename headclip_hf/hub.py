@@ -217,27 +217,33 @@ def upload_hub_folder(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str = "Upload HeadCLIP",
+    repo_type: str = "model",
+    output_kind: OutputKind | None = None,
 ) -> str:
     """
-    Upload the Hub folder `folder` (`save_hub_folder`'s files only; other files there stay local) to the model
-    repository `repo_id`, creating the repository (and the branch `revision`) when missing. `private` applies when the
-    repository is created.
+    Upload `folder` to the repository `repo_id` (a model, or with `repo_type="dataset"` a data set), creating the
+    repository (and the branch `revision`) when missing. `private` applies when the repository is created. With
+    `output_kind` (e.g. `HUB_FOLDER_OUTPUT`, for a folder `save_hub_folder` wrote), only that kind's files are
+    uploaded: other files there stay local.
 
     Returns:
         The URL of the commit.
     """
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     if revision is not None:
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    own_entries = [pattern for entry in sorted(HUB_FOLDER_OUTPUT.entries) for pattern in (entry, f"{entry}/*")]
+        api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+    allow_patterns = None
+    if output_kind is not None:
+        own_entries = [pattern for entry in sorted(output_kind.entries) for pattern in (entry, f"{entry}/*")]
+        allow_patterns = own_entries + list(output_kind.patterns)
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=folder,
-        repo_type="model",
+        repo_type=repo_type,
         revision=revision,
         commit_message=commit_message,
-        allow_patterns=own_entries + list(HUB_FOLDER_OUTPUT.patterns),
+        allow_patterns=allow_patterns,
     )
     return commit.commit_url
 

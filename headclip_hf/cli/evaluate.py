@@ -6,7 +6,6 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from ..data import LAYOUTS, load_anomaly_dataset
 from ..evaluation import draw_k_shot_references, evaluate_k_shot, evaluate_model, load_training_normals
 from ..files import OutputKind, check_output_folder, output_folder
 from ..reporting import (
@@ -22,10 +21,12 @@ from ..reporting import (
 )
 from ._common import (
     CommandError,
+    add_data_arguments,
     add_max_image_pixels_argument,
     add_model_arguments,
     add_output_dir_argument,
     image_pixel_limit,
+    load_data,
     load_model_and_processor,
     positive_int,
     resolve_device,
@@ -45,6 +46,7 @@ def evaluate_output_kind(k_shot: int | None) -> OutputKind:
 EPILOG = f"""examples:
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec
   headclip evaluate data/visa --layout visa --categories candle pcb1 --model runs/mvtec/adapter --output_dir eval/visa
+  headclip evaluate user/mvtec-ad --split test --streaming --model runs/visa/adapter --output_dir eval/mvtec
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --k_shot 4 --k_shot_seeds 0 1 2 --output_dir eval/4shot
 
 Writes OUTPUT_DIR/{RESULTS_MARKDOWN} (table per category and mean, in percent), OUTPUT_DIR/{RESULTS_JSON} (fractions;
@@ -65,9 +67,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Evaluate on an anomaly data set: image and pixel metrics per category and their mean.",
         epilog=EPILOG,
     )
-    parser.add_argument("data", help="data set root or one category folder")
-    parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="folder layout (default: auto-detect)")
-    parser.add_argument("--categories", nargs="+", help="evaluate only these categories")
+    add_data_arguments(parser)
     add_output_dir_argument(parser, "evaluation", "the results table, JSON and plots")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     """Run `headclip evaluate`: check the inputs, load the data and the model, evaluate, write the results."""
     if args.k_shot_seeds is not None and args.k_shot is None:
         raise CommandError("--k_shot_seeds draws few-shot references: pass --k_shot K too")
+    if args.k_shot is not None and args.streaming:
+        raise CommandError("--k_shot draws references from the whole data set: leave out --streaming")
     seeds = args.k_shot_seeds or [0]
     output_kind = evaluate_output_kind(args.k_shot)
     state = PartialState()
@@ -95,10 +97,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder(args.output_dir, output_kind, args.overwrite)
     device = resolve_device(args.device)
     with image_pixel_limit(args.max_image_pixels):
-        try:
-            dataset = load_anomaly_dataset(args.data, layout=args.layout, categories=args.categories)
-        except (OSError, ValueError) as error:
-            raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
+        dataset = load_data(args)
         training_normals = None
         if args.k_shot is not None:  # the references are drawn (and checked) before the model loads
             training_normals = load_training_normals(args.data, layout=args.layout)

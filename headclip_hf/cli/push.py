@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             revision=args.revision,
             token=args.token,
             commit_message=args.commit_message,
+            output_kind=HUB_FOLDER_OUTPUT,
         )
     print(f"Uploaded {args.repo_id}: {url}")
     return 0
