@@ -221,16 +221,17 @@ def upload_hub_folder(
     output_kind: OutputKind | None = None,
 ) -> str:
     """
-    Upload `folder` to the repository `repo_id` (a model, or with `repo_type="dataset"` a data set), creating the
-    repository (and the branch `revision`) when missing. `private` applies when the repository is created. With
-    `output_kind` (e.g. `HUB_FOLDER_OUTPUT`, for a folder `save_hub_folder` wrote), only that kind's files are
-    uploaded: other files there stay local.
+    Upload `folder` to the repository `repo_id` (a model; with `repo_type="dataset"` a data set, with "space" a Gradio
+    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing. `private` applies
+    when the repository is created. With `output_kind` (e.g. `HUB_FOLDER_OUTPUT`, for a folder `save_hub_folder`
+    wrote), only that kind's files are uploaded: other files there stay local.
 
     Returns:
         The URL of the commit.
     """
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    space_options = {"space_sdk": "gradio"} if repo_type == "space" else {}
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **space_options)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     allow_patterns = None

@@ -21,6 +21,7 @@ from ..hub import (
 )
 from ..modeling_headclip import HeadCLIPModel
 from ..reporting import RESULTS_JSON, RESULTS_MARKDOWN
+from ..space import SPACE_OUTPUT, publish_space
 from ._common import (
     CommandError,
     add_model_arguments,
@@ -34,12 +35,15 @@ EPILOG = """examples:
       --repo_id user/headclip-mvtec --dry_run --output_dir hub-preview/
   headclip push --model runs/mvtec/adapter --results eval/visa --train_dataset "MVTec AD" --eval_dataset VisA \\
       --repo_id user/headclip-mvtec --private --revision v1
+  headclip push ... --repo_id user/headclip-mvtec --space user/headclip-demo   # also the demo app as a Space
 
 The repository holds the full model with its remote code and the custom pipeline (loads with
 AutoModel/pipeline(..., trust_remote_code=True) without headclip_hf), or with --adapter_only the adapter alone;
 plus the processor, the model card (README.md, metrics in its table and model-index metadata) and the evaluation
-run under evaluation/. Log in first (`hf auth login`) or pass --token. The repository id, the output folder and
-(unless --dry_run) the Hub login are checked before the model loads."""
+run under evaluation/. With --space, a Gradio Space (the `headclip demo` app, the package's source, the sample images)
+that loads the model is uploaded after it; with --dry_run it is only written, to --space_dir. Log in first
+(`hf auth login`) or pass --token. The repository ids, the output folders and (unless --dry_run) the Hub login are
+checked before the model loads."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -72,6 +76,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--revision", help="branch to push to (created if missing; default: main)")
     parser.add_argument("--token", help="Hub token (default: the one of `hf auth login` or HF_TOKEN)")
     parser.add_argument("--commit_message", default="Upload HeadCLIP", help="commit message")
+    parser.add_argument(
+        "--space", metavar="SPACE_ID", help="also publish the demo app as a Gradio Space (user/name) showing the model"
+    )
+    parser.add_argument(
+        "--space_dir", help="where to write the Space folder (needed with --dry_run; default: a temporary folder)"
+    )
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -96,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.dry_run:
             print(f"Dry run: wrote the repository folder for {args.repo_id} to {folder}; nothing was uploaded.")
+            _publish_space(args)
             return 0
         url = upload_hub_folder(
             folder,
@@ -107,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             output_kind=HUB_FOLDER_OUTPUT,
         )
     print(f"Uploaded {args.repo_id}: {url}")
+    _publish_space(args)
     return 0
 
 
@@ -117,10 +129,17 @@ def _check_inputs(args: argparse.Namespace) -> torch.device:
     """
     if args.dry_run and args.output_dir is None:
         raise CommandError("--dry_run writes the repository folder to --output_dir: pass --output_dir DIR.")
-    try:
-        validate_repo_id(args.repo_id)
-    except HFValidationError as error:
-        raise CommandError(f"--repo_id {args.repo_id!r} is not a Hub repository id (user/name): {error}") from None
+    for flag, repo_id in (("--repo_id", args.repo_id), ("--space", args.space)):
+        if repo_id is None:
+            continue
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as error:
+            raise CommandError(f"{flag} {repo_id!r} is not a Hub repository id (user/name): {error}") from None
+    if args.space is not None and args.dry_run and args.space_dir is None:
+        raise CommandError("--dry_run writes the Space folder to --space_dir: pass --space_dir DIR.")
+    if args.space is not None and args.space_dir is not None:
+        check_output_folder(args.space_dir, SPACE_OUTPUT)
     results_dir = Path(args.results)
     if not all((results_dir / name).is_file() for name in (RESULTS_JSON, RESULTS_MARKDOWN)):
         raise CommandError(
@@ -162,6 +181,26 @@ def _model_card(args: argparse.Namespace, model: HeadCLIPModel, base_model: str 
         base_model=base_model,
         adapter_only=args.adapter_only,
     )
+
+
+def _publish_space(args: argparse.Namespace) -> None:
+    """With --space: write (and unless --dry_run, upload) the Space showing the model, after the model itself."""
+    if args.space is None:
+        return
+    space_url = publish_space(
+        args.space,
+        args.repo_id,
+        folder=args.space_dir,
+        upload=not args.dry_run,
+        model_revision=args.revision,
+        license=args.license,
+        private=args.private,
+        token=args.token,
+    )
+    if space_url is None:
+        print(f"Dry run: wrote the Space folder for {args.space} to {args.space_dir}; nothing was uploaded.")
+    else:
+        print(f"Uploaded the Space {args.space}: {space_url}")
 
 
 def _hub_id_or_none(name_or_path: str) -> str | None:
