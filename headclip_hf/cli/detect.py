@@ -15,7 +15,13 @@ from tqdm.auto import tqdm
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from ..files import OutputKind, check_output_folder, output_folder
-from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, NonFiniteOutputError, ZeroShotAnomalyDetectionPipeline
+from ..pipeline_headclip import (
+    DEFAULT_THRESHOLD,
+    TASK,
+    NonFiniteOutputError,
+    ZeroShotAnomalyDetectionPipeline,
+    resolve_thresholds,
+)
 from ..references import load_reference_embeds, read_reference_metadata
 from ._common import (
     CommandError,
@@ -44,14 +50,16 @@ EPILOG = f"""examples:
   headclip detect images/ --model runs/mvtec/adapter --reference_images good/ --k_shot 4   # few-shot
   headclip detect images/ --model runs/mvtec/adapter --references refs.safetensors         # see headclip references
 
-Writes OUTPUT_DIR/{SCORES_CSV} and OUTPUT_DIR/{SCORES_JSON} (score and label per image, failed files with their
-error), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the image, jet colours) and
-OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's path below the images'
-common folder. With --reference_images (normal images of the same object) or --references (a file of `headclip
-references`), the few-shot mode compares each image with them as well. The outputs appear together when the run
-ends (an earlier detect output there is replaced; a folder with other files is refused unless --overwrite).
-Unreadable files (corrupt, broken links, images above --max_image_pixels) and images whose score is not finite are
-reported and skipped; the exit status is 1 when any image failed."""
+Labels and masks use the model's calibrated thresholds (`headclip calibrate`; with --category, that category's where
+calibrated), else {DEFAULT_THRESHOLD}; --threshold / --pixel_threshold override them. Writes OUTPUT_DIR/{SCORES_CSV}
+and OUTPUT_DIR/{SCORES_JSON} (score and label per image, failed files with their error, the thresholds used and
+their source: given, calibrated or default), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the
+image, jet colours) and OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's
+path below the images' common folder. With --reference_images (normal images of the same object) or --references (a
+file of `headclip references`), the few-shot mode compares each image with them as well. The outputs appear together
+when the run ends (an earlier detect output there is replaced; a folder with other files is refused unless
+--overwrite). Unreadable files (corrupt, broken links, images above --max_image_pixels) and images whose score is not
+finite are reported and skipped; the exit status is 1 when any image failed."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -66,10 +74,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threshold",
         type=probability,
-        default=DEFAULT_THRESHOLD,
-        help=f"label 'anomaly' when the score is >= this (default: {DEFAULT_THRESHOLD})",
+        help=f"label 'anomaly' when the score is >= this (default: the model's calibrated threshold, else "
+        f"{DEFAULT_THRESHOLD})",
     )
-    parser.add_argument("--pixel_threshold", type=probability, help="mask: map >= this (default: --threshold)")
+    parser.add_argument(
+        "--pixel_threshold",
+        type=probability,
+        help="mask: map >= this (default: the model's calibrated pixel threshold, else the image threshold)",
+    )
+    parser.add_argument(
+        "--category", help="the images' category: use its calibrated thresholds where the model has them"
+    )
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     add_max_image_pixels_argument(parser)
     few_shot = parser.add_argument_group("few-shot mode (normal reference images of the same object)")
@@ -99,13 +114,13 @@ def _output_names(files: list[Path]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Run `headclip detect`: check the inputs, load the model, detect batch by batch, write the outputs together."""
-    pixel_threshold = args.threshold if args.pixel_threshold is None else args.pixel_threshold
     with image_pixel_limit(args.max_image_pixels):
         files, failures, few_shot, device = _check_inputs(args)
         detector = _load_detector(args, few_shot, device)
+        thresholds = resolve_thresholds(detector.model.config, args.threshold, args.pixel_threshold, args.category)
         with output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) as staging:
-            rows = _detect_all(detector, files, staging, failures, args.batch_size, args.threshold, pixel_threshold)
-            _write_scores(staging, rows, failures, args, pixel_threshold, few_shot)
+            rows = _detect_all(detector, files, staging, failures, args.batch_size, thresholds)
+            _write_scores(staging, rows, failures, args, thresholds, few_shot)
     return _report(rows, failures, Path(args.output_dir))
 
 
@@ -149,12 +164,12 @@ def _detect_all(
     staging: Path,
     failures: list[tuple[str, str]],
     batch_size: int,
-    threshold: float,
-    pixel_threshold: float,
+    thresholds: dict,
 ) -> list[dict]:
     """
-    Detect on `files` batch by batch, saving each image's heatmap and mask in `staging`. Returns a row per image;
-    images that fail (unreadable, non-finite score) are appended to `failures` as `(path, reason)`.
+    Detect on `files` batch by batch at `thresholds` ([`resolve_thresholds`]), saving each image's heatmap and mask in
+    `staging`. Returns a row per image; images that fail (unreadable, non-finite score) are appended to `failures` as
+    `(path, reason)`.
     """
     rows = []
     names = _output_names(files)
@@ -162,7 +177,7 @@ def _detect_all(
         for start in range(0, len(files), batch_size):
             batch = list(zip(files[start : start + batch_size], names[start : start + batch_size], strict=True))
             images, readable = _read_images(batch, detector, failures)
-            results = _detect_batch(detector, images, readable, failures, threshold, pixel_threshold)
+            results = _detect_batch(detector, images, readable, failures, thresholds)
             for (file, name), result in results:
                 rows.append(_save_pictures(staging, file, name, result))
             progress.update(len(batch))
@@ -188,14 +203,13 @@ def _detect_batch(
     images: list[Image.Image],
     readable: list[tuple[Path, Path]],
     failures: list[tuple[str, str]],
-    threshold: float,
-    pixel_threshold: float,
+    thresholds: dict,
 ) -> list[tuple[tuple[Path, Path], dict]]:
     """
     The pipeline's results for one batch, paired with their `(file, name)`. When an image's score or map is not
     finite the batch runs again image by image, so that only that image fails (appended to `failures`).
     """
-    thresholds = {"threshold": threshold, "pixel_threshold": pixel_threshold}
+    thresholds = {"threshold": thresholds["threshold"], "pixel_threshold": thresholds["pixel_threshold"]}
     try:
         return list(zip(readable, detector(images, batch_size=max(1, len(images)), **thresholds), strict=True))
     except NonFiniteOutputError:
@@ -250,7 +264,7 @@ def _write_scores(
     rows: list[dict],
     failures: list[tuple[str, str]],
     args: argparse.Namespace,
-    pixel_threshold: float,
+    thresholds: dict,
     few_shot: dict,
 ) -> None:
     with open(out / SCORES_CSV, "w", newline="") as file:
@@ -261,8 +275,8 @@ def _write_scores(
     summary = {
         "model": args.model,
         "adapter": args.adapter,
-        "threshold": args.threshold,
-        "pixel_threshold": pixel_threshold,
+        "category": args.category,
+        **thresholds,
         "few_shot": few_shot or None,
         "images": rows,
         "failed": [{"path": path, "error": reason} for path, reason in failures],
