@@ -1,13 +1,13 @@
 # Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
 """Zero-shot evaluation: run a HeadCLIP over an anomaly data set and compute the field's metrics per category.
 
-Maps and masks are compared at the model's working size (the processor resizes both, 518 x 518 by default), as the
-AnomalyCLIP protocol does. Under `accelerate`, each process evaluates a contiguous shard of the data set (no sample
+Maps and masks are compared at the model's working size, `HeadCLIPConfig.image_size` (the processor resizes both), as
+the AnomalyCLIP protocol does; a processor at another size is refused, so that results always say at which size they
+were computed. Under `accelerate`, each process evaluates a contiguous shard of the data set (no sample
 is duplicated to even out batches) and the metric states are gathered and merged, so every process returns the
 same results.
 """
 
-import logging
 from typing import Any
 
 import datasets
@@ -21,16 +21,20 @@ from .data import AnomalyCollator
 from .metrics import DEFAULT_NUM_BINS, AnomalyDetectionResults, AnomalyMetricsAccumulator
 from .modeling_headclip import HeadCLIPModel
 
-logger = logging.getLogger(__name__)
 
+def check_working_size(model: HeadCLIPModel, processor: Any) -> None:
+    """
+    The one rule for the working size: evaluation and training run at the model's `config.image_size`.
 
-def warn_if_sizes_differ(model: HeadCLIPModel, processor: Any) -> None:
-    """Log a warning when the processor prepares images at another size than the model's configured working size."""
+    Raises:
+        `ValueError`: when the processor prepares images at another size, saying how to load both at one size.
+    """
     if processor.image_size != model.config.image_size:
-        logger.warning(
-            f"The processor prepares {processor.image_size} px images but the model's working size is "
-            f"{model.config.image_size} px: the model runs at {processor.image_size} px (its positional embeddings "
-            "are interpolated to it). Load both at one size to compare with results at the model's size."
+        raise ValueError(
+            f"The processor prepares {processor.image_size} px images but the model's working size "
+            f"(HeadCLIPConfig.image_size) is {model.config.image_size} px: load both at one size, e.g. "
+            f"load_headclip_model_and_processor(..., image_size={processor.image_size}) or "
+            f"HeadCLIPProcessor.from_pretrained(..., size={model.config.image_size})."
         )
 
 
@@ -64,8 +68,11 @@ def evaluate_model(
 
     Returns:
         Per-category and mean metrics (`AnomalyDetectionResults`), identical on every process.
+
+    Raises:
+        `ValueError`: when `processor` prepares images at another size than the model's working size.
     """
-    warn_if_sizes_differ(model, processor)
+    check_working_size(model, processor)
     state = PartialState()
     shard = dataset.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
     loader = DataLoader(
@@ -84,11 +91,11 @@ def evaluate_model(
     ):
         outputs = model(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype))
         accumulator.update(
-            category=categories,
+            categories=categories,
             labels=batch["labels"],
             scores=outputs.image_score.float().cpu(),
             masks=batch["masks"],
-            maps=outputs.anomaly_map.float().cpu(),
+            anomaly_maps=outputs.anomaly_map.float().cpu(),
             mask_valid=batch["mask_valid"],
         )
     model.train(was_training)
@@ -100,4 +107,4 @@ def evaluate_model(
     return accumulator.compute()
 
 
-__all__ = ["evaluate_model"]
+__all__ = ["check_working_size", "evaluate_model"]

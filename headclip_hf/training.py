@@ -43,7 +43,7 @@ from .adapters import (
 )
 from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from .data import AnomalyCollator
-from .evaluation import evaluate_model, warn_if_sizes_differ
+from .evaluation import check_working_size, evaluate_model
 from .files import output_folder, replace_directory
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
@@ -291,7 +291,7 @@ def train(
         The folder of the final adapter.
     """
     _check_training_data(train_dataset, args)
-    warn_if_sizes_differ(model, processor)
+    check_working_size(model, processor)
     accelerator = Accelerator(
         cpu=args.use_cpu,
         mixed_precision=args.mixed_precision,
