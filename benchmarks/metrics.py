@@ -91,7 +91,7 @@ def run_streaming(args: argparse.Namespace, trace_memory: bool) -> tuple[float, 
             held, _ = tracemalloc.get_traced_memory()
             tracemalloc.reset_peak()
         start = time.perf_counter()
-        accumulator.update(category="synthetic", labels=labels, scores=scores, masks=masks, maps=maps)
+        accumulator.update(categories="synthetic", labels=labels, scores=scores, masks=masks, anomaly_maps=maps)
         seconds += time.perf_counter() - start
         if trace_memory:
             peak = max(peak, tracemalloc.get_traced_memory()[1] - held)

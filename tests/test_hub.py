@@ -49,19 +49,19 @@ def results_dir(tmp_path):
     maps = torch.from_numpy(rng.random((5, 8, 8), dtype=np.float32))
     maps[2:, 2:5, 2:5] += 0.5
     accumulator.update(
-        category=["bottle"] * 5,
+        categories=["bottle"] * 5,
         labels=labels,
         scores=torch.tensor([0.1, 0.4, 0.3, 0.8, 0.9]),
         masks=masks,
-        maps=maps.clamp(0, 1),
+        anomaly_maps=maps.clamp(0, 1),
         mask_valid=torch.ones(5, dtype=torch.bool),
     )
     accumulator.update(
-        category=["screw"] * 4,
+        categories=["screw"] * 4,
         labels=torch.tensor([0, 1, 0, 1]),
         scores=torch.tensor([0.2, 0.7, 0.6, 0.5]),
         masks=torch.zeros(4, 8, 8),
-        maps=torch.full((4, 8, 8), 0.5),
+        anomaly_maps=torch.full((4, 8, 8), 0.5),
         mask_valid=torch.zeros(4, dtype=torch.bool),
     )
     path = tmp_path / "eval"
@@ -185,7 +185,7 @@ def test_model_card_metadata_and_text(headclip_checkpoint, results_dir, tmp_path
 
 def test_card_without_defined_metrics_has_no_model_index(headclip_checkpoint, tmp_path):
     accumulator = AnomalyMetricsAccumulator(num_bins=16)
-    accumulator.update(category=["pcb"], labels=torch.tensor([1]), scores=torch.tensor([0.9]))
+    accumulator.update(categories=["pcb"], labels=torch.tensor([1]), scores=torch.tensor([0.9]))
     results_dir = tmp_path / "eval"
     save_results(accumulator.compute(), results_dir, plots=False)
     folder = tmp_path / "repo"
