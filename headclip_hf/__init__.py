@@ -7,12 +7,15 @@ Importing the package registers `HeadCLIPConfig`, `HeadCLIPModel` and `HeadCLIPP
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from .configuration_headclip import HeadCLIPConfig
+from .adapters import load_headclip_model, load_headclip_model_and_processor
+from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE, HeadCLIPConfig
 from .data import ANOMALY_FEATURES, AnomalyCollator, load_anomaly_dataset, make_transform
+from .evaluation import evaluate_model
 from .metrics import AnomalyDetectionResults, AnomalyMetricsAccumulator, MetricResult, UndefinedMetricError
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
 from .pipeline_headclip import ZeroShotAnomalyDetectionPipeline, register_pipeline
 from .processing_headclip import HeadCLIPProcessor
+from .provenance import headclip_parameters_hash
 from .reporting import save_results
 
 __version__ = "0.1.0"
@@ -30,6 +33,8 @@ __all__ = [
     "AnomalyCollator",
     "AnomalyDetectionResults",
     "AnomalyMetricsAccumulator",
+    "DEFAULT_CLIP_CHECKPOINT",
+    "DEFAULT_IMAGE_SIZE",
     "HeadCLIPConfig",
     "HeadCLIPModel",
     "HeadCLIPOutput",
@@ -38,7 +43,11 @@ __all__ = [
     "UndefinedMetricError",
     "ZeroShotAnomalyDetectionPipeline",
     "__version__",
+    "evaluate_model",
+    "headclip_parameters_hash",
     "load_anomaly_dataset",
+    "load_headclip_model",
+    "load_headclip_model_and_processor",
     "make_transform",
     "save_results",
 ]

@@ -14,7 +14,12 @@ Two kinds of repository (`save_hub_folder`):
 
 Both carry the model card (`README.md`, rendered from the `model_card.md` template with the metrics of an evaluation
 run in its table and in the `model-index` metadata) and that run's `results.json`, `results.md` and plots under
-`evaluation/`. `headclip push --dry-run` writes exactly the folder that `upload_hub_folder` would upload.
+`evaluation/`. `headclip push --dry_run` writes exactly the folder that `upload_hub_folder` would upload.
+
+Card metadata: `pipeline_tag` (the Hub task, `HUB_PIPELINE_TAG`), `library_name` true for the published form
+(`transformers` for a full model with remote code, `headclip_hf` for an adapter, which needs this package),
+`base_model`, `datasets` (the training data when named by its Hub id) and the `model-index` of the evaluation run.
+Repository ids are checked with huggingface_hub's own validator (`check_repo_id`) before anything is written.
 """
 
 import json
@@ -24,6 +29,8 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import custom_object_save
 
 from .adapters import save_headclip_adapter
@@ -37,6 +44,40 @@ MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 EVALUATION_FOLDER = "evaluation"
 DEFAULT_LICENSE = "cc-by-nc-sa-4.0"  # MVTec AD's licence, inherited by models trained on it
 CARD_TAGS = ["anomaly-detection", "zero-shot-anomaly-detection", "headclip", "clip", "vision"]
+# The Hub's task list has no anomaly detection: the pipeline's output per image, a pixel map and mask of the defects
+# (plus a score), is an image segmentation. The package's own task name is in the tags and the model-index.
+HUB_PIPELINE_TAG = "image-segmentation"
+# `library_name` of each published form: a full model loads with transformers alone (remote code); an adapter needs
+# this package.
+FULL_MODEL_LIBRARY = "transformers"
+ADAPTER_LIBRARY = "headclip_hf"
+
+
+def check_repo_id(repo_id: str) -> None:
+    """
+    Check a Hub repository id with huggingface_hub's own validator (`validate_repo_id`).
+
+    Raises:
+        `ValueError`: naming the id and what a valid one looks like.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{repo_id!r} is not a valid Hub repository id ({error}): use 'user/name' or 'organisation/name', with "
+            "letters, digits, '-', '_' and '.'."
+        ) from None
+
+
+def hub_dataset_id(name: str) -> str | None:
+    """`name` when it is a Hub dataset id (`owner/name`), else `None` (a display name such as "MVTec AD")."""
+    if name.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def custom_pipeline_declaration() -> dict[str, dict]:
@@ -100,20 +141,28 @@ def render_model_card(
         results_dir: the output folder of `headclip evaluate` / `save_results`: `results.json` fills the `model-index`
             metadata, `results.md` the results table.
         repo_id: the Hub repository, `user/name`.
-        train_dataset: the auxiliary data set the model was trained on, e.g. "MVTec AD".
+        train_dataset: the auxiliary data set the model was trained on, e.g. "MVTec AD"; a Hub dataset id
+            (`owner/name`) also fills the `datasets` metadata.
         eval_dataset: the data set of the evaluation run, e.g. "VisA".
         license: a Hub licence id; the default is MVTec AD's (CC BY-NC-SA 4.0).
         base_model: the Hub id of the CLIP checkpoint the model adapts (metadata `base_model`).
-        adapter_only: whether the repository holds the adapter only (changes the usage section).
+        adapter_only: whether the repository holds the adapter only (changes the usage section and `library_name`).
         template_path: the card template.
+
+    Raises:
+        `ValueError`: for an invalid `repo_id`.
     """
+    check_repo_id(repo_id)
     results_dir = Path(results_dir)
     results = json.loads((results_dir / RESULTS_JSON).read_text())
+    train_dataset_id = hub_dataset_id(train_dataset)
     card_data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         license=license,
-        library_name="transformers",
+        library_name=ADAPTER_LIBRARY if adapter_only else FULL_MODEL_LIBRARY,
+        pipeline_tag=HUB_PIPELINE_TAG,
         base_model=base_model,
+        datasets=[train_dataset_id] if train_dataset_id else None,
         tags=CARD_TAGS,
         eval_results=eval_results_from_json(results, eval_dataset) or None,
     )
@@ -190,6 +239,7 @@ def upload_hub_folder(
     Returns:
         The URL of the commit.
     """
+    check_repo_id(repo_id)
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if revision is not None:
@@ -201,9 +251,12 @@ def upload_hub_folder(
 
 
 __all__ = [
+    "HUB_PIPELINE_TAG",
     "MODEL_CARD_TEMPLATE",
+    "check_repo_id",
     "custom_pipeline_declaration",
     "eval_results_from_json",
+    "hub_dataset_id",
     "render_model_card",
     "save_hub_folder",
     "upload_hub_folder",

@@ -4,7 +4,9 @@ Everything here reads an `AnomalyDetectionResults` (from `headclip_hf.metrics`);
 
 - Markdown: one row per category plus the mean, values in percent with one decimal like the papers. An undefined
   value is "n/a [k]", footnote k giving the reason; a mean over fewer than all categories says over how many.
-- JSON: `results.to_dict()`: fractions in [0, 1], `null` plus the reason for an undefined value.
+- JSON: `results.to_dict()`: fractions in [0, 1], `null` plus the reason for an undefined value; with the run's
+  provenance (`headclip_hf.provenance.evaluation_provenance`: model, parameter hash, size, data, version, date) when
+  given.
 - PNG: per category a 2 x 3 grid: image ROC, image PR, image score distributions; pixel ROC, pixel PR, PRO curve up to
   the AUPRO FPR limit. Figures are drawn with `matplotlib.figure.Figure` and saved by the Agg renderer, without pyplot,
   so the caller's matplotlib backend and open figures are left alone.
@@ -16,6 +18,7 @@ import json
 import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -25,6 +28,8 @@ from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, Metr
 
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
+# The key of the run's provenance in results.json (`headclip_hf.provenance`).
+PROVENANCE_KEY = "provenance"
 PLOTS_DIR = "plots"
 
 METRIC_TITLES = {
@@ -73,16 +78,34 @@ def results_to_markdown(results: AnomalyDetectionResults) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def save_results(results: AnomalyDetectionResults, output_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+def save_results(
+    results: AnomalyDetectionResults,
+    output_dir: str | Path,
+    *,
+    plots: bool = True,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Path]:
     """Write `results.json`, `results.md` and (if `plots`) `plots/<category>.png` under `output_dir`.
 
+    Args:
+        results (`AnomalyDetectionResults`):
+            The metrics to write.
+        output_dir (`str` or `Path`):
+            The folder to write into (created if missing).
+        plots (`bool`, *optional*, defaults to `True`):
+            Whether to draw the curves of every category.
+        provenance (`dict`, *optional*):
+            The run's provenance (`headclip_hf.provenance.evaluation_provenance`), stored in `results.json` under
+            "provenance"; `headclip push --results` requires it.
+
     Returns:
-        The written paths: keys "json", "markdown" and "plot/<category>".
+        `dict[str, Path]`: the written paths, keys "json", "markdown" and "plot/<category>".
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / RESULTS_JSON, "markdown": output_dir / RESULTS_MARKDOWN}
-    paths["json"].write_text(json.dumps(results.to_dict(), indent=2) + "\n")
+    payload = results.to_dict() if provenance is None else {PROVENANCE_KEY: provenance, **results.to_dict()}
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
     paths["markdown"].write_text(results_to_markdown(results))
     if plots:
         for name, category in results.categories.items():

@@ -9,6 +9,7 @@ from accelerate import PartialState
 from ..data import LAYOUTS, load_anomaly_dataset
 from ..evaluation import evaluate_model
 from ..files import OutputKind, check_output_folder, output_folder
+from ..provenance import evaluation_provenance
 from ..reporting import PLOTS_DIR, RESULTS_JSON, RESULTS_MARKDOWN, results_to_markdown, save_results
 from ._common import CommandError, add_model_arguments, add_output_dir_argument, load_model_and_processor, positive_int
 
@@ -52,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
     results = evaluate_model(model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     if state.is_main_process:  # under `accelerate launch` every process holds the gathered results
+        provenance = evaluation_provenance(
+            model, processor, data_source=args.data, model_name_or_path=args.model, adapter=args.adapter
+        )
         with output_folder(args.output_dir, EVALUATE_OUTPUT, args.overwrite) as staging:
-            written = save_results(results, staging, plots=not args.no_plots)
+            written = save_results(results, staging, plots=not args.no_plots, provenance=provenance)
         print(results_to_markdown(results))
         print(
             "Written: "
