@@ -1,14 +1,17 @@
 """HeadCLIPModel: exact CLIP equivalence when untrained, head weights, value-value path, maps, scores, loss, cache."""
 
+import logging
 import math
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from scipy.ndimage import gaussian_filter
 from transformers import CLIPModel
 
-from headclip_hf import HeadCLIPModel
+from headclip_hf import HeadCLIPModel, load_headclip_model
+from headclip_hf.adapters import save_headclip_adapter
 from headclip_hf.modeling_headclip import gaussian_blur
 
 
@@ -417,3 +420,50 @@ def test_position_embeddings_resized_to_the_input_grid(tiny_config_factory, mode
     torch.testing.assert_close(
         embedded[0, 0], embeddings.class_embedding + embeddings.position_embedding.weight[0], rtol=0, atol=0
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What loading says
+# ---------------------------------------------------------------------------------------------------------------------
+
+TRANSFORMERS_WARNINGS = ("to instantiate a model of type", "LOAD REPORT", "newly initialized", "downstream task")
+
+
+def test_loading_a_clip_checkpoint_says_what_happened_in_one_line(clip_checkpoint, transformers_logs):
+    HeadCLIPModel.from_pretrained(clip_checkpoint, image_size=64)
+    assert not any(warning in transformers_logs.text for warning in TRANSFORMERS_WARNINGS)
+    lines = [record for record in transformers_logs.records if "HeadCLIP parameters" in record.getMessage()]
+    assert [(record.levelname, record.getMessage()) for record in lines] == [
+        ("INFO", f"loaded CLIP weights from {clip_checkpoint}; HeadCLIP parameters initialised (untrained)")
+    ]
+
+
+def test_loading_an_adapter_says_so_in_one_line(clip_checkpoint, transformers_logs, tmp_path):
+    model = HeadCLIPModel.from_pretrained(clip_checkpoint, image_size=64)
+    save_headclip_adapter(model, tmp_path / "adapter")
+    transformers_logs.clear()
+    load_headclip_model(tmp_path / "adapter")
+    assert not any(warning in transformers_logs.text for warning in (*TRANSFORMERS_WARNINGS, "untrained"))
+    assert f"loaded adapter {tmp_path / 'adapter'} onto {clip_checkpoint}" in transformers_logs.text
+
+
+def test_a_headclip_checkpoint_loads_silently(headclip_checkpoint, transformers_logs):
+    HeadCLIPModel.from_pretrained(headclip_checkpoint)
+    assert not [record for record in transformers_logs.records if record.levelno >= logging.WARNING]
+    assert "HeadCLIP parameters" not in transformers_logs.text
+
+
+def test_other_loading_problems_keep_transformers_report(clip_checkpoint, transformers_logs):
+    weights = load_file(clip_checkpoint / "model.safetensors")
+    del weights["visual_projection.weight"]  # a CLIP weight: its absence is a real problem
+    save_file(weights, clip_checkpoint / "model.safetensors", metadata={"format": "pt"})
+    HeadCLIPModel.from_pretrained(clip_checkpoint, image_size=64)
+    reports = [record for record in transformers_logs.records if "LOAD REPORT" in record.getMessage()]
+    assert len(reports) == 1 and reports[0].levelname == "WARNING"
+    assert "visual_projection.weight" in reports[0].getMessage()
+    assert "untrained" not in transformers_logs.text
+
+
+def test_pixel_values_of_a_size_between_patch_multiples_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="pixel_values width 60 is not a multiple of the patch size 8: use 56 or 64"):
+        tiny_model(pixel_values=torch.randn(1, 3, 64, 60))
