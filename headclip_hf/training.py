@@ -41,7 +41,7 @@ from .adapters import (
     save_headclip_adapter,
     state_dict_mismatches,
 )
-from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT
+from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from .data import AnomalyCollator
 from .evaluation import check_working_size, evaluate_model
 from .files import output_folder, replace_directory
@@ -67,7 +67,13 @@ class ModelArguments:
             "adapter folder to continue training from."
         },
     )
-    image_size: int = field(default=518, metadata={"help": "Working input size in pixels (AnomalyCLIP: 518)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Working input size in pixels, a multiple of the patch size (default: the model's, "
+            f"{DEFAULT_IMAGE_SIZE} for ViT-L/14 as in AnomalyCLIP)."
+        },
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={
