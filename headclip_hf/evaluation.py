@@ -59,15 +59,23 @@ def evaluate_model(
     Evaluate `model` on `dataset` (rows of `load_anomaly_dataset`).
 
     Args:
-        model: a HeadCLIP (put in eval mode here; its training mode is restored afterwards).
-        processor: the `HeadCLIPProcessor` that prepares images and masks.
-        dataset: the data set; pixel metrics use the rows whose `mask_valid` is true.
-        batch_size, num_workers: the `DataLoader` settings.
-        num_bins: score histogram bins of the streaming pixel metrics.
-        show_progress: show a progress bar (on the main process only).
+        model (`HeadCLIPModel`):
+            The model (put in eval mode here; its training mode is restored afterwards).
+        processor (`HeadCLIPProcessor`):
+            Prepares images and masks, at the model's working size.
+        dataset (`datasets.Dataset`):
+            The data set; pixel metrics use the rows whose `mask_valid` is true.
+        batch_size (`int`, *optional*, defaults to 8):
+            Images per forward pass.
+        num_workers (`int`, *optional*, defaults to 0):
+            Data loading processes of the `DataLoader`.
+        num_bins (`int`, *optional*, defaults to `DEFAULT_NUM_BINS`):
+            Score histogram bins of the streaming pixel metrics.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar (on the main process only).
 
     Returns:
-        Per-category and mean metrics (`AnomalyDetectionResults`), identical on every process.
+        `AnomalyDetectionResults`: per-category and mean metrics, identical on every process.
 
     Raises:
         `ValueError`: when `processor` prepares images at another size than the model's working size.

@@ -94,9 +94,15 @@ def eval_results_from_json(results: dict, dataset_name: str, dataset_type: str |
     table, its name saying over how many categories it is averaged; undefined metrics are left out.
 
     Args:
-        results: `AnomalyDetectionResults.to_dict()`.
-        dataset_name: the evaluation data set, e.g. "VisA".
-        dataset_type: its identifier; by default `dataset_name` in lower case with `_` for other characters.
+        results (`dict`):
+            `AnomalyDetectionResults.to_dict()`.
+        dataset_name (`str`):
+            The evaluation data set, e.g. "VisA".
+        dataset_type (`str`, *optional*):
+            Its identifier; by default `dataset_name` in lower case with `_` for other characters.
+
+    Returns:
+        `list[EvalResult]`: one entry per defined mean metric.
     """
     dataset_type = dataset_type or re.sub(r"[^a-z0-9]+", "_", dataset_name.lower()).strip("_")
     total = results["num_categories"]
@@ -137,17 +143,29 @@ def render_model_card(
     `ModelCard.from_template`).
 
     Args:
-        model: the model to publish (its config fills the method settings).
-        results_dir: the output folder of `headclip evaluate` / `save_results`: `results.json` fills the `model-index`
+        model (`HeadCLIPModel`):
+            The model to publish (its config fills the method settings).
+        results_dir (`str` or `os.PathLike`):
+            The output folder of `headclip evaluate` / `save_results`: `results.json` fills the `model-index`
             metadata, `results.md` the results table.
-        repo_id: the Hub repository, `user/name`.
-        train_dataset: the auxiliary data set the model was trained on, e.g. "MVTec AD"; a Hub dataset id
-            (`owner/name`) also fills the `datasets` metadata.
-        eval_dataset: the data set of the evaluation run, e.g. "VisA".
-        license: a Hub licence id; the default is MVTec AD's (CC BY-NC-SA 4.0).
-        base_model: the Hub id of the CLIP checkpoint the model adapts (metadata `base_model`).
-        adapter_only: whether the repository holds the adapter only (changes the usage section and `library_name`).
-        template_path: the card template.
+        repo_id (`str`):
+            The Hub repository, `user/name`.
+        train_dataset (`str`):
+            The auxiliary data set the model was trained on, e.g. "MVTec AD"; a Hub dataset id (`owner/name`) also
+            fills the `datasets` metadata.
+        eval_dataset (`str`):
+            The data set of the evaluation run, e.g. "VisA".
+        license (`str`, *optional*, defaults to `DEFAULT_LICENSE`):
+            A Hub licence id; the default is MVTec AD's (CC BY-NC-SA 4.0).
+        base_model (`str`, *optional*):
+            The Hub id of the CLIP checkpoint the model adapts (metadata `base_model`).
+        adapter_only (`bool`, *optional*, defaults to `False`):
+            Whether the repository holds the adapter only (changes the usage section and `library_name`).
+        template_path (`str` or `os.PathLike`, *optional*, defaults to `MODEL_CARD_TEMPLATE`):
+            The card template.
+
+    Returns:
+        `ModelCard`: the rendered card.
 
     Raises:
         `ValueError`: for an invalid `repo_id`.
@@ -196,15 +214,23 @@ def save_hub_folder(
     Write the folder of a Hub repository (see the module docstring for its two kinds).
 
     Args:
-        model, processor: what to publish. For a full model, `model.config` gains the `custom_pipelines` entry.
-        folder: the folder to write; it must not exist or be empty, so that it holds exactly what is uploaded.
-        card: the model card (`render_model_card`), saved as `README.md`.
-        results_dir: the evaluation run, copied to `evaluation/`.
-        adapter_only: publish the HeadCLIP parameters only.
-        base_model: for `adapter_only`, the Hub id of the base CLIP checkpoint the adapter names.
+        model (`HeadCLIPModel`):
+            What to publish. For a full model, `model.config` gains the `custom_pipelines` entry.
+        processor (`HeadCLIPProcessor`):
+            Its processor, saved with it.
+        folder (`str` or `os.PathLike`):
+            The folder to write; it must not exist or be empty, so that it holds exactly what is uploaded.
+        card (`ModelCard`):
+            The model card (`render_model_card`), saved as `README.md`.
+        results_dir (`str` or `os.PathLike`):
+            The evaluation run, copied to `evaluation/`.
+        adapter_only (`bool`, *optional*, defaults to `False`):
+            Publish the HeadCLIP parameters only.
+        base_model (`str`, *optional*):
+            For `adapter_only`, the Hub id of the base CLIP checkpoint the adapter names.
 
     Returns:
-        The folder.
+        `Path`: the folder.
     """
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
@@ -234,10 +260,27 @@ def upload_hub_folder(
 ) -> str:
     """
     Upload `folder` to the model repository `repo_id`, creating the repository (and the branch `revision`) when
-    missing. `private` applies when the repository is created.
+    missing.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The folder written by `save_hub_folder`.
+        repo_id (`str`):
+            The Hub repository, `user/name`.
+        private (`bool`, *optional*, defaults to `False`):
+            Create the repository as private (applies when it is created).
+        revision (`str`, *optional*):
+            The branch to push to, created if missing; the default branch when `None`.
+        token (`str`, *optional*):
+            A Hub token; by default the one of `hf auth login` or `HF_TOKEN`.
+        commit_message (`str`, *optional*, defaults to `"Upload HeadCLIP"`):
+            The commit message.
 
     Returns:
-        The URL of the commit.
+        `str`: the URL of the commit.
+
+    Raises:
+        `ValueError`: for an invalid `repo_id`, before anything is sent.
     """
     check_repo_id(repo_id)
     api = HfApi(token=token)

@@ -90,9 +90,12 @@ class MetricResult:
     """One metric value, or why there is none.
 
     Args:
-        value: the metric in [0, 1], or `None` when it is undefined.
-        reason: why the metric is undefined (`None` when it is defined).
-        num_categories: for a mean over categories, how many categories it averages (the defined ones).
+        value (`float`, *optional*):
+            The metric in [0, 1], or `None` when it is undefined.
+        reason (`str`, *optional*):
+            Why the metric is undefined (`None` when it is defined).
+        num_categories (`int`, *optional*):
+            For a mean over categories, how many categories it averages (the defined ones).
     """
 
     value: float | None
@@ -196,11 +199,13 @@ def image_auroc(labels: Any, scores: Any) -> float:
     """Image-level area under the ROC curve.
 
     Args:
-        labels: [N] 0 (normal) / 1 (anomalous), numpy, torch or list.
-        scores: [N] anomaly scores, higher = more anomalous.
+        labels (array-like of shape `(N,)`):
+            0 (normal) / 1 (anomalous); numpy, torch or list.
+        scores (array-like of shape `(N,)`):
+            Anomaly scores, higher = more anomalous.
 
     Raises:
-        UndefinedMetricError: when the images are all normal or all anomalous.
+        `UndefinedMetricError`: when the images are all normal or all anomalous.
     """
     labels, scores = _image_inputs(labels, scores)
     _require_both_image_classes(labels)
@@ -391,12 +396,15 @@ def pixel_auroc(masks: Any, maps: Any, *, num_bins: int = DEFAULT_NUM_BINS) -> f
     """Pixel-level AUROC over all pixels of all images.
 
     Args:
-        masks: [N, H, W] ground truth, 0 (normal) / 1 (anomalous); numpy or torch.
-        maps: [N, H, W] anomaly maps in [0, 1].
-        num_bins: score histogram resolution (see the module docstring).
+        masks (array-like of shape `(N, H, W)`):
+            Ground truth, 0 (normal) / 1 (anomalous); numpy or torch.
+        maps (array-like of shape `(N, H, W)`):
+            Anomaly maps in [0, 1].
+        num_bins (`int`, *optional*, defaults to `DEFAULT_NUM_BINS`):
+            Score histogram resolution (see the module docstring).
 
     Raises:
-        UndefinedMetricError: when there are no anomalous or no normal pixels.
+        `UndefinedMetricError`: when there are no anomalous or no normal pixels.
     """
     return _pixel_histograms(masks, maps, num_bins).auroc()
 
@@ -532,8 +540,10 @@ class AnomalyMetricsAccumulator:
     sampler duplicates to even out the last batch before `update`, as `gather_for_metrics` does).
 
     Args:
-        num_bins: resolution of the pixel score histograms (module docstring); a power of two keeps bin edges exact.
-        fpr_limit: the FPR up to which the PRO curve is integrated for AUPRO.
+        num_bins (`int`, *optional*, defaults to `DEFAULT_NUM_BINS`):
+            Resolution of the pixel score histograms (module docstring); a power of two keeps bin edges exact.
+        fpr_limit (`float`, *optional*, defaults to `DEFAULT_FPR_LIMIT`):
+            The FPR up to which the PRO curve is integrated for AUPRO.
 
     Example:
         ```python

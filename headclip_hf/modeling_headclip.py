@@ -105,8 +105,14 @@ def focal_loss(abnormal_prob: torch.Tensor, masks: torch.Tensor, gamma: float, e
     Focal loss (Lin et al. 2017) of a 2-class pixel map, averaged over pixels.
 
     Args:
-        abnormal_prob: `(B, H, W)` probability of the abnormal class.
-        masks: `(B, H, W)` binary ground truth (1 = anomalous pixel).
+        abnormal_prob (`torch.Tensor` of shape `(B, H, W)`):
+            Probability of the abnormal class.
+        masks (`torch.Tensor` of shape `(B, H, W)`):
+            Binary ground truth (1 = anomalous pixel).
+        gamma (`float`):
+            The focusing parameter.
+        eps (`float`, *optional*, defaults to 1e-6):
+            Lower clamp of the probability of the true class, before its logarithm.
     """
     prob_true = torch.where(masks > 0.5, abnormal_prob, 1.0 - abnormal_prob).clamp(min=eps, max=1.0)
     return (-((1.0 - prob_true) ** gamma) * prob_true.log()).mean()
@@ -519,12 +525,12 @@ class HeadCLIPModel(CLIPModel):
         The vision encoder with head weights and the value-value path.
 
         Args:
-            pixel_values: `(B, 3, H, W)`, any H, W that are multiples of the patch size (positional embeddings are
-                interpolated).
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`):
+                Any H, W that are multiples of the patch size (positional embeddings are interpolated).
 
         Returns:
-            The class token of the last layer's original path `(B, D)` and the value-value patch tokens at the
-            feature layers `(L, B, N, D)`.
+            `tuple[torch.Tensor, torch.Tensor]`: the class token of the last layer's original path `(B, D)` and the
+            value-value patch tokens at the feature layers `(L, B, N, D)`.
         """
         config = self.config
         vision_model = self.vision_model

@@ -219,7 +219,7 @@ class HeadCLIPProcessor(ProcessorMixin):
                 write it.
             image_size (`int`, *optional*):
                 The same as an `int` `size` (the name of the config field).
-            kwargs:
+            kwargs (`dict[str, Any]`, *optional*):
                 Where and how to fetch the files (`cache_dir`, `revision`, `local_files_only`, `token`, ...).
 
         Raises:
@@ -258,13 +258,18 @@ class HeadCLIPProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """
         Args:
-            images: one image or a list (PIL, numpy array or file path).
-            masks: one mask per image (PIL, numpy array, file path, or `None` for an all-normal mask); each must have
-                its image's width and height.
-            text: optional text for the tokenizer.
+            images (`ImageLike` or `Sequence[ImageLike]`, *optional*):
+                One image or a list (PIL, numpy array or file path).
+            masks (`ImageLike` or `Sequence[ImageLike | None]`, *optional*):
+                One mask per image (PIL, numpy array, file path, or `None` for an all-normal mask); each must have its
+                image's width and height.
+            text (`str` or `list[str]`, *optional*):
+                Text for the tokenizer.
+            return_tensors (`str`, *optional*, defaults to `"pt"`):
+                Only `"pt"` (or `None`): the processor returns PyTorch tensors.
 
         Returns:
-            [`BatchFeature`] with `pixel_values` `(B, 3, S, S)`, `masks` `(B, S, S)` float in {0, 1} when masks are
+            [`BatchFeature`]: with `pixel_values` `(B, 3, S, S)`, `masks` `(B, S, S)` float in {0, 1} when masks are
             given, and the tokenizer's outputs when text is given.
         """
         if images is None and text is None:
