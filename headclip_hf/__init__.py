@@ -16,6 +16,7 @@ from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
 from .pipeline_headclip import ZeroShotAnomalyDetectionPipeline, register_pipeline
 from .processing_headclip import HeadCLIPProcessor
 from .provenance import headclip_parameters_hash
+from .references import encode_reference_images, load_reference_embeds, save_reference_embeds, select_k_shot
 from .reporting import save_results
 
 __version__ = "0.1.0"
@@ -43,11 +44,15 @@ __all__ = [
     "UndefinedMetricError",
     "ZeroShotAnomalyDetectionPipeline",
     "__version__",
+    "encode_reference_images",
     "evaluate_model",
     "headclip_parameters_hash",
     "load_anomaly_dataset",
     "load_headclip_model",
     "load_headclip_model_and_processor",
+    "load_reference_embeds",
     "make_transform",
+    "save_reference_embeds",
     "save_results",
+    "select_k_shot",
 ]

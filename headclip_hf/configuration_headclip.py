@@ -108,6 +108,9 @@ class HeadCLIPConfig(CLIPConfig):
             fraction of pixels).
         joint_topk (`float`, *optional*, defaults to 0.01):
             Fraction of pixels averaged by `"topk_mean"` pooling.
+        few_shot_weight (`float`, *optional*, defaults to 0.5):
+            Few-shot mode (`reference_embeds` given to the model): the anomaly map is `(1 - few_shot_weight) *
+            zero-shot map + few_shot_weight * few-shot map`; 0 keeps the zero-shot map, 1 uses the references alone.
         global_feature_layernorm (`bool`, *optional*, defaults to `True`):
             Apply CLIP's post layer norm to the class token before the visual projection (CLIP does; AnomalyCLIP's
             reference code does not).
@@ -152,6 +155,7 @@ class HeadCLIPConfig(CLIPConfig):
     joint_alpha: float | int = 0.5
     joint_pooling: str = "max"
     joint_topk: float | int = 0.01
+    few_shot_weight: float | int = 0.5
     global_feature_layernorm: bool = True
     focal_gamma: float | int = 2.0
     image_size: int | None = None
@@ -280,6 +284,8 @@ class HeadCLIPConfig(CLIPConfig):
             fail("joint_pooling", self.joint_pooling, f"choose one of {JOINT_POOLING_CHOICES}")
         if not 0.0 < self.joint_topk <= 1.0:
             fail("joint_topk", self.joint_topk, "it must lie in (0, 1]")
+        if not 0.0 <= self.few_shot_weight <= 1.0:
+            fail("few_shot_weight", self.few_shot_weight, "it must lie in [0, 1]")
         if not self.focal_gamma >= 0:
             fail("focal_gamma", self.focal_gamma, "it must be >= 0")
         if self.position_interpolation not in POSITION_INTERPOLATION_CHOICES:

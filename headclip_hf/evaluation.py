@@ -1,25 +1,38 @@
 # Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
-"""Zero-shot evaluation: run a HeadCLIP over an anomaly data set and compute the field's metrics per category.
+"""Evaluation: run a HeadCLIP over an anomaly data set and compute the field's metrics per category.
 
 Maps and masks are compared at the model's working size, `HeadCLIPConfig.image_size` (the processor resizes both), as
 the AnomalyCLIP protocol does; a processor at another size is refused, so that results always say at which size they
 were computed. Under `accelerate`, each process evaluates a contiguous shard of the data set (no sample
 is duplicated to even out batches) and the metric states are gathered and merged, so every process returns the
 same results.
+
+Zero-shot: `evaluate_model`. Few-shot: `evaluate_model(..., reference_embeds=...)` with given references, or the
+k-shot protocol `evaluate_k_shot`, which draws K normal references per category and seed (from the layout's training
+normals, `load_training_normals`, else from the test normals, which are then left out of that category's evaluation)
+and reports the mean and standard deviation over the seeds.
 """
 
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import AnomalyCollator
-from .metrics import DEFAULT_NUM_BINS, AnomalyDetectionResults, AnomalyMetricsAccumulator
+from .data import AnomalyCollator, load_anomaly_dataset
+from .metrics import DEFAULT_NUM_BINS, METRIC_NAMES, AnomalyDetectionResults, AnomalyMetricsAccumulator
 from .modeling_headclip import HeadCLIPModel
+from .references import encode_reference_images, select_k_shot
+
+logger = logging.getLogger(__name__)
 
 
 def check_working_size(model: HeadCLIPModel, processor: Any) -> None:
@@ -45,6 +58,54 @@ def _collate_with_categories(collator: AnomalyCollator):
     return collate
 
 
+def _accumulate(
+    model: HeadCLIPModel,
+    processor: Any,
+    dataset: datasets.Dataset,
+    accumulator: AnomalyMetricsAccumulator,
+    batch_size: int,
+    num_workers: int,
+    show_progress: bool,
+    reference_embeds: torch.Tensor | None = None,
+    description: str = "Evaluating",
+) -> None:
+    """Run `model` over this process's shard of `dataset` and add its scores and maps to `accumulator`."""
+    state = PartialState()
+    shard = dataset.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_with_categories(AnomalyCollator(processor)),
+    )
+    device, dtype = model.device, model.dtype
+    for batch, categories in tqdm(
+        loader, desc=description, unit="batch", disable=not (show_progress and state.is_main_process)
+    ):
+        outputs = model(
+            pixel_values=batch["pixel_values"].to(device=device, dtype=dtype), reference_embeds=reference_embeds
+        )
+        accumulator.update(
+            categories=categories,
+            labels=batch["labels"],
+            scores=outputs.image_score.float().cpu(),
+            masks=batch["masks"],
+            anomaly_maps=outputs.anomaly_map.float().cpu(),
+            mask_valid=batch["mask_valid"],
+        )
+
+
+def _gathered_results(accumulator: AnomalyMetricsAccumulator, num_bins: int) -> AnomalyDetectionResults:
+    """The metrics of every process's accumulated data, identical on every process."""
+    if PartialState().num_processes > 1:
+        merged = AnomalyMetricsAccumulator(num_bins=num_bins)
+        for process_state in gather_object([accumulator.state_dict()]):
+            merged.merge(AnomalyMetricsAccumulator.from_state_dict(process_state))
+        accumulator = merged
+    return accumulator.compute()
+
+
 @torch.inference_mode()
 def evaluate_model(
     model: HeadCLIPModel,
@@ -54,6 +115,7 @@ def evaluate_model(
     num_workers: int = 0,
     num_bins: int = DEFAULT_NUM_BINS,
     show_progress: bool = True,
+    reference_embeds: torch.Tensor | None = None,
 ) -> AnomalyDetectionResults:
     """
     Evaluate `model` on `dataset` (rows of `load_anomaly_dataset`).
@@ -73,46 +135,238 @@ def evaluate_model(
             Score histogram bins of the streaming pixel metrics.
         show_progress (`bool`, *optional*, defaults to `True`):
             Show a progress bar (on the main process only).
+        reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`, *optional*):
+            Few-shot mode: references for every image (`model.encode_references` or `load_reference_embeds`, at the
+            processor's size); zero-shot without them. `evaluate_k_shot` gives each category its own.
 
     Returns:
         `AnomalyDetectionResults`: per-category and mean metrics, identical on every process.
 
     Raises:
-        `ValueError`: when `processor` prepares images at another size than the model's working size.
+        `ValueError`: when `processor` prepares images at another size than the model's working size, or
+            `reference_embeds` does not have the model's `(L, M, P)` shape.
     """
     check_working_size(model, processor)
-    state = PartialState()
-    shard = dataset.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
-    loader = DataLoader(
-        shard,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_with_categories(AnomalyCollator(processor)),
-    )
+    if reference_embeds is not None:
+        model.check_reference_embeds(reference_embeds)
+        reference_embeds = reference_embeds.to(model.device)
     accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
     was_training = model.training
     model.eval()
-    device, dtype = model.device, model.dtype
-    for batch, categories in tqdm(
-        loader, desc="Evaluating", unit="batch", disable=not (show_progress and state.is_main_process)
-    ):
-        outputs = model(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype))
-        accumulator.update(
-            categories=categories,
-            labels=batch["labels"],
-            scores=outputs.image_score.float().cpu(),
-            masks=batch["masks"],
-            anomaly_maps=outputs.anomaly_map.float().cpu(),
-            mask_valid=batch["mask_valid"],
-        )
+    _accumulate(model, processor, dataset, accumulator, batch_size, num_workers, show_progress, reference_embeds)
     model.train(was_training)
-    if state.num_processes > 1:
-        merged = AnomalyMetricsAccumulator(num_bins=num_bins)
-        for process_state in gather_object([accumulator.state_dict()]):
-            merged.merge(AnomalyMetricsAccumulator.from_state_dict(process_state))
-        accumulator = merged
-    return accumulator.compute()
+    return _gathered_results(accumulator, num_bins)
 
 
-__all__ = ["check_working_size", "evaluate_model"]
+# ---------------------------------------------------------------------------------------------------------------------
+# The k-shot protocol
+# ---------------------------------------------------------------------------------------------------------------------
+
+REFERENCE_SOURCE_TRAIN = "train"
+REFERENCE_SOURCE_TEST = "test"
+
+
+def load_training_normals(
+    root: str | os.PathLike, layout: str = "auto", cache_dir: str | os.PathLike | None = None
+) -> datasets.Dataset | None:
+    """
+    The normal training images of a data set (`load_anomaly_dataset(root, split="train")`, normal rows: MVTec AD and
+    VisA `train/good`), the k-shot protocol's reference pool; `None` when the layout has no training split (then the
+    protocol draws references from the test normals).
+    """
+    try:
+        train = load_anomaly_dataset(root, layout=layout, split="train", cache_dir=cache_dir)
+    except ValueError as error:  # the layout has no train split, or the split holds no images
+        logger.info(f"No training normals in {root} ({error}); k-shot references come from the test normals.")
+        return None
+    return train.select([index for index, label in enumerate(train["label"]) if label == 0])
+
+
+@dataclass
+class KShotResults:
+    """
+    Results of the k-shot protocol (`evaluate_k_shot`).
+
+    Attributes:
+        k_shot: normal reference images per category.
+        runs: per seed, the evaluation with that seed's references (`AnomalyDetectionResults`).
+        references: per seed and category, the reference image files used.
+        reference_sources: per category, where its references came from: "train" (the layout's training normals) or
+            "test" (test normals, left out of that category's evaluation).
+    """
+
+    k_shot: int
+    runs: dict[int, AnomalyDetectionResults]
+    references: dict[int, dict[str, list[str]]]
+    reference_sources: dict[str, str]
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.runs)
+
+    def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """
+        Per category (and "mean", the mean over categories) and metric: the `mean` and standard deviation `std`
+        (numpy's, ddof 0) over the seeds where it is defined, how many seeds that is (`num_seeds`) and the values per
+        seed (`None` where undefined); `mean` and `std` are `None` with the `reason` when no seed defines it.
+        """
+        runs = list(self.runs.values())
+        rows = {name: [run.categories[name].metrics for run in runs] for name in runs[0].categories}
+        rows["mean"] = [run.mean for run in runs]
+        summary = {}
+        for row, per_seed in rows.items():
+            summary[row] = {}
+            for metric in METRIC_NAMES:
+                results = [metrics[metric] for metrics in per_seed]
+                values = [result.value for result in results if result.is_defined]
+                summary[row][metric] = {
+                    "mean": float(np.mean(values)) if values else None,
+                    "std": float(np.std(values)) if values else None,
+                    "num_seeds": len(values),
+                    "values": [result.value for result in results],
+                    "reason": None if values else results[0].reason,
+                }
+        return summary
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: k, seeds, the summary, the references per seed and category, and each seed's full results."""
+        return {
+            "k_shot": self.k_shot,
+            "seeds": self.seeds,
+            "reference_sources": self.reference_sources,
+            "summary": self.summary(),
+            "references": {str(seed): files for seed, files in self.references.items()},
+            "runs": {str(seed): run.to_dict() for seed, run in self.runs.items()},
+        }
+
+
+def draw_k_shot_references(
+    dataset: datasets.Dataset,
+    k_shot: int,
+    seeds: Sequence[int] = (0,),
+    reference_dataset: datasets.Dataset | None = None,
+) -> tuple[dict[int, dict[str, list[str]]], dict[str, str]]:
+    """
+    The references of the k-shot protocol (see `evaluate_k_shot`), without running a model: per seed and category of
+    `dataset`, `k_shot` normal image files drawn from `reference_dataset`'s normals of that category, or from the
+    category's test normals in `dataset` where `reference_dataset` has none. Cheap: call it to check a run's inputs
+    before loading a model.
+
+    Returns:
+        The draws (seed -> category -> files) and where each category's references come from ("train" or "test").
+
+    Raises:
+        `ValueError`: no seeds or repeated seeds, `k_shot` below 1, or a category with fewer than `k_shot` normal
+            images to draw from (named, with the count).
+    """
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds} is invalid: pass one or more distinct seeds.")
+    test_rows = _category_normals(dataset)
+    train_rows = _category_normals(reference_dataset) if reference_dataset is not None else {}
+    sources = {}
+    pools = {}
+    for category in dict.fromkeys(dataset["category"]):
+        if train_rows.get(category):
+            sources[category], pools[category] = REFERENCE_SOURCE_TRAIN, train_rows[category]
+        else:
+            sources[category], pools[category] = REFERENCE_SOURCE_TEST, test_rows.get(category, [])
+    draws = {
+        seed: {
+            category: select_k_shot(
+                pool, k_shot, seed, what=f"normal images of category {category!r} ({sources[category]} split)"
+            )
+            for category, pool in pools.items()
+        }
+        for seed in seeds
+    }
+    return draws, sources
+
+
+@torch.inference_mode()
+def evaluate_k_shot(
+    model: HeadCLIPModel,
+    processor: Any,
+    dataset: datasets.Dataset,
+    k_shot: int,
+    seeds: Sequence[int] = (0,),
+    reference_dataset: datasets.Dataset | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    num_bins: int = DEFAULT_NUM_BINS,
+    show_progress: bool = True,
+) -> KShotResults:
+    """
+    The k-shot protocol: per seed and category, draw `k_shot` normal reference images of that category, evaluate the
+    category with its own references, and report every seed's results and their mean and standard deviation. The
+    model is put in eval mode (its training mode is restored afterwards); one category's references are held at a time.
+
+    References of a category come from `reference_dataset`'s normal rows of that category (the layout's training
+    normals, `load_training_normals`) or, where it has none, from the category's test normals in `dataset`, which are
+    then left out of that category's evaluation for that seed: a reference is never evaluated. The same seed draws the
+    same files (`draw_k_shot_references`, `select_k_shot`). Every draw is checked before the first forward pass.
+
+    Args:
+        model, processor: the HeadCLIP and its `HeadCLIPProcessor`.
+        dataset: the test rows (`load_anomaly_dataset`).
+        k_shot: normal references per category.
+        seeds: one evaluation per seed (distinct).
+        reference_dataset: the training normals (`load_training_normals`), or `None` to draw from the test normals.
+        batch_size, num_workers, num_bins, show_progress: as for `evaluate_model`.
+
+    Returns:
+        `KShotResults`.
+
+    Raises:
+        `ValueError`: no seeds or repeated seeds, `k_shot` below 1, or a category with fewer than `k_shot` normal
+            images to draw from (named, with the count).
+    """
+    draws, sources = draw_k_shot_references(dataset, k_shot, seeds, reference_dataset)
+    categories, paths = list(dataset["category"]), list(dataset["path"])
+    check_working_size(model, processor)
+    was_training = model.training
+    model.eval()
+    runs = {}
+    for seed, chosen in draws.items():
+        accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
+        for category, references in chosen.items():
+            excluded = set(references) if sources[category] == REFERENCE_SOURCE_TEST else set()
+            rows = [
+                index
+                for index, (name, path) in enumerate(zip(categories, paths, strict=True))
+                if name == category and path not in excluded
+            ]
+            reference_embeds = encode_reference_images(model, processor, references)
+            _accumulate(
+                model,
+                processor,
+                dataset.select(rows),
+                accumulator,
+                batch_size,
+                num_workers,
+                show_progress,
+                reference_embeds,
+                description=f"{k_shot}-shot, seed {seed}, {category}",
+            )
+        runs[seed] = _gathered_results(accumulator, num_bins)
+    model.train(was_training)
+    return KShotResults(k_shot=k_shot, runs=runs, references=draws, reference_sources=sources)
+
+
+def _category_normals(dataset: datasets.Dataset) -> dict[str, list[str]]:
+    """The image files of the normal rows of `dataset`, per category, in row order."""
+    normals: dict[str, list[str]] = {}
+    for category, label, path in zip(dataset["category"], dataset["label"], dataset["path"], strict=True):
+        if label == 0:
+            normals.setdefault(category, []).append(path)
+    return normals
+
+
+__all__ = [
+    "KShotResults",
+    "check_working_size",
+    "draw_k_shot_references",
+    "evaluate_k_shot",
+    "evaluate_model",
+    "load_training_normals",
+]

@@ -6,7 +6,7 @@ can ship it as Hub remote code and `AutoModel.from_pretrained(..., trust_remote_
 `headclip_hf` installed.
 
 Shapes: B images, C=3 channels, H x W input pixels, N = (H / patch) * (W / patch) patch tokens, L feature layers,
-D vision width, P projection width, T prompt tokens.
+D vision width, P projection width, T prompt tokens, M reference patch embeddings (few-shot mode).
 """
 
 import logging as std_logging
@@ -35,6 +35,13 @@ from .configuration_headclip import HeadCLIPConfig, check_image_size
 
 logger = logging.get_logger(__name__)
 
+# Few-shot mode: reference patch embeddings compared with the images' patches at once in the nearest-neighbour search
+# (`max_reference_similarity`). The similarity matrix of one chunk is (B * N, chunk) float32: 22 MB per image for
+# ViT-L/14 at 518 px (N = 1369), whatever the number of references.
+REFERENCE_CHUNK_SIZE = 4096
+# Few-shot mode: reference images run through the vision encoder at once by `encode_references`.
+REFERENCE_ENCODE_BATCH_SIZE = 8
+
 
 @dataclass
 class HeadCLIPOutput(ModelOutput):
@@ -59,6 +66,12 @@ class HeadCLIPOutput(ModelOutput):
             L2-normalised image embedding (class token of the original attention path).
         text_embeds (`torch.FloatTensor` of shape `(2, P)`):
             L2-normalised (normal, abnormal) prompt embeddings.
+        zero_shot_map (`torch.FloatTensor` of shape `(B, H, W)`, *optional*, returned with `reference_embeds`):
+            The zero-shot map (the mean of `layer_maps`, smoothed like `anomaly_map`), in [0, 1].
+        few_shot_map (`torch.FloatTensor` of shape `(B, H, W)`, *optional*, returned with `reference_embeds`):
+            Per feature layer and patch `(1 - max cosine similarity to the layer's reference embeddings) / 2`,
+            bilinearly upsampled, averaged over layers and smoothed like `anomaly_map`, in [0, 1]. `anomaly_map` is
+            then `(1 - few_shot_weight) * zero_shot_map + few_shot_weight * few_shot_map`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -69,6 +82,8 @@ class HeadCLIPOutput(ModelOutput):
     global_logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
+    zero_shot_map: torch.FloatTensor | None = None
+    few_shot_map: torch.FloatTensor | None = None
 
 
 def l2_normalize(features: torch.Tensor) -> torch.Tensor:
@@ -98,6 +113,43 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
     smoothed = blur_last_dim(maps)
     return blur_last_dim(smoothed.transpose(-1, -2)).transpose(-1, -2).contiguous()
+
+
+def max_reference_similarity(
+    patch_embeds: torch.Tensor, reference_embeds: torch.Tensor, chunk_size: int = REFERENCE_CHUNK_SIZE
+) -> torch.Tensor:
+    """
+    The nearest-neighbour search of the few-shot mode: per feature layer and patch, the largest cosine similarity to
+    that layer's reference embeddings.
+
+    Layer by layer, the references are compared in chunks of at most `chunk_size`, so memory stays at one
+    `(B * N, chunk)` similarity matrix whatever the number of references. The maximum over the chunks' maxima is the
+    maximum over all references, so the result does not depend on `chunk_size` (16 or more), bit for bit: the chunks
+    have near-equal widths (`torch.tensor_split`), never a narrow remainder, because BLAS libraries compute narrow
+    products (below about 12 columns) with other kernels that round differently in the last bit.
+
+    Args:
+        patch_embeds (`torch.FloatTensor` of shape `(L, B, N, P)`):
+            L2-normalised patch embeddings of the images.
+        reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`):
+            L2-normalised patch embeddings of the references (`HeadCLIPModel.encode_references`).
+        chunk_size (`int`, *optional*, defaults to `REFERENCE_CHUNK_SIZE`):
+            Reference embeddings compared at once.
+
+    Returns:
+        `torch.FloatTensor` of shape `(L, B, N)`: float32 maximum cosine similarities.
+    """
+    reference_embeds = reference_embeds.to(device=patch_embeds.device, dtype=patch_embeds.dtype)
+    _, batch_size, num_patches, _ = patch_embeds.shape
+    layers = []
+    for layer_patches, layer_references in zip(patch_embeds, reference_embeds, strict=True):
+        queries = layer_patches.reshape(batch_size * num_patches, -1)  # (B * N, P)
+        best = None
+        for chunk in layer_references.tensor_split(math.ceil(len(layer_references) / chunk_size)):
+            similarity = (queries @ chunk.T).float().amax(dim=-1)  # (B * N, chunk) -> (B * N,)
+            best = similarity if best is None else torch.maximum(best, similarity)
+        layers.append(best.reshape(batch_size, num_patches))
+    return torch.stack(layers)
 
 
 def focal_loss(abnormal_prob: torch.Tensor, masks: torch.Tensor, gamma: float, eps: float = 1e-6) -> torch.Tensor:
@@ -559,23 +611,99 @@ class HeadCLIPModel(CLIPModel):
                 patch_tokens.append(vv_states[:, 1:])
         return hidden_states[:, 0], torch.stack(patch_tokens)
 
+    def project_patch_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """
+        The patch embeddings the maps compare: patch tokens `(L, B, N, D)` -> post layer norm -> visual projection ->
+        L2 norm. Returns `(L, B, N, P)`.
+        """
+        return l2_normalize(self.visual_projection(self.vision_model.post_layernorm(patch_tokens)))
+
+    def upsample_patch_scores(self, patch_scores: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """
+        Patch scores `(L, B, N)` on the patch grid of an `image_size` (H, W) input -> bilinear upsampling to the input
+        size (`align_corners=False`). Returns `(B, L, H, W)`.
+        """
+        num_layers, batch_size, _ = patch_scores.shape
+        patch_size = self.config.vision_config.patch_size
+        grid = (image_size[0] // patch_size, image_size[1] // patch_size)
+        patch_scores = patch_scores.reshape(num_layers, batch_size, *grid).transpose(0, 1)
+        return F.interpolate(patch_scores, size=image_size, mode="bilinear", align_corners=False)
+
     def compute_layer_maps(
-        self, patch_tokens: torch.Tensor, prompt_embeds: torch.Tensor, image_size: tuple[int, int]
+        self, patch_embeds: torch.Tensor, prompt_embeds: torch.Tensor, image_size: tuple[int, int]
     ) -> torch.Tensor:
         """
-        Per-layer pixel maps: patch tokens `(L, B, N, D)` -> post layer norm -> visual projection -> L2 norm ->
-        cosine with `prompt_embeds` `(2, P)` / temperature -> softmax -> abnormal probability on the patch grid ->
-        bilinear upsampling to `image_size` (H, W). Returns `(B, L, H, W)` float32 maps in [0, 1].
+        Per-layer zero-shot pixel maps: cosine of the patch embeddings `(L, B, N, P)` (`project_patch_tokens`) with
+        `prompt_embeds` `(2, P)` / temperature -> softmax -> abnormal probability on the patch grid -> bilinear
+        upsampling to `image_size` (H, W). Returns `(B, L, H, W)` float32 maps in [0, 1].
         """
-        num_layers, batch_size, _, _ = patch_tokens.shape
-        height, width = image_size
-        patch_size = self.config.vision_config.patch_size
-        grid = (height // patch_size, width // patch_size)
-        patch_embeds = l2_normalize(self.visual_projection(self.vision_model.post_layernorm(patch_tokens)))
         logits = (patch_embeds @ prompt_embeds.to(patch_embeds.dtype).T).float() / self.config.temperature
-        abnormal = logits.softmax(dim=-1)[..., 1]
-        abnormal = abnormal.reshape(num_layers, batch_size, *grid).transpose(0, 1)
-        return F.interpolate(abnormal, size=image_size, mode="bilinear", align_corners=False)
+        return self.upsample_patch_scores(logits.softmax(dim=-1)[..., 1], image_size)
+
+    def compute_few_shot_maps(
+        self, patch_embeds: torch.Tensor, reference_embeds: torch.Tensor, image_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """
+        Per-layer few-shot pixel maps: per patch `(1 - max cosine similarity to the layer's references) / 2`
+        (`max_reference_similarity`, clamped to [0, 1] against rounding) -> bilinear upsampling to `image_size`.
+
+        Args:
+            patch_embeds: `(L, B, N, P)` patch embeddings of the images (`project_patch_tokens`).
+            reference_embeds: `(L, M, P)` reference embeddings (`encode_references`).
+
+        Returns:
+            `(B, L, H, W)` float32 maps in [0, 1]: 0 where a patch equals a reference patch.
+        """
+        similarity = max_reference_similarity(patch_embeds, reference_embeds)
+        return self.upsample_patch_scores(((1.0 - similarity) / 2.0).clamp(0.0, 1.0), image_size)
+
+    def check_reference_embeds(self, reference_embeds: torch.Tensor) -> None:
+        """Raise a `ValueError` unless `reference_embeds` has the `(L, M, P)` shape this model's features have."""
+        num_layers, projection_dim = len(self.config.feature_layers), self.config.projection_dim
+        shape = tuple(reference_embeds.shape)
+        if len(shape) != 3 or shape[0] != num_layers or shape[2] != projection_dim or shape[1] < 1:
+            raise ValueError(
+                f"reference_embeds has shape {shape}, expected (L={num_layers}, M, P={projection_dim}) with M >= 1: "
+                f"one set of projected patch embeddings per feature layer {self.config.feature_layers}. Compute them "
+                "with this model's `encode_references(pixel_values)`."
+            )
+
+    def encode_references(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        r"""
+        The few-shot references: the L2-normalised projected value-value patch embeddings of normal reference images
+        at the feature layers, exactly the features the zero-shot maps compare with the prompts. Pass them to
+        `forward(..., reference_embeds=...)`. The images run through the vision encoder in batches of
+        `REFERENCE_ENCODE_BATCH_SIZE`, so any number of references fits.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(K, 3, H, W)`):
+                K normal images preprocessed by [`HeadCLIPProcessor`] at the size the model will run at.
+
+        Returns:
+            `torch.FloatTensor` of shape `(L, M, P)`: M = K x N patch embeddings per feature layer, image by image.
+
+        Example:
+
+        ```python
+        >>> references = processor(images=[Image.open(f"good/{i:03d}.png") for i in range(4)], return_tensors="pt")
+        >>> reference_embeds = model.encode_references(references["pixel_values"])
+        >>> inputs = processor(images=Image.open("test.png"), return_tensors="pt")
+        >>> outputs = model(**inputs, reference_embeds=reference_embeds)
+        >>> outputs.few_shot_map.shape, outputs.image_score
+        ```
+        """
+        if pixel_values.ndim != 4 or pixel_values.shape[0] < 1:
+            raise ValueError(
+                f"encode_references needs pixel_values of shape (K, 3, H, W) with K >= 1 reference images, got "
+                f"{tuple(pixel_values.shape)}."
+            )
+        embeds = []
+        for batch in pixel_values.split(REFERENCE_ENCODE_BATCH_SIZE):
+            _, patch_tokens = self.encode_image(batch)
+            with torch.autocast(device_type=batch.device.type, enabled=False):
+                embeds.append(self.project_patch_tokens(patch_tokens))
+        embeds = torch.cat(embeds, dim=1)  # (L, K, N, P)
+        return embeds.flatten(1, 2)
 
     def pool_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Pool `(B, H, W)` maps to `(B,)`: the maximum, or the mean of the top `joint_topk` fraction of pixels."""
@@ -624,6 +752,7 @@ class HeadCLIPModel(CLIPModel):
         masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         mask_valid: torch.Tensor | None = None,
+        reference_embeds: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> HeadCLIPOutput | tuple:
         r"""
@@ -637,6 +766,12 @@ class HeadCLIPModel(CLIPModel):
                 Image labels (0 normal, 1 anomalous); adds the image cross-entropy.
             mask_valid (`torch.BoolTensor` of shape `(B,)`, *optional*):
                 Which `masks` are known (see `load_anomaly_dataset`); the pixel losses use only those images.
+            reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`, *optional*):
+                Few-shot mode: patch embeddings of normal reference images from `encode_references` (at the same input
+                size). The anomaly map becomes `(1 - few_shot_weight) * zero-shot map + few_shot_weight * few-shot
+                map`, the image score follows the joint rule on it, and the output gains `zero_shot_map` and
+                `few_shot_map`. Without them every output is the zero-shot model's. The loss uses the zero-shot
+                `layer_maps` only.
 
         Returns:
             [`HeadCLIPOutput`].
@@ -656,20 +791,31 @@ class HeadCLIPModel(CLIPModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
+        if reference_embeds is not None:
+            self.check_reference_embeds(reference_embeds)
         image_size = tuple(pixel_values.shape[-2:])
         class_token, patch_tokens = self.encode_image(pixel_values)
         prompt_embeds = self.get_prompt_embeds()
 
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):
-            layer_maps = self.compute_layer_maps(patch_tokens, prompt_embeds, image_size)
+            patch_embeds = self.project_patch_tokens(patch_tokens)
+            layer_maps = self.compute_layer_maps(patch_embeds, prompt_embeds, image_size)
             if config.global_feature_layernorm:
                 class_token = self.vision_model.post_layernorm(class_token)
             image_embeds = l2_normalize(self.visual_projection(class_token))
             global_logits = (image_embeds @ prompt_embeds.to(image_embeds.dtype).T).float() / config.temperature
             global_score = global_logits.softmax(dim=-1)[:, 1]
+            smooth = not self.training and config.map_sigma > 0
             anomaly_map = layer_maps.mean(dim=1)
-            if not self.training and config.map_sigma > 0:
+            if smooth:
                 anomaly_map = gaussian_blur(anomaly_map, config.map_sigma)
+            zero_shot_map = few_shot_map = None
+            if reference_embeds is not None:
+                zero_shot_map = anomaly_map
+                few_shot_map = self.compute_few_shot_maps(patch_embeds, reference_embeds, image_size).mean(dim=1)
+                if smooth:
+                    few_shot_map = gaussian_blur(few_shot_map, config.map_sigma)
+                anomaly_map = (1.0 - config.few_shot_weight) * zero_shot_map + config.few_shot_weight * few_shot_map
             image_score = config.joint_alpha * global_score + (1.0 - config.joint_alpha) * self.pool_map(anomaly_map)
 
             loss = None
@@ -685,8 +831,18 @@ class HeadCLIPModel(CLIPModel):
             global_logits=global_logits,
             image_embeds=image_embeds,
             text_embeds=prompt_embeds,
+            zero_shot_map=zero_shot_map,
+            few_shot_map=few_shot_map,
         )
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["HeadCLIPHeadWeights", "HeadCLIPModel", "HeadCLIPOutput", "HeadCLIPPromptLearner"]
+__all__ = [
+    "REFERENCE_CHUNK_SIZE",
+    "REFERENCE_ENCODE_BATCH_SIZE",
+    "HeadCLIPHeadWeights",
+    "HeadCLIPModel",
+    "HeadCLIPOutput",
+    "HeadCLIPPromptLearner",
+    "max_reference_similarity",
+]

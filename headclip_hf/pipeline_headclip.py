@@ -14,11 +14,14 @@ Conventions (all documented on the pipeline's `__call__`):
   marks the pixels whose map value is `>= pixel_threshold` (default: `threshold`).
 - The heatmap is the map through the "jet" colour map (blue = normal, red = anomalous; the colour map AnomalyCLIP's
   visualisations use), blended over the image with weight `heatmap_alpha` (0.5).
+- Few-shot mode: with `reference_images` (normal images of the same object) or `reference_embeds`, at construction or
+  per call, the model compares each patch with the references' patches as well (`HeadCLIPModel.encode_references`).
 """
 
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, Pipeline
@@ -86,6 +89,14 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     The pipeline needs a HeadCLIP model and a HeadCLIP processor (the processor defines the preprocessing, so the
     score equals `model(**processor(images=image)).image_score`). The model runs as given: `from_pretrained` returns
     it in eval mode, where its maps are Gaussian-smoothed; call `model.eval()` on a model fresh from training.
+
+    Few-shot mode: a handful of normal images of the object, given at construction, are encoded once and used for
+    every call (a call may pass its own instead):
+
+    ```python
+    >>> detector = pipeline("zero-shot-anomaly-detection", model="path/to/headclip", reference_images=["good/000.png"])
+    >>> detector("bottle.png")["score"]  # joint score on the combined zero-shot + few-shot map
+    ```
     """
 
     _load_processor = True
@@ -93,7 +104,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, reference_images: Any = None, reference_embeds: Any = None, **kwargs):
         super().__init__(*args, **kwargs)
         if getattr(self.model.config, "model_type", None) != "headclip":
             raise ValueError(
@@ -107,6 +118,8 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
                 f"The {TASK} pipeline needs a HeadCLIPProcessor, got {type(self.processor).__name__}: pass "
                 "`processor=HeadCLIPProcessor.from_pretrained(...)`."
             )
+        # References given here are encoded once and kept for every call.
+        self._forward_params.update(self._reference_params(reference_images, reference_embeds))
 
     def __call__(self, inputs: Any, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
         """
@@ -125,6 +138,11 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
                 A pixel is in `mask` when its `anomaly_map` value is `>= pixel_threshold`.
             heatmap_alpha (`float`, *optional*, defaults to 0.5):
                 Weight of the coloured map in `heatmap` (0: the image only, 1: the colour map only).
+            reference_images (`list` of paths, PIL images or arrays, *optional*):
+                Few-shot mode: normal images of the same object, encoded for this call (instead of those given at
+                construction).
+            reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`, *optional*):
+                Few-shot mode: references already encoded by `model.encode_references` at the processor's size.
 
         Returns:
             A dict per image (a list of dicts for a list input):
@@ -143,7 +161,10 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         threshold: float | None = None,
         pixel_threshold: float | None = None,
         heatmap_alpha: float | None = None,
+        reference_images: Any = None,
+        reference_embeds: Any = None,
     ) -> tuple[dict, dict, dict]:
+        forward_params = self._reference_params(reference_images, reference_embeds)
         postprocess_params = {}
         if threshold is not None:
             postprocess_params["threshold"] = _check_unit_interval("threshold", threshold)
@@ -151,15 +172,35 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             postprocess_params["pixel_threshold"] = _check_unit_interval("pixel_threshold", pixel_threshold)
         if heatmap_alpha is not None:
             postprocess_params["heatmap_alpha"] = _check_unit_interval("heatmap_alpha", heatmap_alpha)
-        return {}, {}, postprocess_params
+        return {}, forward_params, postprocess_params
+
+    def _reference_params(self, reference_images: Any, reference_embeds: Any) -> dict[str, Any]:
+        """The few-shot forward parameters: `reference_embeds`, encoded from `reference_images` if given."""
+        if reference_images is not None and reference_embeds is not None:
+            raise ValueError("Pass either reference_images or reference_embeds, not both.")
+        if reference_images is not None:
+            if not isinstance(reference_images, (list, tuple)) or len(reference_images) == 0:
+                raise ValueError(
+                    "reference_images must be a non-empty list of normal images (file paths, PIL images or arrays), "
+                    f"got {reference_images!r}."
+                )
+            images = [self.processor.to_rgb_image(image) for image in reference_images]
+            pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                reference_embeds = self.model.encode_references(pixel_values.to(self.device, self.model.dtype))
+        if reference_embeds is None:
+            return {}
+        self.model.check_reference_embeds(reference_embeds)
+        return {"reference_embeds": reference_embeds.to(self.device)}
 
     def preprocess(self, image: Any) -> dict[str, Any]:
         rgb_image = self.processor.to_rgb_image(image)
         pixel_values = self.processor(images=rgb_image, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "image": rgb_image}
 
-    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
-        outputs = self.model(pixel_values=model_inputs["pixel_values"].to(self.model.dtype))
+    def _forward(self, model_inputs: dict[str, Any], reference_embeds: torch.Tensor | None = None) -> dict[str, Any]:
+        pixel_values = model_inputs["pixel_values"].to(self.model.dtype)
+        outputs = self.model(pixel_values=pixel_values, reference_embeds=reference_embeds)
         return {"image_score": outputs.image_score, "anomaly_map": outputs.anomaly_map, "image": model_inputs["image"]}
 
     def postprocess(

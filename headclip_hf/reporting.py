@@ -10,6 +10,9 @@ Everything here reads an `AnomalyDetectionResults` (from `headclip_hf.metrics`);
 - PNG: per category a 2 x 3 grid: image ROC, image PR, image score distributions; pixel ROC, pixel PR, PRO curve up to
   the AUPRO FPR limit. Figures are drawn with `matplotlib.figure.Figure` and saved by the Agg renderer, without pyplot,
   so the caller's matplotlib backend and open figures are left alone.
+- k-shot (`KShotResults` of `headclip_hf.evaluation`): every seed's run as above under `seed_<seed>/`, and a summary,
+  `k_shot_results.md` (mean ± standard deviation over the seeds) and `k_shot_results.json` (also the reference files
+  used per seed and category).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import re
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -26,11 +29,16 @@ from matplotlib.ticker import MaxNLocator
 
 from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, MetricResult, f1_scores
 
+if TYPE_CHECKING:
+    from .evaluation import KShotResults
+
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
 # The key of the run's provenance in results.json (`headclip_hf.provenance`).
 PROVENANCE_KEY = "provenance"
 PLOTS_DIR = "plots"
+K_SHOT_JSON = "k_shot_results.json"
+K_SHOT_MARKDOWN = "k_shot_results.md"
 
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
@@ -45,37 +53,55 @@ METRIC_TITLES = {
 }
 
 
+def _undefined_cell(reason: str, footnotes: dict[str, int]) -> str:
+    """An undefined value's cell, "n/a [k]": footnote k gives the reason (one footnote per distinct reason)."""
+    return f"n/a [{footnotes.setdefault(reason, len(footnotes) + 1)}]"
+
+
+def _metrics_markdown(rows: dict[str, list[str]], note: str, footnotes: dict[str, int]) -> str:
+    """A table with one row per name (cells in `METRIC_NAMES` order), then `note` and the footnotes of n/a cells."""
+    header = ["Category"] + [METRIC_TITLES[name] for name in METRIC_NAMES]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(METRIC_NAMES)) + "|"]
+    lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows.items()]
+    lines += ["", note]
+    if footnotes:
+        lines.append("")
+        lines.extend(f"- [{number}] undefined: {reason}" for reason, number in footnotes.items())
+    return "\n".join(lines) + "\n"
+
+
 def results_to_markdown(results: AnomalyDetectionResults) -> str:
     """A markdown table of every category and the mean, in percent with one decimal, then footnotes for n/a cells."""
     footnotes: dict[str, int] = {}  # reason -> footnote number, so a reason shared by several cells is listed once
 
     def cell(result: MetricResult, num_categories: int | None = None) -> str:
         if not result.is_defined:
-            number = footnotes.setdefault(result.reason, len(footnotes) + 1)
-            return f"n/a [{number}]"
+            return _undefined_cell(result.reason, footnotes)
         text = f"{100 * result.value:.1f}"
         if num_categories is not None and result.num_categories != num_categories:
             text += f" ({result.num_categories}/{num_categories})"
         return text
 
-    header = ["Category"] + [METRIC_TITLES[name] for name in METRIC_NAMES]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(METRIC_NAMES)) + "|"]
-    for name, category in results.categories.items():
-        lines.append("| " + " | ".join([name] + [cell(category.metrics[m]) for m in METRIC_NAMES]) + " |")
+    rows = {name: [cell(category.metrics[m]) for m in METRIC_NAMES] for name, category in results.categories.items()}
     total = len(results.categories)
-    mean_cells = [cell(results.mean[m], total) for m in METRIC_NAMES]
-    lines.append("| " + " | ".join([f"**Mean** ({total} categories)"] + mean_cells) + " |")
-
-    notes = [
-        "",
+    rows[f"**Mean** ({total} categories)"] = [cell(results.mean[m], total) for m in METRIC_NAMES]
+    note = (
         f"Values in percent. AUPRO: per-region overlap integrated up to FPR {results.fpr_limit:g}, divided by "
         f"{results.fpr_limit:g}. Pixel metrics from {results.num_bins:,}-bin score histograms. A mean marked (k/n) "
-        "averages the k of n categories on which the metric is defined.",
-    ]
-    if footnotes:
-        notes.append("")
-        notes.extend(f"- [{number}] undefined: {reason}" for reason, number in footnotes.items())
-    return "\n".join(lines + notes) + "\n"
+        "averages the k of n categories on which the metric is defined."
+    )
+    return _metrics_markdown(rows, note, footnotes)
+
+
+def _write_json_and_markdown(
+    output_dir: Path, json_name: str, data: dict, markdown_name: str, markdown: str
+) -> dict[str, Path]:
+    """Write `data` as JSON and the `markdown` text into `output_dir`; returns their paths ("json", "markdown")."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / json_name, "markdown": output_dir / markdown_name}
+    paths["json"].write_text(json.dumps(data, indent=2) + "\n")
+    paths["markdown"].write_text(markdown)
+    return paths
 
 
 def save_results(
@@ -102,16 +128,84 @@ def save_results(
         `dict[str, Path]`: the written paths, keys "json", "markdown" and "plot/<category>".
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output_dir / RESULTS_JSON, "markdown": output_dir / RESULTS_MARKDOWN}
-    payload = results.to_dict() if provenance is None else {PROVENANCE_KEY: provenance, **results.to_dict()}
-    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
-    paths["markdown"].write_text(results_to_markdown(results))
+    paths = _write_json_and_markdown(
+        output_dir,
+        RESULTS_JSON,
+        _with_provenance(results.to_dict(), provenance),
+        RESULTS_MARKDOWN,
+        results_to_markdown(results),
+    )
     if plots:
         for name, category in results.categories.items():
             path = output_dir / PLOTS_DIR / f"{safe_file_name(name)}.png"
             paths[f"plot/{name}"] = plot_category_curves(category, path, fpr_limit=results.fpr_limit)
     return paths
+
+
+def k_shot_results_to_markdown(results: KShotResults) -> str:
+    """
+    A markdown table of every category and the mean over categories: per metric the mean ± standard deviation over
+    the seeds, in percent with one decimal; then the protocol (k, seeds, where each category's references came from).
+    """
+    summary = results.summary()
+    num_seeds = len(results.seeds)
+    footnotes: dict[str, int] = {}
+
+    def cell(entry: dict) -> str:
+        if entry["mean"] is None:
+            return _undefined_cell(entry["reason"], footnotes)
+        text = f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+        return text if entry["num_seeds"] == num_seeds else f"{text} ({entry['num_seeds']}/{num_seeds} seeds)"
+
+    rows = {
+        f"**Mean** ({len(summary) - 1} categories)" if row == "mean" else row: [cell(metrics[m]) for m in METRIC_NAMES]
+        for row, metrics in summary.items()
+    }
+    sources = ", ".join(f"{category}: {source}" for category, source in results.reference_sources.items())
+    note = (
+        f"{results.k_shot}-shot: {results.k_shot} normal reference images per category, drawn with each of the seeds "
+        f"{results.seeds}; values in percent, mean ± standard deviation over the seeds. References from the training "
+        f"normals (train) or from the test normals, then left out of the evaluation (test): {sources}. The files used "
+        f"are listed in {K_SHOT_JSON}; each seed's full results are in seed_<seed>/."
+    )
+    return _metrics_markdown(rows, note, footnotes)
+
+
+def save_k_shot_results(
+    results: KShotResults,
+    output_dir: str | Path,
+    *,
+    plots: bool = True,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write `k_shot_results.json`, `k_shot_results.md` and every seed's `save_results` under `seed_<seed>/`.
+
+    Args:
+        results (`KShotResults`):
+            The k-shot protocol's results.
+        output_dir (`str` or `Path`):
+            The folder to write into (created if missing).
+        plots (`bool`, *optional*, defaults to `True`):
+            Whether to draw the curves of every category of every seed.
+        provenance (`dict`, *optional*):
+            The run's provenance, stored in every JSON file under "provenance" (see `save_results`).
+
+    Returns:
+        `dict[str, Path]`: the written paths, keys "json", "markdown" and "seed_<seed>/<key of save_results>".
+    """
+    output_dir = Path(output_dir)
+    markdown = k_shot_results_to_markdown(results)
+    data = _with_provenance(results.to_dict(), provenance)
+    paths = _write_json_and_markdown(output_dir, K_SHOT_JSON, data, K_SHOT_MARKDOWN, markdown)
+    for seed, run in results.runs.items():
+        for key, path in save_results(run, output_dir / f"seed_{seed}", plots=plots, provenance=provenance).items():
+            paths[f"seed_{seed}/{key}"] = path
+    return paths
+
+
+def _with_provenance(data: dict[str, Any], provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """`data` with the run's provenance first, under `PROVENANCE_KEY` (unchanged without one)."""
+    return data if provenance is None else {PROVENANCE_KEY: provenance, **data}
 
 
 def safe_file_name(name: str) -> str:

@@ -5,6 +5,7 @@
     headclip evaluate data/visa --model runs/mvtec/adapter --output_dir eval/visa
     headclip train --train_data data/mvtec_ad --output_dir runs/mvtec
     headclip push --model runs/mvtec/adapter --results eval/visa --repo_id user/headclip-mvtec ...
+    headclip references good/ --model runs/mvtec/adapter --output_file refs.safetensors   # few-shot references
     headclip convert anomalyclip ...
 
 `headclip <command> --help` documents each command. Conventions shared by every command:
@@ -27,10 +28,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import convert, detect, evaluate, push, train
+from . import convert, detect, evaluate, push, references, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, train, push, convert)
+COMMANDS = (detect, evaluate, references, train, push, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

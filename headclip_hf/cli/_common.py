@@ -2,12 +2,16 @@
 """What every `headclip` command shares: the flag convention, argument types, model arguments and loading, errors."""
 
 import argparse
+import glob
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
 from ..adapters import load_headclip_model_and_processor
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
+from ..data import IMAGE_EXTENSIONS
 from ..modeling_headclip import HeadCLIPModel
 from ..processing_headclip import HeadCLIPProcessor
 
@@ -83,6 +87,36 @@ def positive_int(text: str) -> int:
     return value
 
 
+def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """
+    Expand `patterns` (image files, folders, glob patterns with `*`, `?`, `[...]` and `**`) into image files.
+
+    A folder contributes its image files (by extension, not recursive); a glob its matching files. Files keep the
+    order of the patterns, sorted within a folder or glob, without duplicates.
+
+    Returns:
+        The files, and `(pattern, reason)` for each pattern that gives no image (missing path, empty folder, no match).
+    """
+    files: dict[Path, None] = {}
+    problems = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            reason = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"
+        elif path.is_file():
+            found, reason = [path], ""
+        elif glob.has_magic(pattern):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            reason = "no file matches this pattern"
+        else:
+            found, reason = [], "no such file or folder"
+        if not found:
+            problems.append((pattern, reason))
+        files.update(dict.fromkeys(found))
+    return list(files), problems
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model`, `--adapter`, `--image_size` and `--device`, shared by the commands that run a model."""
     group = parser.add_argument_group("model")
@@ -118,6 +152,22 @@ def add_output_dir_argument(parser: argparse.ArgumentParser, default: str | None
         "--overwrite",
         action="store_true",
         help="replace this command's own files in an output folder that also holds other files (they are kept)",
+    )
+
+
+def add_output_file_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """`--output_file` (also `--out`) and `--overwrite` for a command that writes a single file."""
+    parser.add_argument(
+        "--output_file",
+        "--out",
+        default=default,
+        required=default is None,
+        help=f"output file for {what}" + (f" (default: {default})" if default else ""),
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing file that is not an earlier output of this command",
     )
 
 

@@ -3,28 +3,28 @@
 
 import argparse
 import csv
-import glob
 import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
-from ..data import IMAGE_EXTENSIONS
 from ..files import OutputKind, check_output_folder, output_folder
 from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetectionPipeline
+from ..references import load_reference_embeds, read_reference_metadata
 from ._common import (
     CommandError,
     add_model_arguments,
     add_output_dir_argument,
+    collect_images,
     load_model_and_processor,
     positive_int,
     probability,
 )
+from .references import add_k_shot_arguments, select_reference_files
 
 SCORES_CSV = "scores.csv"
 SCORES_JSON = "scores.json"
@@ -36,13 +36,16 @@ EPILOG = f"""examples:
   headclip detect bottle.png                                   # default model ({DEFAULT_CLIP_CHECKPOINT})
   headclip detect images/ 'more/**/*.jpg' --model runs/mvtec/adapter --output_dir detections/
   HF_HUB_OFFLINE=1 headclip detect images/ --model /models/headclip-mvtec --threshold 0.6
+  headclip detect images/ --model runs/mvtec/adapter --reference_images good/ --k_shot 4   # few-shot
+  headclip detect images/ --model runs/mvtec/adapter --references refs.safetensors         # see headclip references
 
 Writes OUTPUT_DIR/{SCORES_CSV} and OUTPUT_DIR/{SCORES_JSON} (score and label per image, failed files with their
 error), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the image, jet colours) and
 OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's path below the images'
-common folder. The outputs appear together when the run ends (an earlier detect output there is replaced; a folder
-with other files is refused unless --overwrite). Unreadable files are reported and skipped; the exit status is 1
-when any image failed."""
+common folder. With --reference_images (normal images of the same object) or --references (a file of `headclip
+references`), the few-shot mode compares each image with them as well. The outputs appear together when the run
+ends (an earlier detect output there is replaced; a folder with other files is refused unless --overwrite).
+Unreadable files are reported and skipped; the exit status is 1 when any image failed."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -62,38 +65,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--pixel_threshold", type=probability, help="mask: map >= this (default: --threshold)")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
+    few_shot = parser.add_argument_group("few-shot mode (normal reference images of the same object)")
+    sources = few_shot.add_mutually_exclusive_group()
+    sources.add_argument(
+        "--reference_images", nargs="+", metavar="DIR_OR_GLOB", help="normal images: files, folders, glob patterns"
+    )
+    sources.add_argument("--references", metavar="FILE", help="a references file written by `headclip references`")
+    add_k_shot_arguments(few_shot)
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
-
-
-def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """
-    Expand `patterns` (image files, folders, glob patterns with `*`, `?`, `[...]` and `**`) into image files.
-
-    A folder contributes its image files (by extension, not recursive); a glob its matching files. Files keep the
-    order of the patterns, sorted within a folder or glob, without duplicates.
-
-    Returns:
-        The files, and `(pattern, reason)` for each pattern that gives no image (missing path, empty folder, no match).
-    """
-    files: dict[Path, None] = {}
-    problems = []
-    for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            reason = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"
-        elif path.is_file():
-            found, reason = [path], ""
-        elif glob.has_magic(pattern):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            reason = "no file matches this pattern"
-        else:
-            found, reason = [], "no such file or folder"
-        if not found:
-            problems.append((pattern, reason))
-        files.update(dict.fromkeys(found))
-    return list(files), problems
 
 
 def _output_names(files: list[Path]) -> list[Path]:
@@ -115,9 +95,20 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         problems = "; ".join(f"{pattern}: {reason}" for pattern, reason in failures)
         raise CommandError(f"no images to process ({problems})")
+    few_shot = _few_shot_settings(args)
     check_output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite)
     model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
-    detector = ZeroShotAnomalyDetectionPipeline(model=model, processor=processor, task=TASK, device=model.device)
+    reference_embeds = None
+    if args.references is not None:
+        reference_embeds = load_reference_embeds(args.references, model, image_size=processor.image_size)
+    detector = ZeroShotAnomalyDetectionPipeline(
+        model=model,
+        processor=processor,
+        task=TASK,
+        device=model.device,
+        reference_images=few_shot.get("reference_images"),
+        reference_embeds=reference_embeds,
+    )
     pixel_threshold = args.threshold if args.pixel_threshold is None else args.pixel_threshold
     rows = []
     names = _output_names(files)
@@ -155,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                         }
                     )
                 progress.update(len(chunk))
-        _write_scores(staging, rows, failures, args, pixel_threshold)
+        _write_scores(staging, rows, failures, args, pixel_threshold, few_shot)
     out = Path(args.output_dir)
     print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
     if failures:
@@ -166,8 +157,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _few_shot_settings(args: argparse.Namespace) -> dict:
+    """
+    The few-shot references of the run, checked before the model loads: `{}` (zero-shot), the chosen
+    `reference_images`, or the `references` file and the images it was made from.
+    """
+    if args.reference_images is not None:
+        files = select_reference_files(args.reference_images, args.k_shot, args.k_shot_seed)
+        return {
+            "reference_images": [str(file) for file in files],
+            "k_shot": args.k_shot,
+            "k_shot_seed": args.k_shot_seed,
+        }
+    if args.k_shot is not None:
+        raise CommandError("--k_shot picks among --reference_images: pass --reference_images DIR_OR_GLOB too")
+    if args.references is not None:
+        return {
+            "references": args.references,
+            "files": read_reference_metadata(args.references)["files"],
+        }
+    return {}
+
+
 def _write_scores(
-    out: Path, rows: list[dict], failures: list[tuple[str, str]], args: argparse.Namespace, pixel_threshold: float
+    out: Path,
+    rows: list[dict],
+    failures: list[tuple[str, str]],
+    args: argparse.Namespace,
+    pixel_threshold: float,
+    few_shot: dict,
 ) -> None:
     with open(out / SCORES_CSV, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["path", "score", "label", "heatmap", "mask", "error"])
@@ -179,6 +197,7 @@ def _write_scores(
         "adapter": args.adapter,
         "threshold": args.threshold,
         "pixel_threshold": pixel_threshold,
+        "few_shot": few_shot or None,
         "images": rows,
         "failed": [{"path": path, "error": reason} for path, reason in failures],
     }

@@ -7,21 +7,41 @@ from pathlib import Path
 from accelerate import PartialState
 
 from ..data import LAYOUTS, load_anomaly_dataset
-from ..evaluation import evaluate_model
+from ..evaluation import draw_k_shot_references, evaluate_k_shot, evaluate_model, load_training_normals
 from ..files import OutputKind, check_output_folder, output_folder
 from ..provenance import evaluation_provenance
-from ..reporting import PLOTS_DIR, RESULTS_JSON, RESULTS_MARKDOWN, results_to_markdown, save_results
+from ..reporting import (
+    K_SHOT_JSON,
+    K_SHOT_MARKDOWN,
+    PLOTS_DIR,
+    RESULTS_JSON,
+    RESULTS_MARKDOWN,
+    k_shot_results_to_markdown,
+    results_to_markdown,
+    save_k_shot_results,
+    save_results,
+)
 from ._common import CommandError, add_model_arguments, add_output_dir_argument, load_model_and_processor, positive_int
 
 EVALUATE_OUTPUT = OutputKind("headclip evaluate output", frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR}))
+K_SHOT_OUTPUT = OutputKind(
+    "headclip evaluate --k_shot output", frozenset({K_SHOT_JSON, K_SHOT_MARKDOWN}), patterns=("seed_*",)
+)
 
 EPILOG = f"""examples:
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec
   headclip evaluate data/visa --layout visa --categories candle pcb1 --model runs/mvtec/adapter --output_dir eval/visa
+  headclip evaluate data/mvtec_ad --model runs/visa/adapter --k_shot 4 --k_shot_seeds 0 1 2 --output_dir eval/4shot
 
 Writes OUTPUT_DIR/{RESULTS_MARKDOWN} (table per category and mean, in percent), OUTPUT_DIR/{RESULTS_JSON} (fractions;
 undefined metrics as null with their reason) and OUTPUT_DIR/{PLOTS_DIR}/<category>.png (ROC, PR and PRO curves,
-score distributions)."""
+score distributions).
+
+With --k_shot K (few-shot protocol): per seed and category, K normal reference images are drawn from the layout's
+training normals (MVTec AD, VisA: train/good) or, where there are none, from the test normals, which are then left
+out of that category's evaluation. Writes OUTPUT_DIR/{K_SHOT_MARKDOWN} (mean ± standard deviation over the seeds),
+OUTPUT_DIR/{K_SHOT_JSON} (also the reference files used per seed and category) and each seed's results in
+OUTPUT_DIR/seed_<seed>/."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -38,27 +58,56 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
     parser.add_argument("--no_plots", action="store_true", help="write the table and JSON only")
+    few_shot = parser.add_argument_group("few-shot protocol")
+    few_shot.add_argument(
+        "--k_shot", type=positive_int, help="K normal reference images per category (default: zero-shot)"
+    )
+    few_shot.add_argument(
+        "--k_shot_seeds", type=int, nargs="+", help="one evaluation per seed, drawing other references (default: 0)"
+    )
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.k_shot_seeds is not None and args.k_shot is None:
+        raise CommandError("--k_shot_seeds draws few-shot references: pass --k_shot K too")
+    seeds = args.k_shot_seeds or [0]
+    output_kind = EVALUATE_OUTPUT if args.k_shot is None else K_SHOT_OUTPUT
     state = PartialState()
     if state.is_main_process:
-        check_output_folder(args.output_dir, EVALUATE_OUTPUT, args.overwrite)
+        check_output_folder(args.output_dir, output_kind, args.overwrite)
     try:
         dataset = load_anomaly_dataset(args.data, layout=args.layout, categories=args.categories)
     except (OSError, ValueError) as error:
         raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
+    training_normals = None
+    if args.k_shot is not None:  # the references are drawn (and checked) before the model loads
+        training_normals = load_training_normals(args.data, layout=args.layout)
+        draw_k_shot_references(dataset, args.k_shot, seeds, training_normals)
     model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
-    results = evaluate_model(model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    if args.k_shot is None:
+        results = evaluate_model(model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+        save, to_markdown = save_results, results_to_markdown
+    else:
+        results = evaluate_k_shot(
+            model,
+            processor,
+            dataset,
+            k_shot=args.k_shot,
+            seeds=seeds,
+            reference_dataset=training_normals,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+        )
+        save, to_markdown = save_k_shot_results, k_shot_results_to_markdown
     if state.is_main_process:  # under `accelerate launch` every process holds the gathered results
         provenance = evaluation_provenance(
             model, processor, data_source=args.data, model_name_or_path=args.model, adapter=args.adapter
         )
-        with output_folder(args.output_dir, EVALUATE_OUTPUT, args.overwrite) as staging:
-            written = save_results(results, staging, plots=not args.no_plots, provenance=provenance)
-        print(results_to_markdown(results))
+        with output_folder(args.output_dir, output_kind, args.overwrite) as staging:
+            written = save(results, staging, plots=not args.no_plots, provenance=provenance)
+        print(to_markdown(results))
         print(
             "Written: "
             + ", ".join(str(Path(args.output_dir) / path.relative_to(staging)) for path in written.values())
