@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from .adapters import load_headclip_model, load_headclip_model_and_processor
 from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE, HeadCLIPConfig
 from .data import ANOMALY_FEATURES, AnomalyCollator, load_anomaly_dataset, make_transform
+from .dataset_export import export_anomaly_dataset, upload_anomaly_dataset
 from .evaluation import evaluate_model
 from .metrics import AnomalyDetectionResults, AnomalyMetricsAccumulator, MetricResult, UndefinedMetricError
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
@@ -46,6 +47,7 @@ __all__ = [
     "__version__",
     "encode_reference_images",
     "evaluate_model",
+    "export_anomaly_dataset",
     "headclip_parameters_hash",
     "load_anomaly_dataset",
     "load_headclip_model",
@@ -55,4 +57,5 @@ __all__ = [
     "save_reference_embeds",
     "save_results",
     "select_k_shot",
+    "upload_anomaly_dataset",
 ]

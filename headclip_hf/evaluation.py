@@ -3,9 +3,11 @@
 
 Maps and masks are compared at the model's working size, `HeadCLIPConfig.image_size` (the processor resizes both), as
 the AnomalyCLIP protocol does; a processor at another size is refused, so that results always say at which size they
-were computed. Under `accelerate`, each process evaluates a contiguous shard of the data set (no sample
-is duplicated to even out batches) and the metric states are gathered and merged, so every process returns the
-same results.
+were computed. Under `accelerate`, each process evaluates its part of the data set
+(`datasets.distributed.split_dataset_by_node`: a contiguous shard of a `Dataset`; whole shards, or every n-th row, of
+a streaming `IterableDataset`; no sample is duplicated to even out batches) and the metric states are gathered and
+merged, so every process returns the same results. A streaming data set is evaluated in constant memory: rows are
+read batch by batch and the metrics are histograms.
 
 Zero-shot: `evaluate_model`. Few-shot: `evaluate_model(..., reference_embeds=...)` with given references, or the
 k-shot protocol `evaluate_k_shot`, which draws K normal references per category and seed (from the layout's training
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -61,7 +64,7 @@ def _collate_with_categories(collator: AnomalyCollator):
 def _accumulate(
     model: HeadCLIPModel,
     processor: Any,
-    dataset: datasets.Dataset,
+    dataset: datasets.Dataset | datasets.IterableDataset,
     accumulator: AnomalyMetricsAccumulator,
     batch_size: int,
     num_workers: int,
@@ -71,7 +74,7 @@ def _accumulate(
 ) -> None:
     """Run `model` over this process's shard of `dataset` and add its scores and maps to `accumulator`."""
     state = PartialState()
-    shard = dataset.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+    shard = split_dataset_by_node(dataset, rank=state.process_index, world_size=state.num_processes)
     loader = DataLoader(
         shard,
         batch_size=batch_size,
@@ -110,7 +113,7 @@ def _gathered_results(accumulator: AnomalyMetricsAccumulator, num_bins: int) -> 
 def evaluate_model(
     model: HeadCLIPModel,
     processor: Any,
-    dataset: datasets.Dataset,
+    dataset: datasets.Dataset | datasets.IterableDataset,
     batch_size: int = 8,
     num_workers: int = 0,
     num_bins: int = DEFAULT_NUM_BINS,
@@ -125,8 +128,9 @@ def evaluate_model(
             The model (put in eval mode here; its training mode is restored afterwards).
         processor (`HeadCLIPProcessor`):
             Prepares images and masks, at the model's working size.
-        dataset (`datasets.Dataset`):
-            The data set; pixel metrics use the rows whose `mask_valid` is true.
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            The data set, or a streaming one (`load_anomaly_dataset(..., streaming=True)`, never materialised); pixel
+            metrics use the rows whose `mask_valid` is true.
         batch_size (`int`, *optional*, defaults to 8):
             Images per forward pass.
         num_workers (`int`, *optional*, defaults to 0):

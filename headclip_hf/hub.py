@@ -257,14 +257,15 @@ def upload_hub_folder(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str = "Upload HeadCLIP",
+    repo_type: str = "model",
 ) -> str:
     """
-    Upload `folder` to the model repository `repo_id`, creating the repository (and the branch `revision`) when
-    missing.
+    Upload `folder` to the repository `repo_id` (a model, or with `repo_type="dataset"` a data set), creating the
+    repository (and the branch `revision`) when missing.
 
     Args:
         folder (`str` or `os.PathLike`):
-            The folder written by `save_hub_folder`.
+            The folder to upload (`save_hub_folder`'s, or an exported data set).
         repo_id (`str`):
             The Hub repository, `user/name`.
         private (`bool`, *optional*, defaults to `False`):
@@ -275,6 +276,8 @@ def upload_hub_folder(
             A Hub token; by default the one of `hf auth login` or `HF_TOKEN`.
         commit_message (`str`, *optional*, defaults to `"Upload HeadCLIP"`):
             The commit message.
+        repo_type (`str`, *optional*, defaults to `"model"`):
+            `"model"` or `"dataset"`.
 
     Returns:
         `str`: the URL of the commit.
@@ -284,11 +287,11 @@ def upload_hub_folder(
     """
     check_repo_id(repo_id)
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     if revision is not None:
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision, commit_message=commit_message
+        repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision, commit_message=commit_message
     )
     return commit.commit_url
 

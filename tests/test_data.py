@@ -4,6 +4,9 @@ import csv
 import json
 import logging
 import os
+import shutil
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -11,9 +14,17 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from datasets.packaged_modules.parquet.parquet import Parquet as ParquetBuilder
 from PIL import Image
 
-from headclip_hf.data import LAYOUTS, AnomalyCollator, load_anomaly_dataset, make_transform
+from headclip_hf.data import (
+    ANOMALY_FEATURES,
+    LAYOUTS,
+    AnomalyCollator,
+    image_files,
+    load_anomaly_dataset,
+    make_transform,
+)
 
 LOGGER = "headclip_hf.data"
 SIZE = (32, 32)  # width, height of the synthetic images
@@ -395,6 +406,128 @@ def test_listed_image_that_does_not_exist_is_an_error(tmp_path):
         load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
 
 
+def save_decompression_bomb(path: Path, size: int = 20000) -> Path:
+    """A tiny PNG (one empty IDAT) whose header claims `size` x `size` grey pixels: PIL refuses it as a bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_decompression_bomb_is_an_unreadable_image(tmp_path, caplog):
+    root = make_generic_tree(tmp_path / "things")
+    bomb = save_decompression_bomb(root / "good" / "002.png")
+
+    with pytest.raises(
+        OSError, match=f"Cannot read image file {bomb} \\(DecompressionBombError: .*skip_unreadable=True"
+    ):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dataset = load_anomaly_dataset(root, skip_unreadable=True, cache_dir=tmp_path / "cache")
+    assert len(dataset) == 4 and str(bomb) not in dataset["path"]
+    assert "Skipped 1 of 5 rows with unreadable files" in caplog.text and str(bomb) in caplog.text
+
+
+def test_broken_symbolic_link_is_named_and_counted_like_an_unreadable_file(tmp_path, caplog):
+    root = make_generic_tree(tmp_path / "things")
+    link = root / "good" / "002.png"
+    link.symlink_to(tmp_path / "moved_away.png")
+
+    with pytest.raises(OSError, match=f"Cannot read image file {link} \\(broken symbolic link to .*moved_away.png\\)"):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dataset = load_anomaly_dataset(root, skip_unreadable=True, cache_dir=tmp_path / "cache")
+    assert len(dataset) == 4
+    assert "Skipped 1 of 5 rows with unreadable files" in caplog.text and str(link) in caplog.text
+    assert image_files(root / "good") == [root / "good" / "000.png", root / "good" / "001.png", link]
+
+
+def test_broken_symbolic_link_as_mask_is_an_error_naming_it(tmp_path):
+    root = make_generic_tree(tmp_path / "things")
+    mask = root / "ground_truth" / "dent" / "001_mask.png"
+    mask.unlink()
+    mask.symlink_to(tmp_path / "nowhere.png")
+
+    with pytest.raises(OSError, match=f"Cannot read image file {mask} \\(broken symbolic link"):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+
+def write_meta(root: Path, meta) -> Path:
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def meta_item(image: str, anomaly=1, mask: object = "") -> dict:
+    return {"img_path": image, "mask_path": mask, "cls_name": "widget", "specie_name": "crack", "anomaly": anomaly}
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"test": []}, r"meta\.json: split 'test' must map category names to lists of entries, not list"),
+        ({"test": {"widget": None}}, r"meta\.json: test/widget must be a list of entries, not None"),
+        ({"test": {"widget": [None]}}, r"meta\.json: entry test/widget\[0\] must be an object .* not None"),
+        (
+            {"test": {"widget": [meta_item("widget/test/crack/000.png", mask=5)]}},
+            r"entry test/widget\[0\] \(widget/test/crack/000\.png\): mask_path must be a path .* not 5",
+        ),
+        (
+            {"test": {"widget": [meta_item("widget/test/crack/000.png", anomaly=0.7)]}},
+            r"entry test/widget\[0\] \(widget/test/crack/000\.png\): anomaly must be 0 or 1, not 0\.7",
+        ),
+        (
+            {"test": {"widget": [meta_item("widget/test/crack/000.png", anomaly=2)]}},
+            r"entry test/widget\[0\] \(widget/test/crack/000\.png\): anomaly must be 0 or 1, not 2",
+        ),
+        (
+            {"test": {"widget": [{"mask_path": "", "anomaly": 0}]}},
+            r"entry test/widget\[0\]: img_path must be a path .* not None",
+        ),
+        ({"test": {"widget": []}, "train": 3}, r"meta\.json: split 'train' must map category names"),
+        ([], r"meta\.json must hold an object \{split: \{category: \[entries\]\}\}, not list"),
+    ],
+)
+def test_malformed_meta_json_entries_are_named(tmp_path, meta, message):
+    root = write_meta(make_mvtec_tree(tmp_path / "mvtec"), meta)
+
+    with pytest.raises(ValueError, match=message):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+
+def test_listed_paths_that_leave_the_root_are_refused_unless_allowed(tmp_path):
+    outside = save_image(tmp_path / "elsewhere" / "000.png")
+    root = make_mvtec_tree(tmp_path / "mvtec")
+    write_meta(root, {"test": {"widget": [meta_item("../elsewhere/000.png", anomaly=0)]}})
+
+    with pytest.raises(
+        ValueError, match=r"entry test/widget\[0\] .*: img_path '\.\./elsewhere/000\.png' leaves the data set root"
+    ):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+    write_meta(root, {"test": {"widget": [meta_item(str(outside), anomaly=0)]}})
+    with pytest.raises(ValueError, match="leaves the data set root .*allow_outside_root=True"):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+    dataset = load_anomaly_dataset(root, allow_outside_root=True, cache_dir=tmp_path / "cache")
+    assert dataset["path"] == [str(outside)]
+
+
+def test_visa_csv_paths_that_leave_the_root_are_refused(tmp_path):
+    root = make_visa_raw_tree(tmp_path / "VisA")
+    csv_path = root / "split_csv" / "1cls.csv"
+    csv_path.write_text(csv_path.read_text().replace("candle/Data/Images/Normal/0002.JPG", "../0002.JPG"))
+    save_image(tmp_path / "0002.JPG")
+
+    with pytest.raises(ValueError, match=r"1cls\.csv, line 6: image '\.\./0002\.JPG' leaves the data set root"):
+        load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+
+
 # Caching
 
 
@@ -495,3 +628,323 @@ def test_real_kvasir_seg_colon(test_data_dir, tmp_path, caplog):
     for row in dataset.select(range(0, 120, 10)):
         assert row["mask"].size == row["image"].size
         assert np.asarray(row["mask"]).max() == 255
+
+
+# Tables: `datasets` data sets, save_to_disk, Parquet, imagefolder, Hub ids
+
+
+def table_rows(root: Path) -> list[dict]:
+    """The rows of `make_generic_tree(root, normal=2, defects={"dent": 2})` as plain values: files and labels."""
+    rows = [
+        {"file": f"dent/{index:03d}.png", "mask_file": f"ground_truth/dent/{index:03d}_mask.png", "state": "dent"}
+        for index in range(2)
+    ]
+    rows += [{"file": f"good/{index:03d}.png", "mask_file": None, "state": "good"} for index in range(2)]
+    assert all((root / row["file"]).is_file() for row in rows)
+    return rows
+
+
+def assert_same_rows(converted, expected, keys=("label", "category", "defect_type", "mask_valid")) -> None:
+    """The features of an anomaly data set; the same `keys`, images and masks (pixel for pixel), row by row."""
+    assert converted.features == ANOMALY_FEATURES
+    for key in keys:
+        assert list(converted[key]) == list(expected[key]), key
+    for left, right in zip(converted, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(left["image"]), np.asarray(right["image"]))
+        assert (left["mask"] is None) == (right["mask"] is None)
+        if left["mask"] is not None:
+            np.testing.assert_array_equal(np.asarray(left["mask"]), np.asarray(right["mask"]))
+
+
+def test_in_memory_dataset_with_other_column_names(tmp_path):
+    root = make_generic_tree(tmp_path / "things")
+    folder = load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+    table = datasets.Dataset.from_dict(
+        {
+            "img": [str(root / row["file"]) for row in table_rows(root)],
+            "gt": [str(root / row["mask_file"]) if row["mask_file"] else None for row in table_rows(root)],
+            "is_defective": [row["state"] != "good" for row in table_rows(root)],
+            "object": ["things"] * 4,
+        },
+        features=datasets.Features(
+            {"img": datasets.Image(), "gt": datasets.Image(), "is_defective": datasets.Value("bool")}
+            | {"object": datasets.Value("string")}
+        ),
+    )
+
+    converted = load_anomaly_dataset(table, label_column="is_defective")
+
+    assert list(converted["defect_type"]) == ["anomaly", "anomaly", "good", "good"]  # booleans name no defect
+    assert list(converted["path"]) == list(folder["path"])  # the image files
+    assert "an in-memory data set, split test: 4 images (2 normal, 2 anomalous)" in converted.info.description
+    assert_same_rows(converted, folder, keys=("label", "category", "mask_valid"))
+
+
+@pytest.mark.parametrize(
+    ("values", "feature", "labels", "defect_types"),
+    [
+        ([0, 1, 1], datasets.Value("int64"), [0, 1, 1], ["good", "anomaly", "anomaly"]),
+        ([0.0, 1.0, 0.0], datasets.Value("float32"), [0, 1, 0], ["good", "anomaly", "good"]),
+        ([False, True, True], datasets.Value("bool"), [0, 1, 1], ["good", "anomaly", "anomaly"]),
+        (["good", "crack", "Normal"], datasets.Value("string"), [0, 1, 0], ["good", "crack", "good"]),
+        (["OK", "anomaly", "1"], datasets.Value("string"), [0, 1, 1], ["good", "anomaly", "anomaly"]),
+        ([0, 2, 1], datasets.ClassLabel(names=["good", "crack", "hole"]), [0, 1, 1], ["good", "hole", "crack"]),
+        ([1, 0, 0], datasets.ClassLabel(names=["anomaly", "normal"]), [0, 1, 1], ["good", "anomaly", "anomaly"]),
+    ],
+)
+def test_label_conventions(tmp_path, values, feature, labels, defect_types):
+    images = [str(save_image(tmp_path / f"{index}.png", seed=index)) for index in range(3)]
+    table = datasets.Dataset.from_dict(
+        {"image": images, "label": values},
+        features=datasets.Features({"image": datasets.Image(), "label": feature}),
+    )
+
+    converted = load_anomaly_dataset(table)
+
+    assert list(converted["label"]) == labels
+    assert list(converted["defect_type"]) == defect_types
+    assert list(converted["category"]) == ["default"] * 3
+    assert not any(converted["mask_valid"])  # no mask column: no pixel labels
+
+
+def test_labels_from_the_defect_type_when_there_is_no_label_column(tmp_path):
+    images = [str(save_image(tmp_path / f"{index}.png", seed=index)) for index in range(2)]
+    table = datasets.Dataset.from_dict({"img_path": images, "specie_name": ["good", "scratch"]})
+
+    converted = load_anomaly_dataset(table)
+
+    assert list(converted["label"]) == [0, 1]
+    assert list(converted["defect_type"]) == ["good", "scratch"]
+    assert list(converted["path"]) == images
+
+
+def test_parquet_file_with_path_columns_relative_to_its_folder(tmp_path):
+    root = make_generic_tree(tmp_path / "things")
+    folder = load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+    rows = table_rows(root)
+    table = datasets.Dataset.from_list([{**row, "cls": "things"} for row in rows])
+    table.to_parquet(root / "labels.parquet")
+
+    converted = load_anomaly_dataset(
+        root / "labels.parquet",
+        image_column="file",
+        mask_column="mask_file",
+        label_column="state",
+        category_column="cls",
+        cache_dir=tmp_path / "cache",
+    )
+
+    assert list(converted["path"]) == [str(root / row["file"]) for row in rows]
+    assert_same_rows(converted, folder)
+
+
+def test_save_to_disk_folder_takes_the_split(tmp_path):
+    root = make_mvtec_tree(tmp_path / "mvtec")
+    test = load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+    train = load_anomaly_dataset(root, split="train", cache_dir=tmp_path / "cache")
+    datasets.DatasetDict({"test": test, "train": train}).save_to_disk(tmp_path / "saved")
+
+    loaded = load_anomaly_dataset(tmp_path / "saved", split="train")
+
+    assert "layout save_to_disk" in loaded.info.description
+    assert_same_rows(loaded, train)
+    with pytest.raises(ValueError, match=r"has no split 'validation'; its splits are \['test', 'train'\]"):
+        load_anomaly_dataset(tmp_path / "saved", split="validation")
+
+
+def test_imagefolder_with_a_metadata_file(tmp_path):
+    root = make_generic_tree(tmp_path / "things")
+    folder = load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+    lines = ["file_name,mask_file_name,label"] + [
+        f"{row['file']},{row['mask_file'] or ''},{int(row['state'] != 'good')}" for row in table_rows(root)
+    ]
+    # imagefolder: `file_name` becomes the `image` column, `mask_file_name` a `mask` Image column (empty: no mask).
+    export = tmp_path / "imagefolder"
+    shutil.copytree(root, export)
+    (export / "metadata.csv").write_text("\n".join(lines) + "\n")
+
+    converted = load_anomaly_dataset(export, split="train", cache_dir=tmp_path / "cache")
+
+    assert "layout imagefolder" in converted.info.description
+    assert set(converted["category"]) == {"imagefolder"}  # the folder's name
+    assert_same_rows(converted, folder, keys=("label", "mask_valid"))
+
+
+def test_streaming_gives_the_rows_of_the_data_set(tmp_path):
+    root = make_mvtec_tree(tmp_path / "mvtec")
+    materialised = load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+    table = materialised.rename_columns({"image": "img", "mask": "gt"}).remove_columns("mask_valid")
+    table = table.cast_column("label", datasets.Value("int64"))
+
+    for source in (root, table):
+        streamed = load_anomaly_dataset(source, streaming=True)
+        assert isinstance(streamed, datasets.IterableDataset)
+        assert streamed.features == ANOMALY_FEATURES
+        rows = list(streamed)
+        assert [row["path"] for row in rows] == list(materialised["path"])
+        assert [row["mask_valid"] for row in rows] == list(materialised["mask_valid"])
+        assert_same_rows(datasets.Dataset.from_list(rows, features=ANOMALY_FEATURES), materialised)
+
+
+def test_categories_of_a_table(tmp_path):
+    images = [str(save_image(tmp_path / f"{index}.png", seed=index)) for index in range(4)]
+    table = datasets.Dataset.from_dict(
+        {"image": images, "label": [0, 1, 0, 1], "category": ["cup", "cup", "pen", "pen"]},
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "label": datasets.Value("int8"),
+                "category": datasets.ClassLabel(names=["cup", "pen"]),
+            }
+        ),
+    )
+
+    assert list(load_anomaly_dataset(table, categories=["pen"])["path"]) == images[2:]
+    assert len(list(load_anomaly_dataset(table, categories=["pen"], streaming=True))) == 2
+    with pytest.raises(
+        ValueError, match=r"Unknown categories \['bottle'\] in an in-memory .*available categories: \['cup', 'pen'\]"
+    ):
+        load_anomaly_dataset(table, categories=["bottle"])
+
+
+def cache_hub_dataset(repo_id: str, split_files: dict[str, list[Path]], cache_dir: Path, commit: str) -> Path:
+    """
+    Put Parquet files in the `datasets` cache as an online `load_dataset(repo_id)` leaves them there, in
+    `<cache>/<namespace>___<name>/default/0.0.0/<commit>/` (the Parquet builder, prepared as for a Hub repository).
+    """
+    namespace, name = repo_id.split("/")
+    builder = ParquetBuilder(
+        cache_dir=str(cache_dir / "staging"),
+        dataset_name=name,
+        hash=commit,
+        config_id="default",
+        data_files={split: [str(path) for path in paths] for split, paths in split_files.items()},
+    )
+    builder.download_and_prepare()
+    cached = cache_dir / f"{namespace}___{name}"
+    (cache_dir / "staging" / name).rename(cached)
+    return cached / "default" / "0.0.0" / commit
+
+
+def test_hub_id_offline_from_the_datasets_cache(tmp_path):
+    """The code path of a real id: `datasets.load_dataset("someone/widgets")`, offline, finds the cached copy."""
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1" or os.environ["HF_HUB_OFFLINE"] == "1"
+    root = make_mvtec_tree(tmp_path / "mvtec")
+    folder = load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+    folder.to_parquet(tmp_path / "test.parquet")  # images as paths: the cached Arrow rows point at the files
+    cache_hub_dataset("someone/widgets", {"test": [tmp_path / "test.parquet"]}, tmp_path / "hub_cache", "0" * 40)
+
+    loaded = load_anomaly_dataset("someone/widgets", split="test", cache_dir=tmp_path / "hub_cache")
+    streamed = load_anomaly_dataset("someone/widgets", streaming=True, cache_dir=tmp_path / "hub_cache")
+
+    assert "from the Hub data set someone/widgets, split test: 5 images" in loaded.info.description
+    assert_same_rows(loaded, folder)
+    assert [row["path"] for row in streamed] == list(folder["path"])
+    with pytest.raises(
+        ValueError, match=r"Cannot load split 'train' of the Hub data set someone/widgets: .*\['test'\]"
+    ):
+        load_anomaly_dataset("someone/widgets", split="train", cache_dir=tmp_path / "hub_cache")
+
+
+def test_hub_id_that_cannot_be_reached_offline(tmp_path):
+    with pytest.raises(ConnectionError) as error:
+        load_anomaly_dataset("someone/not-cached", cache_dir=tmp_path / "hub_cache")
+    message = str(error.value)
+    assert "Cannot load the Hub data set someone/not-cached" in message
+    assert "'someone/not-cached' is not a local file or folder either" in message
+    assert "hf download someone/not-cached --repo-type dataset --local-dir DIR" in message
+
+
+# Tables: bad input
+
+
+def small_table(tmp_path: Path, **columns) -> datasets.Dataset:
+    images = [str(save_image(tmp_path / f"{index}.png", seed=index)) for index in range(2)]
+    return datasets.Dataset.from_dict({"image": images, **columns}).cast_column("image", datasets.Image())
+
+
+def test_a_column_that_does_not_exist_lists_the_columns(tmp_path):
+    table = small_table(tmp_path, label=[0, 1])
+
+    with pytest.raises(
+        ValueError, match=r"mask_column='gt' is not a column of .*; its columns are \['image', 'label'\]"
+    ):
+        load_anomaly_dataset(table, mask_column="gt")
+    with pytest.raises(
+        ValueError, match=r"No label column in .* its columns are \['image', 'other'\]\. .*label_column="
+    ):
+        load_anomaly_dataset(small_table(tmp_path, other=[0, 1]))
+    with pytest.raises(ValueError, match=r"No image column .* its columns are \['picture', 'label'\]"):
+        load_anomaly_dataset(datasets.Dataset.from_dict({"picture": ["a.png"], "label": [0]}))
+    with pytest.raises(ValueError, match=r"Column 'label' \(label\) of .* holds List\(Value\('int64'\)\), not labels"):
+        load_anomaly_dataset(small_table(tmp_path, label=[[0], [1]]))
+
+
+@pytest.mark.parametrize("labels", [[0, 2], [0, -1], [0.0, 0.7], [0, None], ["good", ""], ["good", "2"]])
+def test_labels_outside_the_known_conventions(tmp_path, labels):
+    table = small_table(tmp_path, label=labels)
+    with pytest.raises(
+        ValueError, match=r"row 1 \(.*1\.png\) of .*, column 'label': label .* is outside the known convent"
+    ):
+        load_anomaly_dataset(table)
+
+
+def test_table_mask_of_another_size(tmp_path):
+    mask = save_mask(tmp_path / "mask.png", size=(16, 24))
+    table = small_table(tmp_path, label=[0, 1], mask=[None, str(mask)]).cast_column("mask", datasets.Image())
+
+    for streaming in (False, True):
+        with pytest.raises(
+            ValueError, match=r"Mask .*mask\.png of row 1 .* is 16x24 but its image .*1\.png .* is 32x32"
+        ):
+            list(load_anomaly_dataset(table, streaming=streaming))
+
+
+def test_table_with_unreadable_image_bytes(tmp_path, caplog):
+    images = [
+        {"bytes": save_image(tmp_path / f"{index}.png").read_bytes(), "path": f"{index}.png"} for index in range(3)
+    ]
+    images[1]["bytes"] = images[1]["bytes"][:40]
+    table = datasets.Dataset.from_dict(
+        {"image": images, "label": [0, 1, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+
+    with pytest.raises(OSError, match=r"Cannot read image 1\.png of row 1 .*skip_unreadable=True"):
+        load_anomaly_dataset(table)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        kept = load_anomaly_dataset(table, skip_unreadable=True)
+        streamed = list(load_anomaly_dataset(table, skip_unreadable=True, streaming=True))
+    assert list(kept["path"]) == ["0.png", "2.png"] and [row["path"] for row in streamed] == ["0.png", "2.png"]
+    assert "Skipped 1 of 3 rows with unreadable files" in caplog.text
+    assert "Skipped a row with unreadable files (skip_unreadable=True): image 1.png of row 1" in caplog.text
+    assert "Skipped 1 rows with unreadable files: image 1.png of row 1" in kept.info.description
+
+
+def test_table_paths_that_leave_the_folder_are_refused_unless_allowed(tmp_path):
+    outside = save_image(tmp_path / "outside.png")
+    root = tmp_path / "table"
+    root.mkdir()
+    datasets.Dataset.from_dict({"image_path": ["../outside.png"], "label": [0]}).to_parquet(root / "rows.parquet")
+
+    with pytest.raises(
+        ValueError, match=r"image '\.\./outside\.png' leaves the data set root .*allow_outside_root=True"
+    ):
+        load_anomaly_dataset(root / "rows.parquet", cache_dir=tmp_path / "cache")
+    loaded = load_anomaly_dataset(root / "rows.parquet", allow_outside_root=True, cache_dir=tmp_path / "cache")
+    assert list(loaded["path"]) == [str(outside)]
+
+
+def test_options_that_do_not_apply_to_the_source_are_refused(tmp_path):
+    root = make_mvtec_tree(tmp_path / "mvtec")
+    table = small_table(tmp_path, label=[0, 1])
+
+    with pytest.raises(ValueError, match=r"image_column name columns of a table; .* is a folder in the mvtec layout"):
+        load_anomaly_dataset(root, image_column="img")
+    with pytest.raises(ValueError, match=r"revision='v1' applies to Hub data set ids; the source is the folder"):
+        load_anomaly_dataset(root, revision="v1")
+    with pytest.raises(ValueError, match=r"layout='mvtec' applies to folders; the source is an in-memory data set"):
+        load_anomaly_dataset(table, layout="mvtec")
+    with pytest.raises(ValueError, match=r"notes\.txt is a file but not a Parquet file"):
+        (tmp_path / "notes.txt").write_text("x")
+        load_anomaly_dataset(tmp_path / "notes.txt")

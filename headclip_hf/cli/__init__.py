@@ -7,6 +7,7 @@
     headclip push --model runs/mvtec/adapter --results eval/visa --repo_id user/headclip-mvtec ...
     headclip references good/ --model runs/mvtec/adapter --output_file refs.safetensors   # few-shot references
     headclip convert anomalyclip ...
+    headclip dataset export data/mvtec_ad --output_dir exports/mvtec_ad --push_to_hub user/mvtec-ad
 
 `headclip <command> --help` documents each command. Conventions shared by every command:
 
@@ -28,10 +29,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import convert, detect, evaluate, push, references, train
+from . import convert, dataset, detect, evaluate, push, references, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, references, train, push, convert)
+COMMANDS = (detect, evaluate, references, train, push, convert, dataset)
 
 
 def build_parser() -> argparse.ArgumentParser:

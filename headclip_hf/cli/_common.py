@@ -5,13 +5,15 @@ import argparse
 import glob
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import datasets
 import torch
 from accelerate import PartialState
 
 from ..adapters import load_headclip_model_and_processor
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
-from ..data import IMAGE_EXTENSIONS
+from ..data import IMAGE_EXTENSIONS, LAYOUTS, load_anomaly_dataset
 from ..modeling_headclip import HeadCLIPModel
 from ..processing_headclip import HeadCLIPProcessor
 
@@ -137,6 +139,83 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--device", help="device, e.g. cpu, cuda, cuda:1, mps (default: the first accelerator, else the CPU)"
     )
+
+
+# The column mapping flags (`--image_column`, ...) and the `load_anomaly_dataset` arguments they set.
+DATA_COLUMN_FIELDS = ("image", "mask", "label", "category", "defect_type")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, several_splits: bool = False, streaming: bool = True) -> None:
+    """
+    The positional DATA and the `load_anomaly_dataset` options, shared by the commands that read a labelled data set:
+    `--layout`, `--split`, `--categories`, `--revision`, `--streaming`, `--skip_unreadable`, `--allow_outside_root`
+    and the column mapping flags `--image_column`, `--mask_column`, `--label_column`, `--category_column`,
+    `--defect_type_column`. Read them back with [`data_arguments`] or load the data with [`load_data`].
+
+    Args:
+        parser (`argparse.ArgumentParser`): The command's parser.
+        several_splits (`bool`, defaults to `False`): `--split` takes several names (a list).
+        streaming (`bool`, defaults to `True`): Offer `--streaming` (for commands that can work on a stream).
+    """
+    parser.add_argument(
+        "data",
+        help="data set: a folder (MVTec AD, VisA, meta.json, generic; an export, Parquet, imagefolder or save_to_disk "
+        "folder), a Parquet file, or a Hub data set id such as user/mvtec-ad",
+    )
+    group = parser.add_argument_group("data")
+    group.add_argument("--layout", default="auto", choices=LAYOUTS, help="folder layout (default: auto-detect)")
+    if several_splits:
+        group.add_argument("--split", nargs="+", default=["test"], help="splits (default: test)")
+    else:
+        group.add_argument("--split", default="test", help="split (default: test; train: normal training images)")
+    group.add_argument("--categories", nargs="+", help="only these categories")
+    group.add_argument("--revision", help="branch, tag or commit of a Hub data set (default: main)")
+    if streaming:
+        group.add_argument(
+            "--streaming",
+            action="store_true",
+            help="read rows as they are used: constant memory, nothing downloaded or converted up front",
+        )
+    group.add_argument(
+        "--skip_unreadable", action="store_true", help="skip (and list) unreadable images instead of stopping"
+    )
+    group.add_argument(
+        "--allow_outside_root",
+        action="store_true",
+        help="read files that a meta file, CSV or table lists outside the data folder (refused by default)",
+    )
+    for field_name in DATA_COLUMN_FIELDS:
+        group.add_argument(
+            f"--{field_name}_column",
+            metavar="COLUMN",
+            help=f"table column of the {field_name.replace('_', ' ')} (default: found by its name)",
+        )
+
+
+def data_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The `load_anomaly_dataset` keyword arguments set by [`add_data_arguments`]'s flags, `split` left out."""
+    return {
+        "layout": args.layout,
+        "categories": args.categories,
+        "revision": args.revision,
+        "streaming": getattr(args, "streaming", False),
+        "skip_unreadable": args.skip_unreadable,
+        "allow_outside_root": args.allow_outside_root,
+        **{f"{name}_column": getattr(args, f"{name}_column") for name in DATA_COLUMN_FIELDS},
+    }
+
+
+def load_data(args: argparse.Namespace) -> datasets.Dataset | datasets.IterableDataset:
+    """
+    `load_anomaly_dataset(args.data, split=args.split, ...)` with [`add_data_arguments`]'s flags.
+
+    Raises:
+        `CommandError`: the data set cannot be loaded; the message names it and says why.
+    """
+    try:
+        return load_anomaly_dataset(args.data, split=args.split, **data_arguments(args))
+    except (OSError, ValueError) as error:
+        raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
 
 
 def add_output_dir_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from ..data import LAYOUTS, load_anomaly_dataset
 from ..evaluation import draw_k_shot_references, evaluate_k_shot, evaluate_model, load_training_normals
 from ..files import OutputKind, check_output_folder, output_folder
 from ..provenance import evaluation_provenance
@@ -21,7 +20,15 @@ from ..reporting import (
     save_k_shot_results,
     save_results,
 )
-from ._common import CommandError, add_model_arguments, add_output_dir_argument, load_model_and_processor, positive_int
+from ._common import (
+    CommandError,
+    add_data_arguments,
+    add_model_arguments,
+    add_output_dir_argument,
+    load_data,
+    load_model_and_processor,
+    positive_int,
+)
 
 EVALUATE_OUTPUT = OutputKind("headclip evaluate output", frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR}))
 K_SHOT_OUTPUT = OutputKind(
@@ -31,6 +38,7 @@ K_SHOT_OUTPUT = OutputKind(
 EPILOG = f"""examples:
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec
   headclip evaluate data/visa --layout visa --categories candle pcb1 --model runs/mvtec/adapter --output_dir eval/visa
+  headclip evaluate user/mvtec-ad --split test --streaming --model runs/visa/adapter --output_dir eval/mvtec
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --k_shot 4 --k_shot_seeds 0 1 2 --output_dir eval/4shot
 
 Writes OUTPUT_DIR/{RESULTS_MARKDOWN} (table per category and mean, in percent), OUTPUT_DIR/{RESULTS_JSON} (fractions;
@@ -51,9 +59,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Evaluate on an anomaly data set: image and pixel metrics per category and their mean.",
         epilog=EPILOG,
     )
-    parser.add_argument("data", help="data set root or one category folder")
-    parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="folder layout (default: auto-detect)")
-    parser.add_argument("--categories", nargs="+", help="evaluate only these categories")
+    add_data_arguments(parser)
     add_output_dir_argument(parser, "evaluation", "the results table, JSON and plots")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
@@ -72,15 +78,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.k_shot_seeds is not None and args.k_shot is None:
         raise CommandError("--k_shot_seeds draws few-shot references: pass --k_shot K too")
+    if args.k_shot is not None and args.streaming:
+        raise CommandError("--k_shot draws references from the whole data set: leave out --streaming")
     seeds = args.k_shot_seeds or [0]
     output_kind = EVALUATE_OUTPUT if args.k_shot is None else K_SHOT_OUTPUT
     state = PartialState()
     if state.is_main_process:
         check_output_folder(args.output_dir, output_kind, args.overwrite)
-    try:
-        dataset = load_anomaly_dataset(args.data, layout=args.layout, categories=args.categories)
-    except (OSError, ValueError) as error:
-        raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
+    dataset = load_data(args)
     training_normals = None
     if args.k_shot is not None:  # the references are drawn (and checked) before the model loads
         training_normals = load_training_normals(args.data, layout=args.layout)
