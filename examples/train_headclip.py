@@ -10,7 +10,7 @@ protocol: train on one data set's test split, evaluate on others), with Accelera
 The arguments (model, data and training dataclasses, parsed with `HfArgumentParser`) and the training loop live in
 `headclip_hf.training`; this script runs the `headclip train` command itself (same code, same clear errors).
 `--help` explains every argument and shows more examples (resuming, LoRA, mixed precision, several CPU processes,
-ablations). The result is
+ablations, activation checkpointing, schedules, the best model, publishing on the Hub). The result is
 `<output_dir>/adapter`, loadable with `headclip_hf.adapters.load_headclip_model(<output_dir>/adapter)`.
 """
 

@@ -260,12 +260,12 @@ def upload_hub_folder(
     repo_type: str = "model",
 ) -> str:
     """
-    Upload `folder` to the repository `repo_id` (a model, or with `repo_type="dataset"` a data set), creating the
-    repository (and the branch `revision`) when missing.
+    Upload `folder` to the repository `repo_id` (a model; with `repo_type="dataset"` a data set, with "space" a Gradio
+    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing.
 
     Args:
         folder (`str` or `os.PathLike`):
-            The folder to upload (`save_hub_folder`'s, or an exported data set).
+            The folder to upload (`save_hub_folder`'s, an exported data set or a Space folder).
         repo_id (`str`):
             The Hub repository, `user/name`.
         private (`bool`, *optional*, defaults to `False`):
@@ -277,7 +277,7 @@ def upload_hub_folder(
         commit_message (`str`, *optional*, defaults to `"Upload HeadCLIP"`):
             The commit message.
         repo_type (`str`, *optional*, defaults to `"model"`):
-            `"model"` or `"dataset"`.
+            `"model"`, `"dataset"` or `"space"`.
 
     Returns:
         `str`: the URL of the commit.
@@ -287,7 +287,8 @@ def upload_hub_folder(
     """
     check_repo_id(repo_id)
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    space_options = {"space_sdk": "gradio"} if repo_type == "space" else {}
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **space_options)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     commit = api.upload_folder(

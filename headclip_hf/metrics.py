@@ -221,10 +221,31 @@ def image_ap(labels: Any, scores: Any) -> float:
 
 def image_f1_max(labels: Any, scores: Any) -> float:
     """Image-level F1-max: the best F1 over all thresholds. Arguments as in `image_auroc`."""
+    return image_f1_max_threshold(labels, scores)[0]
+
+
+def image_f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
+    """
+    Image-level F1-max and the threshold that achieves it (the F1-optimal operating point): the point of
+    `precision_recall_curve` with the highest F1 (the lowest such threshold on ties). Flagging `scores >= threshold`
+    gives exactly that F1 on these scores.
+
+    Args:
+        labels: [N] 0 (normal) / 1 (anomalous), numpy, torch or list.
+        scores: [N] anomaly scores, higher = more anomalous.
+
+    Returns:
+        `(f1_max, threshold)`.
+
+    Raises:
+        UndefinedMetricError: when the images are all normal or all anomalous.
+    """
     labels, scores = _image_inputs(labels, scores)
     _require_both_image_classes(labels)
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    return float(f1_scores(precision, recall).max())
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = f1_scores(precision, recall)
+    best = int(np.argmax(f1))  # never the last point (recall 0, no threshold): F1 > 0 where every image is flagged
+    return float(f1[best]), float(thresholds[best])
 
 
 def f1_scores(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
@@ -339,10 +360,14 @@ class PixelScoreHistograms:
         if self.num_negative == 0:
             raise UndefinedMetricError(f"no normal pixels (all {self.num_images} masks are fully anomalous)")
 
+    def _occupied_bins(self) -> np.ndarray:
+        """Indices of the bins holding pixels, highest first: the thresholds of the curves."""
+        return np.flatnonzero((self.positive_counts + self.negative_counts) > 0)[::-1]
+
     def _cumulative(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """True positives, false positives and summed region overlap at each occupied threshold, highest first."""
         self.require_both_classes()
-        occupied = np.flatnonzero((self.positive_counts + self.negative_counts) > 0)[::-1]
+        occupied = self._occupied_bins()
         return (
             np.cumsum(self.positive_counts[occupied]),
             np.cumsum(self.negative_counts[occupied]),
@@ -376,8 +401,17 @@ class PixelScoreHistograms:
         return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
     def f1_max(self) -> float:
+        return self.f1_max_threshold()[0]
+
+    def f1_max_threshold(self) -> tuple[float, float]:
+        """
+        Pixel F1-max and the bin edge that achieves it (the highest one on ties): `(f1_max, threshold)`; flagging
+        `map >= threshold` gives exactly that F1 on the pixels added.
+        """
         true_positives, false_positives, _ = self._cumulative()
-        return float(np.max(2 * true_positives / (true_positives + false_positives + self.num_positive)))
+        f1 = 2 * true_positives / (true_positives + false_positives + self.num_positive)
+        best = int(np.argmax(f1))
+        return float(f1[best]), float(self._occupied_bins()[best] / self.num_bins)
 
     def aupro(self, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
         if not 0 < fpr_limit <= 1:
@@ -446,6 +480,8 @@ class CategoryResult:
         curves: for plotting, the curves of the defined metrics: "image_roc" and "pixel_roc" (fpr, tpr),
             "image_pr" and "pixel_pr" (recall ascending, precision), "pixel_pro" (fpr, pro). Not serialised.
         image_labels, image_scores: [num_images] the image-level inputs, for plotting score distributions.
+        f1_max_thresholds: "image" and "pixel": the threshold of the image (pixel) F1-max, the F1-optimal operating
+            point; undefined where the F1-max is. Not serialised.
     """
 
     name: str
@@ -454,6 +490,7 @@ class CategoryResult:
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     image_labels: np.ndarray | None = field(default=None, repr=False)
     image_scores: np.ndarray | None = field(default=None, repr=False)
+    f1_max_thresholds: dict[str, MetricResult] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metrics": {name: result.to_dict() for name, result in self.metrics.items()}, "counts": self.counts}
@@ -489,6 +526,16 @@ def _metric_result(compute: Callable[[], float], category: str) -> MetricResult:
         return MetricResult(float(compute()))
     except UndefinedMetricError as error:
         return MetricResult(None, f"category '{category}': {error.reason}")
+
+
+def _f1_max_results(compute: Callable[[], tuple[float, float]], category: str) -> tuple[MetricResult, MetricResult]:
+    """`(F1-max, its threshold)` of `compute()` as results, both undefined with the reason when F1-max is."""
+    try:
+        f1_max, threshold = compute()
+    except UndefinedMetricError as error:
+        undefined = MetricResult(None, f"category '{category}': {error.reason}")
+        return undefined, undefined
+    return MetricResult(f1_max), MetricResult(threshold)
 
 
 def _mean_of_parts(parts: list[MetricResult]) -> MetricResult:
@@ -715,13 +762,15 @@ class AnomalyMetricsAccumulator:
 
     def _compute_category(self, name: str, state: _CategoryState) -> CategoryResult:
         labels, scores, pixels = np.concatenate(state.labels), np.concatenate(state.scores), state.pixels
+        image_f1_max_result, image_threshold = _f1_max_results(lambda: image_f1_max_threshold(labels, scores), name)
+        pixel_f1_max_result, pixel_threshold = _f1_max_results(pixels.f1_max_threshold, name)
         metrics = {
             "image_auroc": _metric_result(lambda: image_auroc(labels, scores), name),
             "image_ap": _metric_result(lambda: image_ap(labels, scores), name),
-            "image_f1_max": _metric_result(lambda: image_f1_max(labels, scores), name),
+            "image_f1_max": image_f1_max_result,
             "pixel_auroc": _metric_result(pixels.auroc, name),
             "pixel_ap": _metric_result(pixels.average_precision, name),
-            "pixel_f1_max": _metric_result(pixels.f1_max, name),
+            "pixel_f1_max": pixel_f1_max_result,
             "pixel_aupro": _metric_result(lambda: pixels.aupro(self.fpr_limit), name),
         }
         metrics["mad_image"] = _mean_of_parts([metrics[metric] for metric in IMAGE_METRICS])
@@ -754,4 +803,5 @@ class AnomalyMetricsAccumulator:
             curves=curves,
             image_labels=labels,
             image_scores=scores,
+            f1_max_thresholds={"image": image_threshold, "pixel": pixel_threshold},
         )

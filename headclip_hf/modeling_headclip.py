@@ -24,6 +24,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import (
     CLIPAttention,
+    CLIPEncoderLayer,
     CLIPPreTrainedModel,
     CLIPTextModel,
     CLIPVisionModel,
@@ -321,6 +322,10 @@ class HeadCLIPModel(CLIPModel):
 
     config_class = HeadCLIPConfig
     config: HeadCLIPConfig
+    # transformers' `gradient_checkpointing_enable()` (`activation_checkpointing_enable()`) flags every CLIP encoder
+    # layer; `encode_image` honours the flags in its own layer loop (both attention paths), the prompt encoder runs
+    # CLIP's layers themselves.
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: HeadCLIPConfig):
         # CLIPModel.__init__ would run post_init (weight initialisation) before the HeadCLIP parameters exist, so the
@@ -572,6 +577,27 @@ class HeadCLIPModel(CLIPModel):
             position_embeds = torch.cat([position_embeds[:, :1], patch_positions], dim=1)
         return torch.cat([class_embeds, patch_embeds], dim=1) + position_embeds
 
+    def _vision_layer(
+        self,
+        layer: CLIPEncoderLayer,
+        hidden_states: torch.Tensor,
+        vv_states: torch.Tensor | None,
+        head_weights: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        One vision encoder layer on both paths: CLIP's layer on `hidden_states` `(B, 1 + N, D)` with the heads scaled
+        by `head_weights` `(heads,)`, and, when `vv_states` `(B, 1 + N, D)` is given, the value-value attention of the
+        same layer added to it (no MLP). Returns the new `(hidden_states, vv_states)`.
+        """
+        attn_output, vv_output = self._attention(
+            layer.self_attn, layer.layer_norm1(hidden_states), head_weights, value_value=vv_states is not None
+        )
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+        if vv_states is not None:
+            vv_states = vv_states + vv_output
+        return hidden_states, vv_states
+
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """
         The vision encoder with head weights and the value-value path.
@@ -595,18 +621,17 @@ class HeadCLIPModel(CLIPModel):
         for index, layer in enumerate(vision_model.encoder.layers):
             layer_number = index + 1
             value_value = config.vv_start_layer <= layer_number <= config.feature_layers[-1]
-            if value_value and vv_states is None:
+            if not value_value:
+                vv_states = None  # before the value-value path starts, or after the last feature layer
+            elif vv_states is None:
                 vv_states = hidden_states
-            attn_output, vv_output = self._attention(
-                layer.self_attn,
-                layer.layer_norm1(hidden_states),
-                None if head_weights is None else head_weights[index],
-                value_value,
-            )
-            hidden_states = hidden_states + attn_output
-            hidden_states = hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
-            if value_value:
-                vv_states = vv_states + vv_output
+            layer_inputs = (layer, hidden_states, vv_states, None if head_weights is None else head_weights[index])
+            if layer.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Activation checkpointing (`gradient_checkpointing_enable()`): the layer's activations, both paths,
+                # are recomputed in the backward pass instead of being kept.
+                hidden_states, vv_states = layer._gradient_checkpointing_func(self._vision_layer, *layer_inputs)
+            else:
+                hidden_states, vv_states = self._vision_layer(*layer_inputs)
             if layer_number in feature_layers:
                 patch_tokens.append(vv_states[:, 1:])
         return hidden_states[:, 0], torch.stack(patch_tokens)

@@ -4,8 +4,9 @@
 `headclip evaluate` writes `evaluation_provenance(...)` into `results.json` under "provenance". Its key is
 `headclip_parameters_hash(model)`, the SHA-256 of the HeadCLIP parameters (the prompt learner and the head weights,
 what training changes): `headclip push --results` publishes a run only when this hash equals the pushed model's
-(`check_results_provenance`), so that numbers on the Hub are the model's own. A LoRA-merged backbone is not part of
-the hash: it covers the HeadCLIP parameters only.
+(`check_results_provenance`), so that numbers on the Hub are the model's own. During LoRA training the model is a PEFT
+model whose HeadCLIP modules are trained copies (`modules_to_save`): the hash reads those copies, so it equals the
+hash of the merged model that is published. LoRA weights of the backbone are not part of the hash.
 """
 
 import hashlib
@@ -16,27 +17,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from .adapters import headclip_state_dict
-from .modeling_headclip import HeadCLIPModel
+from .modeling_headclip import HEADCLIP_MODULES, HeadCLIPModel
 from .reporting import PROVENANCE_KEY
 
 
-def headclip_parameters_hash(model: HeadCLIPModel) -> str:
+def headclip_parameters_hash(model: nn.Module) -> str:
     """
-    The SHA-256 hex digest of the HeadCLIP parameters of `model`: each tensor's name, shape and float32 values, in
-    name order. It does not depend on the device, nor on the dtype of a float32 model cast back to float32.
+    The SHA-256 hex digest of the HeadCLIP parameters of `model` (a `HeadCLIPModel`, or a PEFT model wrapping one):
+    each tensor's name (as in `headclip_hf.adapters.headclip_state_dict`), shape and float32 values, in name order.
+    It does not depend on the device, nor on the dtype of a float32 model cast back to float32.
     """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tensors = {}
+    for module_name in HEADCLIP_MODULES:
+        module = _module_in_use(getattr(base, module_name))
+        tensors.update({f"{module_name}.{name}": tensor for name, tensor in module.state_dict().items()})
     digest = hashlib.sha256()
-    for name, tensor in sorted(headclip_state_dict(model).items()):
-        values = tensor.to(torch.float32).contiguous().numpy()
+    for name, tensor in sorted(tensors.items()):
+        values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
         digest.update(f"{name}:{tuple(values.shape)}\n".encode())
         digest.update(values.tobytes())
     return digest.hexdigest()
 
 
+def _module_in_use(module: nn.Module) -> nn.Module:
+    """The module that computes: the active trained copy of a PEFT `ModulesToSaveWrapper`, else `module` itself."""
+    copies = getattr(module, "modules_to_save", None)
+    if copies is None:
+        return module
+    active = module.active_adapter
+    return copies[active if isinstance(active, str) else active[0]]
+
+
 def evaluation_provenance(
-    model: HeadCLIPModel,
+    model: nn.Module,
     processor: Any,
     *,
     data_source: str | os.PathLike,
@@ -48,7 +64,7 @@ def evaluation_provenance(
 
     Args:
         model (`HeadCLIPModel`):
-            The evaluated model.
+            The evaluated model (or a PEFT model wrapping one, during LoRA training).
         processor (`HeadCLIPProcessor`):
             The processor that prepared the images; its size is the run's image size.
         data_source (`str` or `os.PathLike`):
@@ -66,7 +82,7 @@ def evaluation_provenance(
 
     return {
         "model": {
-            "name_or_path": str(model_name_or_path or model.config._name_or_path),
+            "name_or_path": str(model_name_or_path or model.config.name_or_path),
             "adapter": None if adapter is None else str(adapter),
             "headclip_parameters_sha256": headclip_parameters_hash(model),
         },

@@ -1,6 +1,7 @@
 """Shared test fixtures: offline Hub, the real data in ../shared, the real CLIP tokenizer, tiny CLIP configs."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -160,6 +161,45 @@ def run_without_headclip(tmp_path):
         return result
 
     return run
+
+
+# Headless Chromium on a machine without a screen or network (the flags of this machine's environment notes): no
+# background connections, a fresh profile per test (`--user-data-dir` is added by the fixture).
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """
+    A headless Chromium driven by Selenium: Debian's `chromium` and `chromium-driver` (`.ci/run` installs them with
+    apt-get when missing). Skipped, with the reason, where no browser is installed.
+    """
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -e '.[dev]'")
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    chromedriver = shutil.which("chromedriver")
+    if chromium is None or chromedriver is None:
+        pytest.skip(
+            "no Chromium and ChromeDriver on this machine (Debian: apt-get install chromium chromium-driver; .ci/run "
+            "does it where apt-get is available)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
+    yield driver
+    driver.quit()
 
 
 @pytest.fixture(autouse=True)

@@ -1,22 +1,29 @@
 """Hub publishing: the dry-run folder (full model and adapter only), its model card and metadata, loading it without
 the package (AutoModel and the pipeline through remote code), and the upload calls."""
 
+import importlib.metadata
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, SpaceCard
+from packaging.requirements import Requirement
 from PIL import Image
 
 from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, save_results
 from headclip_hf.cli import main
+from headclip_hf.demo import sample_images
 from headclip_hf.hub import HUB_PIPELINE_TAG, custom_pipeline_declaration
 from headclip_hf.metrics import AnomalyMetricsAccumulator
 from headclip_hf.provenance import evaluation_provenance
+from headclip_hf.space import SPACE_APP, space_model, space_requirements
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "someone/headclip-tiny"
 BASE_MODEL = "openai/clip-vit-large-patch14-336"
 # Every published folder: the card, the processor (with its remote code: it reads the working size from the config)
@@ -387,3 +394,109 @@ def test_push_to_main_of_a_public_repository(headclip_checkpoint, results_dir, m
     calls = dict(RecordingHfApi.calls)
     assert "create_branch" not in calls
     assert calls["create_repo"]["private"] is False and calls["upload_folder"]["revision"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The demo as a Space (--space)
+# ---------------------------------------------------------------------------------------------------------------------
+
+SPACE_ID = "someone/headclip-demo"
+
+
+def test_dry_run_space_folder(headclip_checkpoint, results_dir, tmp_path, capsys):
+    space = tmp_path / "space"
+    args = ("--dry-run", "--output-dir", tmp_path / "repo", "--space", SPACE_ID, "--space-dir", space)
+    assert push(headclip_checkpoint, results_dir, *args) == 0
+    assert f"wrote the Space folder for {SPACE_ID} to {space}; nothing was uploaded" in capsys.readouterr().out
+    assert listing(tmp_path / "repo") == FULL_MODEL_FILES  # the model's folder holds nothing of the Space
+    files = listing(space)
+    assert {"app.py", "README.md", "requirements.txt", "examples/README.md"} <= files
+    assert not any("__pycache__" in name for name in files)
+    # The app is the repository's hub/app.py; the package's source travels with it, unchanged.
+    assert (space / "app.py").read_text() == SPACE_APP == (REPO_ROOT / "hub" / "app.py").read_text()
+    package = Path(sys.modules["headclip_hf"].__file__).parent
+    sources = {path.relative_to(package).as_posix() for path in package.rglob("*.py")}
+    assert {f"headclip_hf/{name}" for name in sources} <= files
+    for name in ("demo.py", "space.py", "pipeline_headclip.py", "cli/demo.py"):
+        assert (space / "headclip_hf" / name).read_text() == (package / name).read_text()
+    examples = sorted(path.name for path in sample_images(space / "examples"))
+    assert examples == sorted(path.name for path in sample_images()) and examples
+    # Space metadata: Gradio, the app file, the model it shows.
+    card = SpaceCard.load(space / "README.md")
+    assert (card.data.sdk, card.data.app_file, card.data.models) == ("gradio", "app.py", [REPO_ID])
+    assert card.data.sdk_version == importlib.metadata.version("gradio")
+    assert card.data.license == "cc-by-nc-sa-4.0" and card.data.get("headclip_model_revision") is None
+    assert f"https://huggingface.co/{REPO_ID}" in card.text
+    requirements = (space / "requirements.txt").read_text().splitlines()
+    assert requirements == space_requirements()
+    names = {Requirement(line).name for line in requirements}
+    assert {"torch", "transformers", "huggingface_hub"} <= names and not names & {"pytest", "gradio", "selenium"}
+    assert space_model(space) == (REPO_ID, None)
+
+
+def test_space_app_runs_from_its_folder(headclip_checkpoint, results_dir, tmp_path):
+    pytest.importorskip("gradio", reason="gradio is not installed: pip install -e '.[dev]'")
+    space = tmp_path / "space"
+    args = ("--dry-run", "--output-dir", tmp_path / "repo", "--space", SPACE_ID, "--space-dir", space)
+    assert push(headclip_checkpoint, results_dir, *args) == 0
+    script = (
+        "import json, app, headclip_hf\n"
+        "print(json.dumps([headclip_hf.__file__, type(app.demo).__name__, app.demo.title]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HEADCLIP_MODEL": str(headclip_checkpoint)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=space, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    package_file, demo_type, title = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(package_file).parent == space / "headclip_hf"  # the Space's own copy of the package
+    assert (demo_type, title) == ("Blocks", "HeadCLIP zero-shot anomaly detection")
+
+
+def test_space_model_and_revision(headclip_checkpoint, results_dir, tmp_path, monkeypatch):
+    space = tmp_path / "space"
+    args = ("--dry-run", "--output-dir", tmp_path / "repo", "--space", SPACE_ID, "--space-dir", space)
+    assert push(headclip_checkpoint, results_dir, *args, "--revision", "v1") == 0
+    assert space_model(space) == (REPO_ID, "v1")
+    assert "(branch `v1`)" in SpaceCard.load(space / "README.md").text
+    monkeypatch.setenv("HEADCLIP_MODEL", "local/model")
+    assert space_model(space) == ("local/model", None)
+    monkeypatch.delenv("HEADCLIP_MODEL")
+    with pytest.raises(ValueError, match="No model to show: set HEADCLIP_MODEL to a HeadCLIP"):
+        space_model(tmp_path)
+
+
+def test_space_errors(headclip_checkpoint, results_dir, tmp_path, capsys):
+    space_args = ("--space", SPACE_ID)
+    assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", tmp_path / "repo", *space_args) == 1
+    assert "--dry_run writes the Space folder to --space_dir: pass --space_dir DIR." in capsys.readouterr().err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    args = ("--dry-run", "--output-dir", tmp_path / "repo", *space_args, "--space-dir", occupied)
+    assert push(headclip_checkpoint, results_dir, *args) == 1
+    assert "holds files that are not part of a HeadCLIP Space folder (notes.txt)" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()  # refused before anything was written
+    assert listing(occupied) == {"notes.txt"}
+
+
+def test_push_uploads_the_space_after_the_model(headclip_checkpoint, results_dir, monkeypatch, capsys):
+    RecordingHfApi.calls = []
+    monkeypatch.setattr("headclip_hf.hub.HfApi", RecordingHfApi)
+    assert push(headclip_checkpoint, results_dir, "--private", "--token", "hf_test", "--space", SPACE_ID) == 0
+    names = [name for name, _ in RecordingHfApi.calls]
+    assert names == ["init", "create_repo", "upload_folder", "init", "create_repo", "upload_folder"]
+    model_upload, space_create, space_upload = (RecordingHfApi.calls[i][1] for i in (2, 4, 5))
+    assert model_upload["repo_id"] == REPO_ID and model_upload["files"] == FULL_MODEL_FILES
+    assert RecordingHfApi.calls[3][1] == {"token": "hf_test"}
+    assert space_create == {
+        "repo_id": SPACE_ID,
+        "repo_type": "space",
+        "private": True,
+        "exist_ok": True,
+        "space_sdk": "gradio",
+    }
+    assert (space_upload["repo_id"], space_upload["repo_type"], space_upload["revision"]) == (SPACE_ID, "space", None)
+    assert {"app.py", "README.md", "requirements.txt", "headclip_hf/demo.py"} <= space_upload["files"]
+    assert not Path(space_upload["folder_path"]).exists()  # the temporary Space folder is removed
+    assert f"Uploaded the Space {SPACE_ID}: https://huggingface.co/" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from headclip_hf.metrics import (
     image_ap,
     image_auroc,
     image_f1_max,
+    image_f1_max_threshold,
     pixel_ap,
     pixel_aupro,
     pixel_auroc,
@@ -144,6 +145,35 @@ def test_pixel_metrics_match_independent_computations(name, masks, maps):
     assert pixel_ap(masks, maps) == pytest.approx(average_precision_score(labels, scores), abs=TOLERANCE)
     assert pixel_f1_max(masks, maps) == pytest.approx(sklearn_f1_max(labels, scores), abs=TOLERANCE)
     assert pixel_aupro(masks, maps) == pytest.approx(direct_aupro(masks, maps), abs=TOLERANCE)
+
+
+def f1_at(labels, scores, threshold):
+    """F1 of the prediction `scores >= threshold`, computed directly."""
+    labels, predicted = np.ravel(labels).astype(bool), np.ravel(scores) >= threshold
+    return 2 * np.sum(predicted & labels) / (predicted.sum() + labels.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_image_f1_max_threshold_reaches_f1_max(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 40)
+    labels[:2] = [0, 1]
+    scores = np.round(np.clip(0.3 * labels + rng.normal(0.4, 0.2, 40), 0, 1), 2)  # rounded: ties
+    f1, threshold = image_f1_max_threshold(labels, scores)
+    assert f1 == pytest.approx(brute_force_f1_max(labels, scores), abs=1e-12)
+    assert f1_at(labels, scores, threshold) == pytest.approx(f1, abs=1e-12)
+
+
+@pytest.mark.parametrize("name, masks, maps", MAP_CASES, ids=CASE_IDS)
+def test_pixel_f1_max_threshold_reaches_f1_max(name, masks, maps):
+    accumulator = AnomalyMetricsAccumulator()
+    accumulator.update(
+        category="c", labels=masks.any(axis=(1, 2)), scores=maps.max(axis=(1, 2)), masks=masks, maps=maps
+    )
+    category = accumulator.compute().categories["c"]
+    threshold = category.f1_max_thresholds["pixel"].value
+    assert f1_at(masks, maps.astype(np.float32), threshold) == pytest.approx(category.metrics["pixel_f1_max"].value)
+    assert threshold * 2**16 == int(threshold * 2**16)  # a bin edge
 
 
 def test_pixel_metrics_on_known_values():

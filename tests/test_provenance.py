@@ -6,6 +6,7 @@ import shutil
 from datetime import datetime, timedelta, timezone
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 import headclip_hf
 from headclip_hf import HeadCLIPModel, headclip_parameters_hash
@@ -65,3 +66,19 @@ def test_evaluate_records_the_provenance_of_its_results(test_data_dir, headclip_
     assert provenance["headclip_hf_version"] == headclip_hf.__version__
     date = datetime.fromisoformat(provenance["date"])
     assert date.utcoffset() == timedelta(0) and before <= date <= datetime.now(timezone.utc)
+
+
+def test_parameter_hash_of_a_lora_model_is_the_hash_of_the_merged_model(tiny_model):
+    peft_model = get_peft_model(
+        tiny_model,
+        LoraConfig(
+            r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["prompt_learner", "attention_head_weights"]
+        ),
+    )
+    trained = peft_model.get_base_model().attention_head_weights.modules_to_save["default"]
+    with torch.no_grad():
+        trained.weight.mul_(0.5)  # what LoRA training changes: the trained copy, not the original module
+    during_training = headclip_parameters_hash(peft_model)
+    merged = peft_model.merge_and_unload()
+    assert torch.equal(merged.head_weights, trained.weight)
+    assert headclip_parameters_hash(merged) == during_training

@@ -1,16 +1,27 @@
-"""Training with accelerate: loss goes down, only HeadCLIP (and LoRA) parameters change, exact resume, adapters,
-PEFT LoRA, multi-process launch, and the bad-input rules."""
+"""Training with accelerate: loss goes down, only HeadCLIP (and LoRA) parameters change, exact resume that never
+unpickles, activation checkpointing, schedules, clipping, evaluation and best model, records, logging, publishing,
+adapters, PEFT LoRA, multi-process launch, the reproduction script, and the bad-input rules."""
 
+import builtins
+import json
 import os
+import pickle
+import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import PeftModel
 from PIL import Image
+from safetensors.torch import load_file
+from test_hub import RecordingHfApi
+from transformers import get_scheduler
 
 from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, load_anomaly_dataset
 from headclip_hf.adapters import (
@@ -21,11 +32,13 @@ from headclip_hf.adapters import (
     load_headclip_model,
     save_headclip_adapter,
 )
+from headclip_hf.cli import main as headclip_main
 from headclip_hf.cli.train import main as training_main
 from headclip_hf.cli.train import parse_config_overrides
 from headclip_hf.configuration_headclip import HeadCLIPConfig
+from headclip_hf.data import AnomalyCollator
 from headclip_hf.modeling_headclip import HeadCLIPHeadWeights, HeadCLIPPromptLearner
-from headclip_hf.training import HeadCLIPTrainingArguments, train
+from headclip_hf.training import HeadCLIPTrainingArguments, _build_optimizer, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,7 +139,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(base_dir, tmp_
     other_layout = training_args(
         tmp_path / "interrupted", resume_from_checkpoint="latest", **{**common, "per_device_train_batch_size": 2}
     )
-    with pytest.raises(ValueError, match=r"saved in the middle of epoch 1 by 1 process\(es\) with batches of 3"):
+    with pytest.raises(ValueError, match=r"saved in the middle of epoch 2 by 1 process\(es\) with batches of 3"):
         run_training(base_dir, synthetic_set, other_layout)
     resumed = training_args(tmp_path / "interrupted", resume_from_checkpoint="latest", **common)
     _, adapter, losses = run_training(base_dir, synthetic_set, resumed)
@@ -201,6 +214,10 @@ def test_lora_trains_saves_and_reloads_identically(base_dir, tmp_path, synthetic
     processor = HeadCLIPProcessor.from_pretrained(base_dir)
     adapter = train(model, processor, synthetic_set, args)
     assert (adapter / "adapter_config.json").is_file()
+    # A real short card, not PEFT's boilerplate; a local base path is not Hub metadata.
+    card = ModelCard.load(adapter / "README.md")
+    assert "More Information Needed" not in card.text and "rank 2, alpha 16" in card.text
+    assert "load_headclip_model" in card.text and card.data.base_model is None
     # `model` was wrapped in place by PEFT: LoRA layers exist, the backbone weights themselves are unchanged.
     peft_model = PeftModel.from_pretrained(HeadCLIPModel.from_pretrained(base_dir, joint_alpha=0.25), adapter).eval()
     lora_weights = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
@@ -280,39 +297,480 @@ def test_output_dir_with_a_previous_run_is_refused(base_dir, tmp_path, synthetic
     assert adapter.is_dir()
 
 
+def save_base(path, model, base_dir):
+    model.save_pretrained(path)
+    HeadCLIPProcessor.from_pretrained(base_dir).save_pretrained(path)
+    return path
+
+
 def test_checkpoint_from_another_model_shape_is_refused(base_dir, tmp_path, synthetic_set, tiny_config_factory):
     run_training(base_dir, synthetic_set, training_args(tmp_path / "run"))
-    other_dir = tmp_path / "other_base"
-    HeadCLIPModel(tiny_config_factory(prompt_length=5)).save_pretrained(other_dir)
-    HeadCLIPProcessor.from_pretrained(base_dir).save_pretrained(other_dir)
     resume = training_args(tmp_path / "run", resume_from_checkpoint="latest", num_train_epochs=2)
+    # Same HeadCLIP fields, wider text encoder: the tensors do not fit.
+    wider_text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+    other = save_base(tmp_path / "wider", HeadCLIPModel(tiny_config_factory(text_config=wider_text)), base_dir)
     with pytest.raises(ValueError, match=r"comes from a model of another shape: .*normal_context has shape \(6, 32\)"):
-        run_training(other_dir, synthetic_set, resume)
+        run_training(other, synthetic_set, resume)
 
 
-def test_accelerate_launch_two_cpu_processes(base_dir, tmp_path):
-    """Two processes: the 8 training images are sharded (2 steps of 2 x 2 images), metrics gathered."""
+def test_checkpoint_with_another_configuration_is_refused(base_dir, tmp_path, synthetic_set, tiny_config_factory):
+    """Same shapes, other HeadCLIP fields (issue 9, item 10): refused with the differing fields named."""
+    run_training(base_dir, synthetic_set, training_args(tmp_path / "run"))
+    resume = training_args(tmp_path / "run", resume_from_checkpoint="latest", num_train_epochs=2)
+    other = save_base(
+        tmp_path / "other", HeadCLIPModel(tiny_config_factory(joint_alpha=1.0, feature_layers=[2, 4])), base_dir
+    )
+    expected = (
+        r"another HeadCLIP configuration: feature_layers \(checkpoint \[1, 2, 3, 4\], now \[2, 4\]\); "
+        r"joint_alpha \(checkpoint 0.5, now 1.0\)"
+    )
+    with pytest.raises(ValueError, match=expected) as error:
+        run_training(other, synthetic_set, resume)
+    assert "vv_start_layer" in str(error.value)  # follows the first feature layer
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "training_state.json").read_text())
+    assert state["model_config"]["joint_alpha"] == 0.5 and state["model_config"]["lora_rank"] == 0
+
+
+class CreatesMarker:
+    """Unpickling this object opens (creates) the marker file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+@pytest.mark.parametrize(
+    "file_name, message",
+    [
+        ("custom_checkpoint_0.pkl", "holds files that are not part of a HeadCLIP checkpoint: custom_checkpoint_0.pkl"),
+        ("random_states_0.pkl", "holds files that are not part of a HeadCLIP checkpoint: random_states_0.pkl"),
+        ("rng_state_0.safetensors", "rng_state_0.safetensors is not a random-number-generator state"),
+        ("optimizer.pt", r"optimizer.pt cannot be read as plain tensors \(torch.load with weights_only=True\)"),
+        ("training_state.json", "training_state.json is not valid JSON"),
+    ],
+)
+def test_resuming_never_unpickles(base_dir, tmp_path, synthetic_set, file_name, message):
+    """Issue 9, item 2: a pickle that would create a marker file, placed in a checkpoint, is never unpickled."""
+    run_training(base_dir, synthetic_set, training_args(tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    marker = tmp_path / "marker"
+    (checkpoint / file_name).write_bytes(pickle.dumps(CreatesMarker(marker)))
+    with pickle.loads(pickle.dumps(CreatesMarker(tmp_path / "proof"))):  # the pickle works: it creates its file
+        pass
+    assert (tmp_path / "proof").exists()
+    resume = training_args(tmp_path / "run", resume_from_checkpoint="latest", num_train_epochs=2)
+    with pytest.raises(ValueError, match=message):
+        run_training(base_dir, synthetic_set, resume)
+    assert not marker.exists()
+
+
+def test_checkpoint_files_are_tensors_and_json(base_dir, tmp_path, synthetic_set):
+    run_training(base_dir, synthetic_set, training_args(tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "model.safetensors",
+        "optimizer.pt",
+        "rng_state_0.safetensors",
+        "scheduler.json",
+        "training_state.json",
+    ]
+    assert set(load_file(checkpoint / "model.safetensors")) == set(
+        headclip_state_dict(HeadCLIPModel.from_pretrained(base_dir))
+    )
+    torch.load(checkpoint / "optimizer.pt", weights_only=True)  # plain tensors and containers
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    """Activation checkpointing through HeadCLIP's own layer loop: the same gradients, and the layers recomputed."""
+    model = tiny_model.train()
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    masks = (torch.rand(2, 64, 64) > 0.8).float()
+    labels = torch.tensor([0, 1])
+    mlp_calls = []
+    for layer in model.vision_model.encoder.layers:
+        layer.mlp.register_forward_pre_hook(lambda module, inputs: mlp_calls.append(module))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        mlp_calls.clear()
+        model(pixel_values=pixel_values, masks=masks, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    plain = gradients()
+    assert len(mlp_calls) == 4  # one forward per vision layer
+    with pytest.warns(FutureWarning):  # transformers 5 renamed it activation_checkpointing_enable
+        model.gradient_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    checkpointed = gradients()
+    assert len(mlp_calls) == 8  # every vision layer ran again in the backward pass
+    assert set(checkpointed) == set(plain) and "attention_head_weights.weight" in plain
+    for name, gradient in plain.items():
+        assert gradient.abs().sum() > 0, name
+        assert (checkpointed[name] - gradient).abs().max() <= 1e-6, name
+    model.eval()  # no recomputation outside training
+    mlp_calls.clear()
+    model(pixel_values=pixel_values)
+    assert len(mlp_calls) == 4
+
+
+def test_learning_rate_schedule_grad_norm_and_clipping(base_dir, tmp_path, synthetic_set):
+    common = dict(per_device_train_batch_size=2, lr_scheduler_type="linear", warmup_steps=2)  # 4 steps
+    _, adapter, _ = run_training(base_dir, synthetic_set, training_args(tmp_path / "run", **common))
+    history = json.loads((tmp_path / "run" / "training_state.json").read_text())["log_history"]
+    # transformers' schedule for the 4 steps, read from an independent scheduler.
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=4)
+    expected = []
+    for _ in range(4):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [entry["train/learning_rate"] for entry in history] == expected == [0.0, 5e-4, 1e-3, 5e-4]
+    assert all(entry["train/grad_norm"] > 0 and entry["train/images_per_second"] > 0 for entry in history)
+
+    # The logged norm is the norm of the step's gradient: step 1 of a batch holding the whole set.
+    args = training_args(tmp_path / "whole", per_device_train_batch_size=8)
+    run_training(base_dir, synthetic_set, args)
+    first = json.loads((tmp_path / "whole" / "training_state.json").read_text())["log_history"][0]
+    model = HeadCLIPModel.from_pretrained(base_dir).train()
+    batch = AnomalyCollator(HeadCLIPProcessor.from_pretrained(base_dir))(list(synthetic_set))
+    model(**{k: batch[k] for k in ("pixel_values", "masks", "labels", "mask_valid")}).loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.requires_grad]))
+    assert first["train/grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+
+    # Clipping to a tiny norm: Adam's first step is about lr * sign(g) unclipped, almost nothing clipped.
+    def first_step_change(max_grad_norm: float, name: str) -> float:
+        args = training_args(tmp_path / name, per_device_train_batch_size=8, max_grad_norm=max_grad_norm)
+        trained, _, _ = run_training(base_dir, synthetic_set, args)
+        before = HeadCLIPModel.from_pretrained(base_dir)
+        return (trained.head_weights - before.head_weights).abs().max().item()
+
+    assert first_step_change(0.0, "unclipped") == pytest.approx(1e-3, rel=1e-2)
+    assert first_step_change(1e-12, "clipped") < 1e-5
+
+
+def test_head_weights_are_not_weight_decayed(tiny_model):
+    args = training_args("unused", weight_decay=0.1)
+    groups = _build_optimizer(tiny_model, args).param_groups
+    decays = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
+    assert decays[id(tiny_model.head_weights)] == 0.0
+    assert decays[id(tiny_model.prompt_learner.normal_context)] == 0.1
+    assert all(group["decoupled_weight_decay"] for group in groups)
+
+
+def test_evaluation_steps_best_model_limit_and_records(base_dir, tmp_path, synthetic_set):
+    """Evaluations every 2 steps and at a mid-epoch end, the best model loaded, older checkpoints deleted."""
+    args = training_args(
+        tmp_path / "run",
+        num_train_epochs=2,
+        per_device_train_batch_size=2,  # 4 steps per epoch
+        max_steps=5,  # stops in the middle of epoch 2
+        eval_steps=2,
+        metric_for_best_model="synthetic/image_auroc",
+        load_best_model_at_end=True,
+        save_total_limit=1,
+    )
+    _, adapter, _ = run_training(base_dir, synthetic_set, args, eval_datasets={"synthetic": synthetic_set})
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["step_2", "step_4", "step_5"]  # 5: the end
+    assert (run / "eval" / "step_5" / "synthetic" / "results.json").is_file()
+    state = json.loads((run / "training_state.json").read_text())
+    evaluations = {
+        e["step"]: e["eval/synthetic/image_auroc"] for e in state["log_history"] if "eval/synthetic/mad_image" in e
+    }
+    assert sorted(evaluations) == [2, 4, 5]
+    best_step = max(evaluations, key=lambda step: (evaluations[step], -step))  # the first of equal values
+    assert state["best_model_checkpoint"] == f"step_{best_step}" and state["best_metric"] == evaluations[best_step]
+    # save_total_limit 1: the newest checkpoint, and the best one.
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"step_5", f"step_{best_step}"}
+    best = load_file(run / "checkpoints" / f"step_{best_step}" / "model.safetensors")
+    saved = load_file(adapter / ADAPTER_WEIGHTS_NAME)
+    assert set(saved) == set(best) and all(torch.equal(saved[name], best[name]) for name in best)
+    summary = json.loads((run / "all_results.json").read_text())
+    assert summary["model_evaluation_step"] == best_step and summary["global_step"] == 5
+    assert summary["eval/synthetic/image_auroc"] == evaluations[best_step]
+    assert summary["epoch"] == 1.25 and summary["train_loss"] > 0
+    results = json.loads((run / "eval" / f"step_{best_step}" / "synthetic" / "results.json").read_text())
+    assert results["mean"]["image_auroc"]["value"] == evaluations[best_step]
+
+
+def write_run(tmp_path, base_dir, **overrides) -> tuple[Path, Path]:
+    """A finished run in tmp_path/run, trained on the generic folder tmp_path/data."""
+    data = tmp_path / "data"
+    if not data.exists():
+        write_generic_folder(data)
+    dataset = load_anomaly_dataset(data, cache_dir=str(tmp_path / "cache"))
+    run_training(base_dir, dataset, training_args(tmp_path / "run", **overrides))
+    return data, tmp_path / "run"
+
+
+def headclip_train(capsys, *argv) -> tuple[int, str, str]:
+    """Run `headclip train` in this process; returns the exit status, the last line on stderr, and stdout."""
+    capsys.readouterr()
+    code = headclip_main(["train", *map(str, argv)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and err.count("headclip: error:") == (code == 1), err
+    return code, err.strip().splitlines()[-1] if err.strip() else "", out
+
+
+@pytest.fixture
+def cli_environment(tmp_path, monkeypatch):
+    """`headclip train` in this process: the data set cache in tmp_path, no model loading unless allowed."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr("headclip_hf.cli.train.load_headclip_model_and_processor", no_model)
+    return monkeypatch
+
+
+def test_train_command_user_errors_before_the_model_loads(base_dir, tmp_path, capsys, cli_environment):
+    """Issue 9, item 6 and issue 14's bad inputs: one `headclip: error:` line each, no traceback, no model loaded."""
+    data, run = write_run(tmp_path, base_dir, save_steps=1, per_device_train_batch_size=3)  # 3 steps, 1 epoch
+    model = ("--model_name_or_path", base_dir, "--image_size", 64)
+    common = (*model, "--train_data", data, "--num_train_epochs", 2)
+    cases = [
+        (
+            (*common, "--output_dir", run),
+            re.escape(f"{run} holds a previous run (checkpoints, adapter, training_state.json, all_results.json)"),
+        ),
+        ((*model, "--train_data", tmp_path / "missing", "--output_dir", tmp_path / "new"), "missing does not exist"),
+        (
+            (*common, "--output_dir", tmp_path / "empty", "--resume_from_checkpoint", "latest"),
+            "No checkpoint to resume from: 'latest'",
+        ),
+        (
+            (*common, "--output_dir", run, "--resume_from_checkpoint", run / "checkpoints" / "step_1"),
+            r"saved in the middle of epoch 1 by 1 process\(es\) with batches of 3; resuming mid-epoch needs the same "
+            r"layout \(now 1 process\(es\), batches of 8\)",
+        ),
+        (
+            (*common, "--output_dir", tmp_path / "new", "--metric_for_best_model", "pixel_auc", "--eval_data", data),
+            "--metric_for_best_model 'pixel_auc': evaluation reports no metric 'pixel_auc'. Use one of image_auroc",
+        ),
+        (
+            (*common, "--output_dir", tmp_path / "new", "--metric_for_best_model", "mad", "--load_best_model_at_end"),
+            "--metric_for_best_model and --load_best_model_at_end need.* evaluation data",
+        ),
+        (
+            (*common, "--output_dir", tmp_path / "new", "--lr_scheduler_type", "linear", "--warmup_steps", 10),
+            r"The warmup \(10 optimizer steps\) is longer than the run \(2 steps of 8 x 1 x 1 images\)",
+        ),
+        ((*common, "--output_dir", tmp_path / "new", "--max_grad_norm", -1), "--max_grad_norm -1.0 is invalid"),
+        ((*common, "--output_dir", tmp_path / "new", "--report_to", "nonsense"), "--report_to 'nonsense' is not a"),
+        (
+            (*common, "--output_dir", tmp_path / "new", "--warmup_steps", 1),
+            "The 'constant' schedule has no warmup: use --lr_scheduler_type constant_with_warmup",
+        ),
+        (
+            (*common, "--output_dir", tmp_path / "new", "--eval_data", data, "--push_to_hub"),
+            "--push_to_hub needs --hub_model_id",
+        ),
+        (
+            (*common, "--output_dir", tmp_path / "new", "--push_to_hub", "--hub_model_id", "not a valid id!!"),
+            "Repo id must use alphanumeric chars",
+        ),
+    ]
+    (run / "checkpoints" / "step_2" / "optimizer.pt").unlink()
+    cases.append(
+        (
+            (*common, "--output_dir", run, "--resume_from_checkpoint", run / "checkpoints" / "step_2"),
+            "step_2 is incomplete: optimizer.pt missing",
+        )
+    )
+    for argv, message in cases:
+        code, err, out = headclip_train(capsys, *argv)
+        assert code == 1, (argv, err)
+        assert err.startswith("headclip: error: "), err
+        assert re.search(message, err), (message, err)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "empty").exists()
+
+
+def test_train_command_errors_after_the_model_loads(base_dir, tmp_path, capsys, tiny_config_factory, monkeypatch):
+    """A checkpoint of another shape or configuration: refused after loading the model, before training."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data, run = write_run(tmp_path, base_dir)
+    common = ("--train_data", data, "--image_size", 64, "--output_dir", run, "--resume_from_checkpoint", "latest")
+    wider_text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+    wider = save_base(tmp_path / "wider", HeadCLIPModel(tiny_config_factory(text_config=wider_text)), base_dir)
+    code, err, out = headclip_train(capsys, "--model_name_or_path", wider, "--num_train_epochs", 2, *common)
+    assert code == 1 and "comes from a model of another shape" in err and "Traceback" not in err
+    code, err, out = headclip_train(
+        capsys, "--model_name_or_path", base_dir, "--config_overrides", "joint_alpha=1.0", "--num_train_epochs", 2,
+        *common,
+    )  # fmt: skip
+    assert code == 1 and "another HeadCLIP configuration: joint_alpha (checkpoint 0.5, now 1.0)" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]  # nothing trained
+
+
+class RecordingTrackerCalls:
+    """Records what the training sends to accelerate's trackers."""
+
+    def __init__(self, monkeypatch):
+        self.config, self.logs = {}, []
+        monkeypatch.setattr("accelerate.Accelerator.init_trackers", lambda _, name, config: self.config.update(config))
+        monkeypatch.setattr("accelerate.Accelerator.log", lambda _, values, step: self.logs.append((step, values)))
+
+
+def test_logging_hyperparameters_and_metrics(base_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = write_generic_folder(tmp_path / "data")
+    tracker = RecordingTrackerCalls(monkeypatch)
+    argv = [
+        "--model_name_or_path", base_dir, "--image_size", 64, "--train_data", data, "--eval_data", data,
+        "--output_dir", tmp_path / "run", "--num_train_epochs", 1, "--per_device_train_batch_size", 4,
+        "--logging_steps", 1, "--report_to", "tensorboard", "--config_overrides", "joint_alpha=0.25",
+        "--hub_token", "hf_secret",
+    ]  # fmt: skip
+    code, err, out = headclip_train(capsys, *argv)
+    assert code == 0, err
+    config = tracker.config
+    assert config["model_name_or_path"] == str(base_dir) and config["train_data"] == str(data)  # model and data
+    assert config["learning_rate"] == 1e-3 and config["joint_alpha"] == 0.25 and config["image_size"] == 64
+    assert "hub_token" not in config and "hf_secret" not in str(config)
+    train_logs = [values for _, values in tracker.logs if "train/loss" in values]
+    assert len(train_logs) == 2
+    assert set(train_logs[0]) == {"train/loss", "train/learning_rate", "train/grad_norm", "train/images_per_second"}
+    (step, evaluation), *_ = [(step, values) for step, values in tracker.logs if "eval/data/pixel_auroc" in values]
+    assert step == 2 and "eval/data/mad_image" in evaluation
+
+
+class CardRecordingHfApi(RecordingHfApi):
+    """test_hub's stand-in for `huggingface_hub.HfApi`, also keeping the model card of the uploaded folder."""
+
+    cards: list = []
+
+    def upload_folder(self, **kwargs):
+        self.cards.append((Path(kwargs["folder_path"]) / "README.md").read_text())
+        return super().upload_folder(**kwargs)
+
+
+def test_push_to_hub_at_the_end_through_headclip_push(base_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    CardRecordingHfApi.calls, CardRecordingHfApi.cards = [], []
+    monkeypatch.setattr("headclip_hf.hub.HfApi", CardRecordingHfApi)
+    data = write_generic_folder(tmp_path / "parts")
+    argv = [
+        "--model_name_or_path", base_dir, "--image_size", 64, "--train_data", data, "--eval_data", data,
+        "--output_dir", tmp_path / "run", "--num_train_epochs", 2, "--per_device_train_batch_size", 4,
+        "--metric_for_best_model", "image_auroc", "--load_best_model_at_end",
+        "--push_to_hub", "--hub_model_id", "someone/headclip-trained", "--hub_private_repo", "--hub_token", "hf_t",
+    ]  # fmt: skip
+    code, err, out = headclip_train(capsys, *argv)
+    assert code == 0, err
+    calls = dict(CardRecordingHfApi.calls)
+    assert calls["init"] == {"token": "hf_t"}
+    assert calls["create_repo"] == {"repo_id": "someone/headclip-trained", "repo_type": "model", "private": True,
+                                    "exist_ok": True}  # fmt: skip
+    upload = calls["upload_folder"]
+    assert upload["repo_id"] == "someone/headclip-trained" and "model.safetensors" in upload["files"]
+    # The card holds the evaluation of the pushed (best) model.
+    summary = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    results_dir = tmp_path / "run" / "eval" / f"step_{summary['model_evaluation_step']}" / "parts"
+    (card,) = CardRecordingHfApi.cards
+    assert (results_dir / "results.md").read_text().strip() in card
+    assert "trained on the labelled test split of **parts**" in card
+    assert "commit/abc" in out
+
+
+def test_two_cpu_processes_equal_one_process(base_dir, tmp_path):
+    """
+    Two processes (`accelerate launch --num_processes 2`, batches of 2) with activation checkpointing, a schedule,
+    clipping, evaluations and best-model selection end with the parameters of one process with batches of 4 (the same
+    global batch); the two-process checkpoint then resumes in one process.
+    """
     data = write_generic_folder(tmp_path / "data", num_normal=4, num_anomalous=4)
-    output_dir = tmp_path / "run"
+    settings = dict(
+        num_train_epochs=2,  # 8 images / 4 per step: 4 steps
+        gradient_checkpointing=True,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        max_grad_norm=0.05,
+        eval_steps=2,
+        per_device_eval_batch_size=4,
+        metric_for_best_model="pixel_aupro",
+        load_best_model_at_end=True,
+        save_total_limit=1,
+    )
+    output_dir = tmp_path / "two"
+    flags = [item for name, value in settings.items() for item in (f"--{name}", str(value))]
     command = [
         # accelerate's multi-process launcher (torchrun); `--use_cpu` makes the processes a gloo CPU group.
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO_ROOT / "examples" / "train_headclip.py"),
         "--model_name_or_path", str(base_dir), "--image_size", "64", "--train_data", str(data),
-        "--eval_data", str(data), "--output_dir", str(output_dir), "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4", "--use_cpu",
+        "--eval_data", str(data), "--output_dir", str(output_dir), "--per_device_train_batch_size", "2",
+        "--use_cpu", *flags,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert sorted(p.name for p in output_dir.iterdir()) == ["adapter", "checkpoints", "eval"]
-    assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["step_2"]  # 8 images / (2 x 2) per step
-    assert (output_dir / "eval" / "epoch_1" / "data" / "results.json").is_file()
-    load_headclip_model(output_dir / "adapter")
-    # The two-process checkpoint resumes in one process (parameter names do not depend on the process count).
-    resume = training_args(
-        output_dir, resume_from_checkpoint="latest", num_train_epochs=2, per_device_train_batch_size=4
-    )
-    _, _, losses = run_training(base_dir, load_anomaly_dataset(data, cache_dir=str(tmp_path / "cache")), resume)
+    dataset = load_anomaly_dataset(data, cache_dir=str(tmp_path / "cache"))
+    one_args = training_args(tmp_path / "one", per_device_train_batch_size=4, **settings)
+    run_training(base_dir, dataset, one_args, eval_datasets={"data": dataset})
+
+    two_state = json.loads((output_dir / "training_state.json").read_text())
+    one_state = json.loads((tmp_path / "one" / "training_state.json").read_text())
+    assert two_state["num_processes"] == 2 and two_state["global_step"] == one_state["global_step"] == 4
+    assert two_state["best_model_checkpoint"] == one_state["best_model_checkpoint"] is not None
+    assert sorted(p.name for p in output_dir.iterdir()) == [
+        "adapter", "all_results.json", "checkpoints", "eval", "training_state.json"
+    ]  # fmt: skip
+    assert sorted(p.name for p in (output_dir / "checkpoints" / "step_4").iterdir()) == [
+        "model.safetensors", "optimizer.pt", "rng_state_0.safetensors", "rng_state_1.safetensors", "scheduler.json",
+        "training_state.json",
+    ]  # fmt: skip
+    two = load_file(output_dir / "adapter" / ADAPTER_WEIGHTS_NAME)
+    one = load_file(tmp_path / "one" / "adapter" / ADAPTER_WEIGHTS_NAME)
+    assert set(two) == set(one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+
+    # The two-process checkpoint (end of epoch 2) resumes in one process: parameter names do not depend on the count.
+    resume = training_args(output_dir, resume_from_checkpoint="latest", per_device_train_batch_size=4, **settings)
+    resume.num_train_epochs = 3
+    _, _, losses = run_training(base_dir, dataset, resume, eval_datasets={"data": dataset})
     assert len(losses) == 2
+
+
+def test_reproduce_zero_shot_script(clip_checkpoint, clip_tokenizer, tmp_path, test_data_dir):
+    """The reproduction script end to end: 4 variants x 2 directions on real images (bottle and Kvasir), tiny size."""
+    HeadCLIPProcessor(tokenizer=clip_tokenizer).save_pretrained(clip_checkpoint)  # a plain CLIP folder, as on the Hub
+    script = runpy.run_path(str(REPO_ROOT / "examples" / "reproduce_zero_shot.py"))
+    output_dir = tmp_path / "reproduction"
+    table = script["main"](
+        [
+            "--mvtec", str(test_data_dir / "mvtec_ad" / "bottle"),
+            "--visa", str(test_data_dir / "kvasir_seg" / "colon"),
+            "--model_name_or_path", str(clip_checkpoint), "--image_size", "32", "--output_dir", str(output_dir),
+            "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_eval_samples", "6",
+            "--cache_dir", str(tmp_path / "cache"), "--config_overrides", "deep_prompt_depth=3",
+        ]
+    )  # fmt: skip
+    variants = ["anomalyclip", "head_weights", "joint_score", "headclip"]
+    results = json.loads((output_dir / "reproduction.json").read_text())
+    assert list(results["results"]) == variants
+    for variant in variants:
+        assert set(results["results"][variant]) == {"MVTec AD", "VisA"}  # evaluated on the set it did not train on
+        kvasir = results["results"][variant]["VisA"]
+        assert kvasir["image_auroc"] is None and kvasir["pixel_auroc"] is not None  # no normal images in Kvasir
+        summary = json.loads((output_dir / variant / "train_on_mvtec_ad" / "all_results.json").read_text())
+        assert summary["eval/visa/pixel_auroc"] == kvasir["pixel_auroc"]
+    configs = {
+        variant: json.loads((output_dir / variant / "train_on_visa" / "adapter" / "headclip_adapter_config.json")
+                            .read_text())["headclip_config"]
+        for variant in variants
+    }  # fmt: skip
+    assert [(c["use_head_weights"], c["joint_alpha"]) for c in configs.values()] == [
+        (False, 1.0), (True, 1.0), (False, 0.5), (True, 0.5)
+    ]  # fmt: skip
+    assert all(c["global_feature_layernorm"] is False and c["feature_layers"] == [4] for c in configs.values())
+    markdown = (output_dir / "reproduction.md").read_text()
+    assert markdown == table
+    assert "| headclip |" in markdown and "Trained on MVTec AD, evaluated on VisA" in markdown

@@ -8,6 +8,7 @@
     headclip references good/ --model runs/mvtec/adapter --output_file refs.safetensors   # few-shot references
     headclip convert anomalyclip ...
     headclip dataset export data/mvtec_ad --output_dir exports/mvtec_ad --push_to_hub user/mvtec-ad
+    headclip demo --model runs/mvtec/adapter                             # try it in the browser
 
 `headclip <command> --help` documents each command. Conventions shared by every command:
 
@@ -29,10 +30,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import convert, dataset, detect, evaluate, push, references, train
+from . import convert, dataset, demo, detect, evaluate, push, references, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, references, train, push, convert, dataset)
+COMMANDS = (detect, evaluate, references, train, push, convert, dataset, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,13 @@ from pathlib import Path
 from accelerate import PartialState
 
 from ..evaluation import draw_k_shot_references, evaluate_k_shot, evaluate_model, load_training_normals
+from ..evaluation_report import (
+    DEFAULT_GALLERY_SIZE,
+    PER_IMAGE_CSV,
+    REPORT_FILES_DIR,
+    REPORT_HTML,
+    write_evaluation_report,
+)
 from ..files import OutputKind, check_output_folder, output_folder
 from ..provenance import evaluation_provenance
 from ..reporting import (
@@ -30,7 +37,10 @@ from ._common import (
     positive_int,
 )
 
-EVALUATE_OUTPUT = OutputKind("headclip evaluate output", frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR}))
+EVALUATE_OUTPUT = OutputKind(
+    "headclip evaluate output",
+    frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR, REPORT_HTML, REPORT_FILES_DIR, PER_IMAGE_CSV}),
+)
 K_SHOT_OUTPUT = OutputKind(
     "headclip evaluate --k_shot output", frozenset({K_SHOT_JSON, K_SHOT_MARKDOWN}), patterns=("seed_*",)
 )
@@ -38,12 +48,17 @@ K_SHOT_OUTPUT = OutputKind(
 EPILOG = f"""examples:
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec
   headclip evaluate data/visa --layout visa --categories candle pcb1 --model runs/mvtec/adapter --output_dir eval/visa
+  headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec --report   # + report.html
   headclip evaluate user/mvtec-ad --split test --streaming --model runs/visa/adapter --output_dir eval/mvtec
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --k_shot 4 --k_shot_seeds 0 1 2 --output_dir eval/4shot
 
 Writes OUTPUT_DIR/{RESULTS_MARKDOWN} (table per category and mean, in percent), OUTPUT_DIR/{RESULTS_JSON} (fractions;
 undefined metrics as null with their reason) and OUTPUT_DIR/{PLOTS_DIR}/<category>.png (ROC, PR and PRO curves,
-score distributions).
+score distributions). With --report also OUTPUT_DIR/{REPORT_HTML} (open it in a browser, no server needed: the
+metrics, the plots and per category the highest-scoring normal images, the lowest-scoring anomalous images and the
+best detections as image | ground truth | heatmap | predicted mask; pictures in OUTPUT_DIR/{REPORT_FILES_DIR}/) and
+OUTPUT_DIR/{PER_IMAGE_CSV} (path, category, label, score, predicted label, threshold per image). The threshold is the
+model's calibrated one, else the category's F1-optimal one.
 
 With --k_shot K (few-shot protocol): per seed and category, K normal reference images are drawn from the layout's
 training normals (MVTec AD, VisA: train/good) or, where there are none, from the test normals, which are then left
@@ -64,6 +79,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
     parser.add_argument("--no_plots", action="store_true", help="write the table and JSON only")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help=f"also write {REPORT_HTML} (metrics, plots, a gallery of false alarms, misses and best detections per "
+        f"category) and {PER_IMAGE_CSV} (zero-shot evaluation)",
+    )
+    parser.add_argument(
+        "--gallery_size",
+        type=positive_int,
+        default=DEFAULT_GALLERY_SIZE,
+        help=f"images per gallery section of --report (default: {DEFAULT_GALLERY_SIZE})",
+    )
     few_shot = parser.add_argument_group("few-shot protocol")
     few_shot.add_argument(
         "--k_shot", type=positive_int, help="K normal reference images per category (default: zero-shot)"
@@ -78,8 +105,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.k_shot_seeds is not None and args.k_shot is None:
         raise CommandError("--k_shot_seeds draws few-shot references: pass --k_shot K too")
+    if args.report and args.k_shot is not None:
+        raise CommandError("--report shows a zero-shot evaluation: leave out --k_shot, or --report")
     if args.k_shot is not None and args.streaming:
         raise CommandError("--k_shot draws references from the whole data set: leave out --streaming")
+    if args.report and args.streaming:
+        raise CommandError("--report shows the gallery images again, which a stream cannot: leave out --streaming")
     seeds = args.k_shot_seeds or [0]
     output_kind = EVALUATE_OUTPUT if args.k_shot is None else K_SHOT_OUTPUT
     state = PartialState()
@@ -112,6 +143,18 @@ def run(args: argparse.Namespace) -> int:
         )
         with output_folder(args.output_dir, output_kind, args.overwrite) as staging:
             written = save(results, staging, plots=not args.no_plots, provenance=provenance)
+            if args.report:
+                written |= write_evaluation_report(
+                    staging,
+                    results,
+                    dataset,
+                    model,
+                    processor,
+                    gallery_size=args.gallery_size,
+                    plots=not args.no_plots,
+                    model_name=args.model if args.adapter is None else f"{args.model} + {args.adapter}",
+                    dataset_name=args.data,
+                )
         print(to_markdown(results))
         print(
             "Written: "

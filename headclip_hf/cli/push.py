@@ -6,9 +6,11 @@ import tempfile
 from pathlib import Path
 
 from ..adapters import is_peft_adapter
+from ..files import check_output_folder
 from ..hub import DEFAULT_LICENSE, check_repo_id, render_model_card, save_hub_folder, upload_hub_folder
 from ..provenance import check_results_provenance
 from ..reporting import RESULTS_JSON, RESULTS_MARKDOWN
+from ..space import SPACE_OUTPUT, publish_space
 from ._common import CommandError, add_model_arguments, load_model_and_processor
 
 EPILOG = """examples:
@@ -16,11 +18,14 @@ EPILOG = """examples:
       --repo_id user/headclip-mvtec --dry_run --output_dir hub-preview/
   headclip push --model runs/mvtec/adapter --results eval/visa --train_dataset "MVTec AD" --eval_dataset VisA \\
       --repo_id user/headclip-mvtec --private --revision v1
+  headclip push ... --repo_id user/headclip-mvtec --space user/headclip-demo   # also the demo app as a Space
 
 The repository holds the full model with its remote code and the custom pipeline (loads with
 AutoModel/pipeline(..., trust_remote_code=True) without headclip_hf), or with --adapter_only the adapter alone;
 plus the processor, the model card (README.md, metrics in its table and model-index metadata) and the evaluation
-run under evaluation/. Log in first (`hf auth login`) or pass --token."""
+run under evaluation/. With --space, a Gradio Space (the `headclip demo` app, the package's source, the sample images)
+that loads the model is uploaded after it; with --dry_run it is only written, to --space_dir. Log in first
+(`hf auth login`) or pass --token."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -53,6 +58,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--revision", help="branch to push to (created if missing; default: main)")
     parser.add_argument("--token", help="Hub token (default: the one of `hf auth login` or HF_TOKEN)")
     parser.add_argument("--commit_message", default="Upload HeadCLIP", help="commit message")
+    parser.add_argument(
+        "--space", metavar="SPACE_ID", help="also publish the demo app as a Gradio Space (user/name) showing the model"
+    )
+    parser.add_argument(
+        "--space_dir", help="where to write the Space folder (needed with --dry_run; default: a temporary folder)"
+    )
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -61,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     check_repo_id(args.repo_id)
     if args.dry_run and args.output_dir is None:
         raise CommandError("--dry_run writes the repository folder to --output_dir: pass --output_dir DIR.")
+    if args.space is not None and args.dry_run and args.space_dir is None:
+        raise CommandError("--dry_run writes the Space folder to --space_dir: pass --space_dir DIR.")
+    if args.space is not None and args.space_dir is not None:
+        check_output_folder(args.space_dir, SPACE_OUTPUT)
     results_dir = Path(args.results)
     if not all((results_dir / name).is_file() for name in (RESULTS_JSON, RESULTS_MARKDOWN)):
         raise CommandError(
@@ -100,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(str(error)) from error
         if args.dry_run:
             print(f"Dry run: wrote the repository folder for {args.repo_id} to {folder}; nothing was uploaded.")
+            _publish_space(args)
             return 0
         url = upload_hub_folder(
             folder,
@@ -110,7 +126,28 @@ def run(args: argparse.Namespace) -> int:
             commit_message=args.commit_message,
         )
     print(f"Uploaded {args.repo_id}: {url}")
+    _publish_space(args)
     return 0
+
+
+def _publish_space(args: argparse.Namespace) -> None:
+    """With --space: write (and unless --dry_run, upload) the Space showing the model, after the model itself."""
+    if args.space is None:
+        return
+    space_url = publish_space(
+        args.space,
+        args.repo_id,
+        folder=args.space_dir,
+        upload=not args.dry_run,
+        model_revision=args.revision,
+        license=args.license,
+        private=args.private,
+        token=args.token,
+    )
+    if space_url is None:
+        print(f"Dry run: wrote the Space folder for {args.space} to {args.space_dir}; nothing was uploaded.")
+    else:
+        print(f"Uploaded the Space {args.space}: {space_url}")
 
 
 def _hub_id_or_none(name_or_path: str) -> str | None:
