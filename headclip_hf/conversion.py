@@ -39,6 +39,7 @@ from .configuration_headclip import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_NORMAL_PROMPT_IDS,
     HeadCLIPConfig,
+    nearest_image_size,
 )
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
@@ -77,7 +78,7 @@ def anomalyclip_config(
     A [`HeadCLIPConfig`] that makes [`HeadCLIPModel`] compute what AnomalyCLIP computes (`ANOMALYCLIP_SETTINGS`): no
     head weights, image score = global score, global feature without post layer norm, bilinear positional-embedding
     resize, 12 context vectors per prompt, deep prompts of 4 tokens at text layers 2..9, temperature 0.07, Gaussian
-    sigma 4, 518 px.
+    sigma 4, 518 px (on another patch size: the nearest multiple of it, unless `image_size` is given).
 
     Args:
         base_config ([`CLIPConfig`], *optional*):
@@ -112,7 +113,10 @@ def anomalyclip_config(
             "logit_scale_init_value": base_config.logit_scale_init_value,
         }
     fields = {**ANOMALYCLIP_SETTINGS, **architecture, **kwargs}
-    num_vision_layers = CLIPConfig(vision_config=fields.get("vision_config")).vision_config.num_hidden_layers
+    vision_config = CLIPConfig(vision_config=fields.get("vision_config")).vision_config
+    num_vision_layers = vision_config.num_hidden_layers
+    if "image_size" not in kwargs:  # AnomalyCLIP's 518 px on this backbone's patch grid (518 itself on ViT-L/14)
+        fields["image_size"] = nearest_image_size(ANOMALYCLIP_SETTINGS["image_size"], vision_config.patch_size)
     return HeadCLIPConfig(
         **fields,
         feature_layers=list(feature_layers) if feature_layers is not None else [num_vision_layers],

@@ -179,11 +179,10 @@ def test_preset_without_a_base_and_with_overrides(tiny_config_factory):
     assert config.map_sigma == 0.0 and config.joint_alpha == 1.0
     with pytest.raises(ValueError, match=r"HeadCLIPConfig.vv_start_layer=3 is invalid"):
         anomalyclip_config(tiny, feature_layers=[2, 4], vv_start_layer=3, deep_prompt_depth=3, image_size=64)
-    # AnomalyCLIP's 518 px fit ViT-L/14's patches, not these: the preset says which sizes would.
-    with pytest.raises(
-        ValueError, match=r"image_size=518 is invalid: 518 is not a multiple of the patch size 8: use 512 or"
-    ):
-        anomalyclip_config(tiny, deep_prompt_depth=3)
+    # AnomalyCLIP's 518 px fit ViT-L/14's patches; on another patch size the preset takes the nearest multiple.
+    assert anomalyclip_config(tiny, deep_prompt_depth=3).image_size == 520
+    with pytest.raises(ValueError, match=r"image_size=60 is invalid: 60 is not a multiple of the patch size 8"):
+        anomalyclip_config(tiny, deep_prompt_depth=3, image_size=60)
 
 
 def save_modified_checkpoint(path: Path, edit) -> Path:

@@ -168,7 +168,7 @@ def test_image_f1_max_threshold_reaches_f1_max(seed):
 def test_pixel_f1_max_threshold_reaches_f1_max(name, masks, maps):
     accumulator = AnomalyMetricsAccumulator()
     accumulator.update(
-        category="c", labels=masks.any(axis=(1, 2)), scores=maps.max(axis=(1, 2)), masks=masks, maps=maps
+        categories="c", labels=masks.any(axis=(1, 2)), scores=maps.max(axis=(1, 2)), masks=masks, anomaly_maps=maps
     )
     category = accumulator.compute().categories["c"]
     threshold = category.f1_max_thresholds["pixel"].value
