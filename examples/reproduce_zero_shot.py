@@ -66,7 +66,9 @@ class ReproductionArguments:
     )
     image_size: int = field(
         default=DEFAULT_IMAGE_SIZE,
-        metadata={"help": f"Working input size in pixels, a multiple of the patch size (AnomalyCLIP: {DEFAULT_IMAGE_SIZE})."},
+        metadata={
+            "help": f"Working input size in pixels, a multiple of the patch size (AnomalyCLIP: {DEFAULT_IMAGE_SIZE})."
+        },
     )
     config_overrides: str | None = field(
         default=None,
