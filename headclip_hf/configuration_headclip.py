@@ -125,6 +125,22 @@ class HeadCLIPConfig(CLIPConfig):
         position_interpolation (`str`, *optional*, defaults to `"bicubic"`):
             How the pretrained positional embeddings are resized to the input's patch grid: `"bicubic"` (as
             transformers' `interpolate_pos_encoding`) or `"bilinear"` (as the AnomalyCLIP reference code).
+        image_threshold (`float`, *optional*):
+            Calibrated decision threshold on the joint anomaly score: an image is labelled "anomaly" when its score is
+            `>= image_threshold`. `None` (uncalibrated): the pipeline uses 0.5. Set by `headclip calibrate`
+            (`headclip_hf.calibration`).
+        pixel_threshold (`float`, *optional*):
+            Calibrated threshold on the anomaly map: a pixel is in the mask when its value is `>= pixel_threshold`.
+            `None`: the pipeline uses the image threshold.
+        image_thresholds (`dict[str, float]`, *optional*):
+            Per-category image thresholds, `{category: threshold}`, used instead of `image_threshold` when a call
+            names its category.
+        pixel_thresholds (`dict[str, float]`, *optional*):
+            Per-category pixel thresholds, `{category: threshold}`, as `image_thresholds`.
+        calibration (`dict`, *optional*):
+            How the thresholds were calibrated (method, target false-positive rates, images and pixels used, the data,
+            the precision / recall / false-positive rate achieved on it, package version), as written by
+            `headclip_hf.calibration.CalibrationResult`.
 
     Example:
 
@@ -160,6 +176,11 @@ class HeadCLIPConfig(CLIPConfig):
     focal_gamma: float | int = 2.0
     image_size: int | None = None
     position_interpolation: str = "bicubic"
+    image_threshold: float | int | None = None
+    pixel_threshold: float | int | None = None
+    image_thresholds: dict[str, float | int] | None = None
+    pixel_thresholds: dict[str, float | int] | None = None
+    calibration: dict | None = None
 
     def __post_init__(self, **kwargs):
         # A plain CLIP config.json (loaded to build a HeadCLIP from CLIP) says model_type "clip": the class decides.
@@ -210,6 +231,17 @@ class HeadCLIPConfig(CLIPConfig):
     def headclip_fields(self) -> dict:
         """The HeadCLIP fields (those this class adds to `CLIPConfig`) and their values."""
         return {name: getattr(self, name) for name in self.headclip_field_names()}
+
+    def calibrated_thresholds(self, category: str | None = None) -> tuple[float | None, float | None]:
+        """
+        The calibrated `(image, pixel)` thresholds for `category`: its entries of `image_thresholds` /
+        `pixel_thresholds` when present, else `image_threshold` / `pixel_threshold`; `None` where uncalibrated.
+        """
+        image_thresholds, pixel_thresholds = self.image_thresholds or {}, self.pixel_thresholds or {}
+        return (
+            image_thresholds.get(category, self.image_threshold),
+            pixel_thresholds.get(category, self.pixel_threshold),
+        )
 
     def validate_headclip_fields(self) -> None:
         """
@@ -298,6 +330,23 @@ class HeadCLIPConfig(CLIPConfig):
             check_image_size(self.image_size, self.vision_config.patch_size)
         except ValueError as error:
             fail("image_size", self.image_size, str(error))
+
+        def is_threshold(value) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+        for field in ("image_threshold", "pixel_threshold"):
+            value = getattr(self, field)
+            if value is not None and not is_threshold(value):
+                fail(field, value, "a threshold must be a finite number in [0, 1] (scores and maps are probabilities)")
+        for field in ("image_thresholds", "pixel_thresholds"):
+            value = getattr(self, field)
+            if value is not None and not (
+                isinstance(value, dict)
+                and all(isinstance(name, str) and is_threshold(threshold) for name, threshold in value.items())
+            ):
+                fail(field, value, "it must map category names to finite numbers in [0, 1]")
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            fail("calibration", self.calibration, "it must be a dict (written by headclip_hf.calibration) or None")
 
 
 __all__ = ["HeadCLIPConfig"]

@@ -31,7 +31,7 @@ from PIL import Image
 
 from .data import IMAGE_EXTENSIONS
 from .modeling_headclip import HeadCLIPModel
-from .pipeline_headclip import DEFAULT_THRESHOLD, LABELS, TASK, ZeroShotAnomalyDetectionPipeline
+from .pipeline_headclip import DEFAULT_THRESHOLD, LABELS, TASK, ZeroShotAnomalyDetectionPipeline, resolve_thresholds
 from .processing_headclip import HeadCLIPProcessor
 
 if TYPE_CHECKING:
@@ -68,11 +68,8 @@ def model_thresholds(model: HeadCLIPModel) -> tuple[float, float, bool]:
         `(image_threshold, pixel_threshold, calibrated)`, `calibrated` telling whether the image threshold is the
         model's own.
     """
-    calibrated_image = getattr(model.config, "image_threshold", None)
-    calibrated_pixel = getattr(model.config, "pixel_threshold", None)
-    image_threshold = DEFAULT_THRESHOLD if calibrated_image is None else float(calibrated_image)
-    pixel_threshold = image_threshold if calibrated_pixel is None else float(calibrated_pixel)
-    return image_threshold, pixel_threshold, calibrated_image is not None
+    thresholds = resolve_thresholds(model.config)
+    return thresholds["threshold"], thresholds["pixel_threshold"], thresholds["threshold_source"] == "calibrated"
 
 
 def supports_few_shot(model: HeadCLIPModel) -> bool:

@@ -12,12 +12,16 @@ read batch by batch and the metrics are histograms.
 Zero-shot: `evaluate_model`. Few-shot: `evaluate_model(..., reference_embeds=...)` with given references, or the
 k-shot protocol `evaluate_k_shot`, which draws K normal references per category and seed (from the layout's training
 normals, `load_training_normals`, else from the test normals, which are then left out of that category's evaluation)
-and reports the mean and standard deviation over the seeds.
+and reports the mean and standard deviation over the seeds. A calibrated model's decisions are reported at its
+thresholds (`HeadCLIPConfig.calibrated_thresholds`).
+
+`iterate_model_outputs` is the loop itself (batches, categories and model outputs of this process's shard), shared
+with `headclip_hf.calibration`; `gather_accumulator` brings the processes' metric states together.
 """
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .data import AnomalyCollator, load_anomaly_dataset
 from .metrics import DEFAULT_NUM_BINS, METRIC_NAMES, AnomalyDetectionResults, AnomalyMetricsAccumulator
-from .modeling_headclip import HeadCLIPModel
+from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
 from .references import encode_reference_images, select_k_shot
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,53 @@ def _collate_with_categories(collator: AnomalyCollator):
     return collate
 
 
+@torch.inference_mode()
+def iterate_model_outputs(
+    model: HeadCLIPModel,
+    processor: Any,
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    show_progress: bool = True,
+    description: str = "Evaluating",
+    reference_embeds: torch.Tensor | None = None,
+) -> Iterator[tuple[dict[str, torch.Tensor], list[str], HeadCLIPOutput]]:
+    """
+    Run `model` over this process's part of `dataset` (`split_dataset_by_node`; all of it in a single process), in eval
+    mode (its training mode is restored afterwards), on its device and dtype.
+
+    Args:
+        model, processor, dataset: as in `evaluate_model`.
+        batch_size, num_workers: the `DataLoader` settings.
+        show_progress: show a progress bar titled `description` (on the main process only).
+        reference_embeds: few-shot references for every image, on the model's device (`evaluate_model`).
+
+    Yields:
+        Per batch of B images: the inputs of `AnomalyCollator` (`pixel_values`, `masks` [B, S, S], `labels` [B],
+        `mask_valid` [B], on the CPU), the B categories, and the model's outputs.
+    """
+    state = PartialState()
+    shard = split_dataset_by_node(dataset, rank=state.process_index, world_size=state.num_processes)
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_with_categories(AnomalyCollator(processor)),
+    )
+    was_training = model.training
+    model.eval()
+    device, dtype = model.device, model.dtype
+    try:
+        for batch, categories in tqdm(
+            loader, desc=description, unit="batch", disable=not (show_progress and state.is_main_process)
+        ):
+            pixel_values = batch["pixel_values"].to(device=device, dtype=dtype)
+            yield batch, categories, model(pixel_values=pixel_values, reference_embeds=reference_embeds)
+    finally:
+        model.train(was_training)
+
+
 def _accumulate(
     model: HeadCLIPModel,
     processor: Any,
@@ -73,22 +124,9 @@ def _accumulate(
     description: str = "Evaluating",
 ) -> None:
     """Run `model` over this process's shard of `dataset` and add its scores and maps to `accumulator`."""
-    state = PartialState()
-    shard = split_dataset_by_node(dataset, rank=state.process_index, world_size=state.num_processes)
-    loader = DataLoader(
-        shard,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_with_categories(AnomalyCollator(processor)),
-    )
-    device, dtype = model.device, model.dtype
-    for batch, categories in tqdm(
-        loader, desc=description, unit="batch", disable=not (show_progress and state.is_main_process)
+    for batch, categories, outputs in iterate_model_outputs(
+        model, processor, dataset, batch_size, num_workers, show_progress, description, reference_embeds
     ):
-        outputs = model(
-            pixel_values=batch["pixel_values"].to(device=device, dtype=dtype), reference_embeds=reference_embeds
-        )
         accumulator.update(
             categories=categories,
             labels=batch["labels"],
@@ -99,14 +137,24 @@ def _accumulate(
         )
 
 
-def _gathered_results(accumulator: AnomalyMetricsAccumulator, num_bins: int) -> AnomalyDetectionResults:
-    """The metrics of every process's accumulated data, identical on every process."""
-    if PartialState().num_processes > 1:
-        merged = AnomalyMetricsAccumulator(num_bins=num_bins)
-        for process_state in gather_object([accumulator.state_dict()]):
-            merged.merge(AnomalyMetricsAccumulator.from_state_dict(process_state))
-        accumulator = merged
-    return accumulator.compute()
+def gather_accumulator(accumulator: AnomalyMetricsAccumulator) -> AnomalyMetricsAccumulator:
+    """Every process's `accumulator` merged into one, the same on every process (`accumulator` itself in one)."""
+    if PartialState().num_processes == 1:
+        return accumulator
+    merged = AnomalyMetricsAccumulator(num_bins=accumulator.num_bins, fpr_limit=accumulator.fpr_limit)
+    for process_state in gather_object([accumulator.state_dict()]):
+        merged.merge(AnomalyMetricsAccumulator.from_state_dict(process_state))
+    return merged
+
+
+def _gathered_results(accumulator: AnomalyMetricsAccumulator, model: HeadCLIPModel) -> AnomalyDetectionResults:
+    """
+    The metrics of every process's accumulated data, identical on every process, with the decisions at the model's
+    calibrated thresholds (none for an uncalibrated model).
+    """
+    accumulator = gather_accumulator(accumulator)
+    thresholds = {name: model.config.calibrated_thresholds(name) for name in accumulator.categories}
+    return accumulator.compute(decision_thresholds=thresholds)
 
 
 @torch.inference_mode()
@@ -144,7 +192,8 @@ def evaluate_model(
             processor's size); zero-shot without them. `evaluate_k_shot` gives each category its own.
 
     Returns:
-        `AnomalyDetectionResults`: per-category and mean metrics, identical on every process.
+        `AnomalyDetectionResults`: per-category and mean metrics, identical on every process; for a calibrated
+        model also the decisions at its thresholds (`CategoryResult.operating_points`).
 
     Raises:
         `ValueError`: when `processor` prepares images at another size than the model's working size, or
@@ -159,7 +208,7 @@ def evaluate_model(
     model.eval()
     _accumulate(model, processor, dataset, accumulator, batch_size, num_workers, show_progress, reference_embeds)
     model.train(was_training)
-    return _gathered_results(accumulator, num_bins)
+    return _gathered_results(accumulator, model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -352,7 +401,7 @@ def evaluate_k_shot(
                 reference_embeds,
                 description=f"{k_shot}-shot, seed {seed}, {category}",
             )
-        runs[seed] = _gathered_results(accumulator, num_bins)
+        runs[seed] = _gathered_results(accumulator, model)
     model.train(was_training)
     return KShotResults(k_shot=k_shot, runs=runs, references=draws, reference_sources=sources)
 
@@ -372,5 +421,7 @@ __all__ = [
     "draw_k_shot_references",
     "evaluate_k_shot",
     "evaluate_model",
+    "gather_accumulator",
+    "iterate_model_outputs",
     "load_training_normals",
 ]

@@ -14,7 +14,7 @@
 
 - `per_image.csv`: every image's path, category, label, score, predicted label and the threshold that decided it.
 
-The threshold of a category is the model's calibrated one (`config.image_threshold` / `config.pixel_threshold`) when
+The threshold of a category is the model's calibrated one (`config.calibrated_thresholds(category)`) when
 it has one, else the category's F1-optimal threshold (`CategoryResult.f1_max_thresholds`, from `headclip_hf.metrics`),
 else (a category with one class only) the pipeline's default 0.5; the pixel threshold falls back to the image one.
 
@@ -108,13 +108,14 @@ def per_image_scores(dataset: datasets.Dataset, results: AnomalyDetectionResults
 
 def report_thresholds(category: CategoryResult, model: HeadCLIPModel) -> ReportThresholds:
     """The thresholds of `category` (see the module docstring for the order of preference)."""
+    calibrated_image, calibrated_pixel = model.config.calibrated_thresholds(category.name)
     image = _threshold(
-        getattr(model.config, "image_threshold", None),
+        calibrated_image,
         category.f1_max_thresholds["image"].value,
         (DEFAULT_THRESHOLD, "the default: image F1 is undefined on this category"),
     )
     pixel = _threshold(
-        getattr(model.config, "pixel_threshold", None),
+        calibrated_pixel,
         category.f1_max_thresholds["pixel"].value,
         (image[0], "the image threshold: pixel F1 is undefined on this category"),
     )

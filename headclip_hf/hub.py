@@ -13,8 +13,9 @@ Two kinds of repository (`save_hub_folder`):
   `load_headclip_model(snapshot_download(repo))` downloads the base from its own repository.
 
 Both carry the model card (`README.md`, rendered from the `model_card.md` template with the metrics of an evaluation
-run in its table and in the `model-index` metadata) and that run's `results.json`, `results.md` and plots under
-`evaluation/`. `headclip push --dry_run` writes exactly the folder that `upload_hub_folder` would upload.
+run in its table and in the `model-index` metadata, and the model's calibrated thresholds when it has them) and that
+run's `results.json`, `results.md` and plots under `evaluation/`. `headclip push --dry_run` writes exactly the folder
+that `upload_hub_folder` would upload.
 
 Card metadata: `pipeline_tag` (the Hub task, `HUB_PIPELINE_TAG`), `library_name` true for the published form
 (`transformers` for a full model with remote code, `headclip_hf` for an adapter, which needs this package),
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
@@ -126,6 +128,37 @@ def eval_results_from_json(results: dict, dataset_name: str, dataset_type: str |
     ]
 
 
+def calibration_table(config: Any) -> str | None:
+    """
+    A markdown table of the calibrated thresholds of a model's config and what they achieved on the calibration data
+    (the record of `headclip_hf.calibration`), then its per-category thresholds; `None` for an uncalibrated model.
+    """
+    record = config.calibration
+    if config.image_threshold is None or not record:
+        return None
+
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    lines = [
+        "| Level | Threshold | Method | Normal / anomalous used | Precision | Recall | FPR | Accuracy |",
+        "|:---|---:|:---|---:|---:|---:|---:|---:|",
+    ]
+    for level, unit in (("image", "images"), ("pixel", "pixels")):
+        entry = record[level]
+        achieved = entry["achieved"]
+        used = f"{entry[f'num_normal_{unit}']:,} / {entry[f'num_anomalous_{unit}']:,} {unit}"
+        rates = [percent(achieved[key]) for key in ("precision", "recall", "false_positive_rate", "accuracy")]
+        lines.append("| " + " | ".join([level, f"{entry['threshold']:.4f}", entry["method"], used, *rates]) + " |")
+    if config.image_thresholds:
+        lines += ["", "| Category | Image threshold | Pixel threshold |", "|:---|---:|---:|"]
+        for category, threshold in config.image_thresholds.items():
+            pixel_threshold = (config.pixel_thresholds or {}).get(category)
+            pixel_text = "-" if pixel_threshold is None else f"{pixel_threshold:.4f}"
+            lines.append(f"| {category} | {threshold:.4f} | {pixel_text} |")
+    return "\n".join(lines)
+
+
 def render_model_card(
     model: HeadCLIPModel,
     results_dir: str | os.PathLike,
@@ -197,6 +230,8 @@ def render_model_card(
         image_size=config.image_size,
         feature_layers=config.feature_layers,
         joint_alpha=config.joint_alpha,
+        calibration=config.calibration,
+        calibration_table=calibration_table(config),
     )
 
 
@@ -300,6 +335,7 @@ def upload_hub_folder(
 __all__ = [
     "HUB_PIPELINE_TAG",
     "MODEL_CARD_TEMPLATE",
+    "calibration_table",
     "check_repo_id",
     "custom_pipeline_declaration",
     "eval_results_from_json",

@@ -47,6 +47,14 @@ over regions of the fraction of each region above the threshold. From these cumu
   AnomalyCLIP's `cal_pro_score` instead samples 200 thresholds and min-max rescales the FPRs below 0.3, which can
   differ slightly.
 
+Operating points (decisions rather than rankings). `image_f1_max_threshold` and
+`PixelScoreHistograms.f1_max_threshold` return the F1-max together with the threshold that achieves it (the metrics
+above are their first element, so the two cannot disagree); `image_operating_point` and
+`PixelScoreHistograms.operating_point` give the confusion counts, precision, recall, false-positive rate and accuracy
+at any threshold (`OperatingPoint`). An image threshold is placed halfway between the lowest score it flags and the
+highest score it does not (`threshold_between`), so the decisions on the scores it came from do not hinge on the last
+bit of a score; a pixel threshold is a bin edge, where the histogram's counts are exact.
+
 The binned metrics are exactly the metrics of the quantised scores floor(score * num_bins) / num_bins: the only
 approximation is that two scores in the same bin count as tied. With the default 2**16 bins (a bin is 1.5e-5 wide) the
 difference from the unbinned metrics stays far below 1e-3 for real and random maps (the tests check it); maps squeezed
@@ -57,7 +65,7 @@ category at 2**16 bins, plus 16 bytes per image for the image labels and scores.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,9 +234,9 @@ def image_f1_max(labels: Any, scores: Any) -> float:
 
 def image_f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
     """
-    Image-level F1-max and the threshold that achieves it (the F1-optimal operating point): the point of
-    `precision_recall_curve` with the highest F1 (the lowest such threshold on ties). Flagging `scores >= threshold`
-    gives exactly that F1 on these scores.
+    Image-level F1-max and the threshold that achieves it: the operating point of `precision_recall_curve` with the
+    highest F1 (the lowest such threshold on ties), its threshold placed by `threshold_between` below the lowest score
+    it flags. Flagging `scores >= threshold` gives exactly that F1 on these scores.
 
     Args:
         labels: [N] 0 (normal) / 1 (anomalous), numpy, torch or list.
@@ -245,12 +253,108 @@ def image_f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = f1_scores(precision, recall)
     best = int(np.argmax(f1))  # never the last point (recall 0, no threshold): F1 > 0 where every image is flagged
-    return float(f1[best]), float(thresholds[best])
+    lowest_flagged = float(thresholds[best])
+    not_flagged = scores[scores < lowest_flagged]
+    threshold = threshold_between(float(not_flagged.max()), lowest_flagged) if not_flagged.size else lowest_flagged
+    return float(f1[best]), threshold
 
 
 def f1_scores(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
     denominator = precision + recall
     return np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+
+
+def threshold_between(lower: float, upper: float) -> float:
+    """
+    A decision threshold `t` with `lower < t <= upper`, halfway between them where possible: flagging `score >= t`
+    flags `upper` and not `lower`. It is a float32 number whenever one fits in between, so that comparing float32 and
+    float64 scores with it makes the same decisions.
+    """
+    middle = (lower + upper) / 2
+    for candidate in (float(np.float32(middle)), middle, upper):
+        if lower < candidate <= upper:
+            return candidate
+    raise ValueError(f"no threshold lies between {lower} and {upper}: `lower` must be < `upper`")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """
+    The decisions at one threshold (anomalous when `score >= threshold`) against the ground truth.
+
+    Args:
+        threshold (`float`): The decision threshold.
+        true_positives, false_positives, true_negatives, false_negatives (`int`): The confusion counts (images or
+            pixels; positive = anomalous).
+    """
+
+    threshold: float
+    true_positives: int
+    false_positives: int
+    true_negatives: int
+    false_negatives: int
+
+    @staticmethod
+    def _ratio(numerator: int, denominator: int) -> float | None:
+        return numerator / denominator if denominator else None
+
+    @property
+    def precision(self) -> float | None:
+        """Anomalous among the flagged; `None` when nothing is flagged."""
+        return self._ratio(self.true_positives, self.true_positives + self.false_positives)
+
+    @property
+    def recall(self) -> float | None:
+        """Flagged among the anomalous; `None` without anomalous samples."""
+        return self._ratio(self.true_positives, self.true_positives + self.false_negatives)
+
+    @property
+    def false_positive_rate(self) -> float | None:
+        """Flagged among the normal; `None` without normal samples."""
+        return self._ratio(self.false_positives, self.false_positives + self.true_negatives)
+
+    @property
+    def accuracy(self) -> float | None:
+        """Correct decisions among all samples; `None` without samples."""
+        correct = self.true_positives + self.true_negatives
+        return self._ratio(correct, correct + self.false_positives + self.false_negatives)
+
+    @property
+    def f1(self) -> float | None:
+        """2 TP / (2 TP + FP + FN); `None` when there is nothing anomalous and nothing flagged."""
+        return self._ratio(
+            2 * self.true_positives, 2 * self.true_positives + self.false_positives + self.false_negatives
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the threshold, the counts and the rates (`None` where undefined)."""
+        return {
+            "threshold": self.threshold,
+            "true_positives": self.true_positives,
+            "false_positives": self.false_positives,
+            "true_negatives": self.true_negatives,
+            "false_negatives": self.false_negatives,
+            "precision": self.precision,
+            "recall": self.recall,
+            "false_positive_rate": self.false_positive_rate,
+            "accuracy": self.accuracy,
+            "f1": self.f1,
+        }
+
+
+def image_operating_point(labels: Any, scores: Any, threshold: float) -> OperatingPoint:
+    """The image-level decisions `scores >= threshold` against `labels` ([N] each, as in `image_auroc`)."""
+    labels, scores = _image_inputs(labels, scores)
+    flagged = scores >= threshold
+    true_positives, false_positives = int((flagged & labels).sum()), int((flagged & ~labels).sum())
+    num_anomalous = int(labels.sum())
+    return OperatingPoint(
+        threshold=float(threshold),
+        true_positives=true_positives,
+        false_positives=false_positives,
+        true_negatives=labels.size - num_anomalous - false_positives,
+        false_negatives=num_anomalous - true_positives,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -413,6 +517,22 @@ class PixelScoreHistograms:
         best = int(np.argmax(f1))
         return float(f1[best]), float(self._occupied_bins()[best] / self.num_bins)
 
+    def operating_point(self, threshold: float) -> OperatingPoint:
+        """
+        The pixel decisions `map >= threshold` against the masks, counted by bin: exact when `threshold` is a bin edge
+        (`k / num_bins`, as calibrated pixel thresholds are), otherwise as if it were rounded up to the next edge.
+        """
+        first_flagged_bin = int(np.ceil(threshold * self.num_bins))
+        true_positives = int(self.positive_counts[first_flagged_bin:].sum())
+        false_positives = int(self.negative_counts[first_flagged_bin:].sum())
+        return OperatingPoint(
+            threshold=float(threshold),
+            true_positives=true_positives,
+            false_positives=false_positives,
+            true_negatives=self.num_negative - false_positives,
+            false_negatives=self.num_positive - true_positives,
+        )
+
     def aupro(self, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
         if not 0 < fpr_limit <= 1:
             raise ValueError(f"`fpr_limit` must be in (0, 1]; got {fpr_limit}")
@@ -480,8 +600,9 @@ class CategoryResult:
         curves: for plotting, the curves of the defined metrics: "image_roc" and "pixel_roc" (fpr, tpr),
             "image_pr" and "pixel_pr" (recall ascending, precision), "pixel_pro" (fpr, pro). Not serialised.
         image_labels, image_scores: [num_images] the image-level inputs, for plotting score distributions.
-        f1_max_thresholds: "image" and "pixel": the threshold of the image (pixel) F1-max, the F1-optimal operating
-            point; undefined where the F1-max is. Not serialised.
+        f1_max_thresholds: "image" and "pixel": the threshold of the image (pixel) F1-max, undefined where that is.
+        operating_points: "image" and / or "pixel": the decisions at the thresholds given to `compute` (a calibrated
+            model's), empty when none were given.
     """
 
     name: str
@@ -491,9 +612,15 @@ class CategoryResult:
     image_labels: np.ndarray | None = field(default=None, repr=False)
     image_scores: np.ndarray | None = field(default=None, repr=False)
     f1_max_thresholds: dict[str, MetricResult] = field(default_factory=dict)
+    operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metrics": {name: result.to_dict() for name, result in self.metrics.items()}, "counts": self.counts}
+        return {
+            "metrics": {name: result.to_dict() for name, result in self.metrics.items()},
+            "counts": self.counts,
+            "f1_max_thresholds": {level: result.to_dict() for level, result in self.f1_max_thresholds.items()},
+            "operating_points": {level: point.to_dict() for level, point in self.operating_points.items()},
+        }
 
 
 @dataclass
@@ -750,9 +877,42 @@ class AnomalyMetricsAccumulator:
         """Forget everything added so far."""
         self._states = {}
 
-    def compute(self) -> AnomalyDetectionResults:
-        """Metrics per category (in order of first appearance) and their means over categories."""
-        categories = {name: self._compute_category(name, state) for name, state in self._states.items()}
+    def _selected_states(self, category: str | None) -> list[_CategoryState]:
+        if category is None:
+            return list(self._states.values())
+        if category not in self._states:
+            raise KeyError(f"no data for category {category!r}; categories seen: {self.categories}")
+        return [self._states[category]]
+
+    def image_labels_and_scores(self, category: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The image labels (bool [N]) and scores ([N]) of `category`, or of every category when `None`."""
+        states = self._selected_states(category)
+        labels = [array for state in states for array in state.labels]
+        scores = [array for state in states for array in state.scores]
+        return np.concatenate(labels or [np.zeros(0, bool)]), np.concatenate(scores or [np.zeros(0, np.float32)])
+
+    def pixel_histograms(self, category: str | None = None) -> PixelScoreHistograms:
+        """The pixel histograms of `category`, or their sum over every category when `None` (a copy)."""
+        histograms = PixelScoreHistograms.empty(self.num_bins)
+        for state in self._selected_states(category):
+            histograms.merge(state.pixels)
+        return histograms
+
+    def compute(
+        self, decision_thresholds: Mapping[str, tuple[float | None, float | None]] | None = None
+    ) -> AnomalyDetectionResults:
+        """
+        Metrics per category (in order of first appearance) and their means over categories.
+
+        Args:
+            decision_thresholds: per category, `(image threshold, pixel threshold)` (either may be `None`) at which
+                to report the decisions (`CategoryResult.operating_points`), e.g. a calibrated model's.
+        """
+        decision_thresholds = decision_thresholds or {}
+        categories = {
+            name: self._compute_category(name, state, decision_thresholds.get(name, (None, None)))
+            for name, state in self._states.items()
+        }
         return AnomalyDetectionResults(
             categories=categories,
             mean=_mean_over_categories(categories),
@@ -760,7 +920,9 @@ class AnomalyMetricsAccumulator:
             fpr_limit=self.fpr_limit,
         )
 
-    def _compute_category(self, name: str, state: _CategoryState) -> CategoryResult:
+    def _compute_category(
+        self, name: str, state: _CategoryState, decision_thresholds: tuple[float | None, float | None]
+    ) -> CategoryResult:
         labels, scores, pixels = np.concatenate(state.labels), np.concatenate(state.scores), state.pixels
         image_f1_max_result, image_threshold = _f1_max_results(lambda: image_f1_max_threshold(labels, scores), name)
         pixel_f1_max_result, pixel_threshold = _f1_max_results(pixels.f1_max_threshold, name)
@@ -796,6 +958,12 @@ class AnomalyMetricsAccumulator:
             "num_anomalous_pixels": pixels.num_positive,
             "num_regions": pixels.num_regions,
         }
+        image_decision, pixel_decision = decision_thresholds
+        operating_points = {}
+        if image_decision is not None:
+            operating_points["image"] = image_operating_point(labels, scores, image_decision)
+        if pixel_decision is not None and pixels.num_images:
+            operating_points["pixel"] = pixels.operating_point(pixel_decision)
         return CategoryResult(
             name=name,
             metrics={metric: metrics[metric] for metric in METRIC_NAMES},
@@ -804,4 +972,5 @@ class AnomalyMetricsAccumulator:
             image_labels=labels,
             image_scores=scores,
             f1_max_thresholds={"image": image_threshold, "pixel": pixel_threshold},
+            operating_points=operating_points,
         )

@@ -10,8 +10,11 @@ Conventions (all documented on the pipeline's `__call__`):
 
 - The map is computed at the model's working size (518 x 518 by default) and resized back to the input image's own
   width and height by bilinear interpolation of the float map (`align_corners=False`), so it lines up with the image.
-- `label` is "anomaly" when `score >= threshold` (default 0.5 on the joint anomaly score), else "normal"; the `mask`
-  marks the pixels whose map value is `>= pixel_threshold` (default: `threshold`).
+- `label` is "anomaly" when `score >= threshold`, else "normal"; the `mask` marks the pixels whose map value is
+  `>= pixel_threshold`. Both default to the model's calibrated thresholds (`image_threshold` / `pixel_threshold` of
+  its config, set by `headclip calibrate`; per category when the call names one); an uncalibrated model uses 0.5 on
+  the joint anomaly score (and logs once that it is uncalibrated) and the image threshold for the mask
+  (`resolve_thresholds`).
 - The heatmap is the map through the "jet" colour map (blue = normal, red = anomalous; the colour map AnomalyCLIP's
   visualisations use), blended over the image with weight `heatmap_alpha` (0.5).
 - Few-shot mode: with `reference_images` (normal images of the same object) or `reference_embeds`, at construction or
@@ -24,8 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModel, Pipeline
+from transformers import AutoModel, Pipeline, PretrainedConfig
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 TASK = "zero-shot-anomaly-detection"
 LABELS = ("normal", "anomaly")
@@ -37,6 +43,63 @@ def _check_unit_interval(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
     return float(value)
+
+
+def resolve_thresholds(
+    config: PretrainedConfig,
+    threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    category: str | None = None,
+) -> dict[str, Any]:
+    """
+    The image and pixel thresholds a detection uses, and where each comes from.
+
+    Args:
+        config (`HeadCLIPConfig`): The model's config, whose `calibrated_thresholds(category)` are the defaults.
+        threshold (`float`, *optional*): The image threshold asked for; by default the calibrated one, else 0.5.
+        pixel_threshold (`float`, *optional*): The pixel threshold asked for; by default the calibrated one, else the
+            image threshold.
+        category (`str`, *optional*): Use this category's calibrated thresholds where the model has them.
+
+    Returns:
+        `dict`: `threshold`, `threshold_source` ("given", "calibrated" or "default"), `pixel_threshold`,
+        `pixel_threshold_source` ("given", "calibrated", or "threshold": the image threshold was used).
+    """
+    calibrated_image, calibrated_pixel = config.calibrated_thresholds(category)
+    known_categories = sorted(config.image_thresholds or {})
+    if category is not None and known_categories and category not in known_categories:
+        logger.warning_once(
+            f"The model has no thresholds calibrated for category {category!r} (it has them for {known_categories}): "
+            "its model-wide thresholds are used."
+        )
+    threshold, threshold_source = _first_threshold(threshold, calibrated_image, DEFAULT_THRESHOLD, "default")
+    if threshold_source == "default":
+        logger.warning_once(
+            f"This HeadCLIP model is uncalibrated: labels use score >= {DEFAULT_THRESHOLD} (and masks map >= "
+            f"{DEFAULT_THRESHOLD} unless pixel_threshold is given), which fits no category in particular. Calibrate "
+            "it on a few images of your own (`headclip calibrate`, or headclip_hf.calibration.calibrate), or pass "
+            "threshold=..."
+        )
+    pixel_threshold, pixel_threshold_source = _first_threshold(
+        pixel_threshold, calibrated_pixel, threshold, "threshold"
+    )
+    return {
+        "threshold": float(threshold),
+        "threshold_source": threshold_source,
+        "pixel_threshold": float(pixel_threshold),
+        "pixel_threshold_source": pixel_threshold_source,
+    }
+
+
+def _first_threshold(
+    given: float | None, calibrated: float | None, fallback: float, fallback_source: str
+) -> tuple[float, str]:
+    """The given threshold, else the calibrated one, else `fallback`, with its source."""
+    if given is not None:
+        return given, "given"
+    if calibrated is not None:
+        return calibrated, "calibrated"
+    return fallback, fallback_source
 
 
 def jet_colormap(values: np.ndarray) -> np.ndarray:
@@ -76,7 +139,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     >>> from transformers import pipeline
 
     >>> detector = pipeline("zero-shot-anomaly-detection", model="path/to/headclip")
-    >>> result = detector("bottle.png", threshold=0.5)
+    >>> result = detector("bottle.png")  # the model's calibrated thresholds (0.5 when uncalibrated)
     >>> result["score"], result["label"], result["anomaly_map"].shape  # map at the image's (height, width)
     >>> result["heatmap"].save("bottle_heatmap.png")
     ```
@@ -132,10 +195,15 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
                 it.
             batch_size (`int`, *optional*, defaults to 1):
                 Images per model forward pass.
-            threshold (`float`, *optional*, defaults to 0.5):
-                `label` is "anomaly" when `score >= threshold`, else "normal".
-            pixel_threshold (`float`, *optional*, defaults to `threshold`):
-                A pixel is in `mask` when its `anomaly_map` value is `>= pixel_threshold`.
+            threshold (`float`, *optional*):
+                `label` is "anomaly" when `score >= threshold`, else "normal". Defaults to the model's calibrated
+                `image_threshold` (`headclip calibrate`), else 0.5.
+            pixel_threshold (`float`, *optional*):
+                A pixel is in `mask` when its `anomaly_map` value is `>= pixel_threshold`. Defaults to the model's
+                calibrated `pixel_threshold`, else `threshold`.
+            category (`str`, *optional*):
+                The images' category: its calibrated thresholds (`image_thresholds` / `pixel_thresholds` of the
+                model's config) are the defaults where the model has them.
             heatmap_alpha (`float`, *optional*, defaults to 0.5):
                 Weight of the coloured map in `heatmap` (0: the image only, 1: the colour map only).
             reference_images (`list` of paths, PIL images or arrays, *optional*):
@@ -161,11 +229,16 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         threshold: float | None = None,
         pixel_threshold: float | None = None,
         heatmap_alpha: float | None = None,
+        category: str | None = None,
         reference_images: Any = None,
         reference_embeds: Any = None,
     ) -> tuple[dict, dict, dict]:
         forward_params = self._reference_params(reference_images, reference_embeds)
         postprocess_params = {}
+        if category is not None:
+            if not isinstance(category, str):
+                raise ValueError(f"category must be a category name (a string), got {category!r}.")
+            postprocess_params["category"] = category
         if threshold is not None:
             postprocess_params["threshold"] = _check_unit_interval("threshold", threshold)
         if pixel_threshold is not None:
@@ -206,20 +279,21 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     def postprocess(
         self,
         model_outputs: dict[str, Any],
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | None = None,
         pixel_threshold: float | None = None,
         heatmap_alpha: float = DEFAULT_HEATMAP_ALPHA,
+        category: str | None = None,
     ) -> dict[str, Any]:
+        thresholds = resolve_thresholds(self.model.config, threshold, pixel_threshold, category)
         image = model_outputs["image"]
         score = model_outputs["image_score"][0].item()
         working_map = model_outputs["anomaly_map"][:1, None].float()  # (1, 1, S, S)
         resized = F.interpolate(working_map, size=(image.height, image.width), mode="bilinear", align_corners=False)
         anomaly_map = resized[0, 0].clamp(0.0, 1.0).numpy()
-        pixel_threshold = threshold if pixel_threshold is None else pixel_threshold
-        mask = Image.fromarray(np.where(anomaly_map >= pixel_threshold, 255, 0).astype(np.uint8))
+        mask = Image.fromarray(np.where(anomaly_map >= thresholds["pixel_threshold"], 255, 0).astype(np.uint8))
         return {
             "score": score,
-            "label": LABELS[int(score >= threshold)],
+            "label": LABELS[int(score >= thresholds["threshold"])],
             "anomaly_map": anomaly_map,
             "mask": mask,
             "heatmap": anomaly_heatmap(image, anomaly_map, heatmap_alpha),
@@ -242,4 +316,5 @@ __all__ = [
     "anomaly_heatmap",
     "jet_colormap",
     "register_pipeline",
+    "resolve_thresholds",
 ]

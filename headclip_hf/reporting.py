@@ -3,7 +3,9 @@
 Everything here reads an `AnomalyDetectionResults` (from `headclip_hf.metrics`); no metric is computed here.
 
 - Markdown: one row per category plus the mean, values in percent with one decimal like the papers. An undefined
-  value is "n/a [k]", footnote k giving the reason; a mean over fewer than all categories says over how many.
+  value is "n/a [k]", footnote k giving the reason; a mean over fewer than all categories says over how many. Then
+  the F1-optimal image and pixel thresholds per category and, for a calibrated model, the decisions at its thresholds
+  (confusion counts, precision, recall, false-positive rate, accuracy).
 - JSON: `results.to_dict()`: fractions in [0, 1], `null` plus the reason for an undefined value; with the run's
   provenance (`headclip_hf.provenance.evaluation_provenance`: model, parameter hash, size, data, version, date) when
   given.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +30,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, MetricResult, f1_scores
+from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, MetricResult, OperatingPoint, f1_scores
 
 if TYPE_CHECKING:
     from .evaluation import KShotResults
@@ -58,12 +61,17 @@ def _undefined_cell(reason: str, footnotes: dict[str, int]) -> str:
     return f"n/a [{footnotes.setdefault(reason, len(footnotes) + 1)}]"
 
 
-def _metrics_markdown(rows: dict[str, list[str]], note: str, footnotes: dict[str, int]) -> str:
-    """A table with one row per name (cells in `METRIC_NAMES` order), then `note` and the footnotes of n/a cells."""
+def _metrics_markdown(
+    rows: dict[str, list[str]], note: str, footnotes: dict[str, int], sections: Sequence[str] = ()
+) -> str:
+    """
+    A table with one row per name (cells in `METRIC_NAMES` order), then `note`, the lines of further `sections` and
+    the footnotes of n/a cells.
+    """
     header = ["Category"] + [METRIC_TITLES[name] for name in METRIC_NAMES]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(METRIC_NAMES)) + "|"]
     lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows.items()]
-    lines += ["", note]
+    lines += ["", note, *sections]
     if footnotes:
         lines.append("")
         lines.extend(f"- [{number}] undefined: {reason}" for reason, number in footnotes.items())
@@ -71,13 +79,16 @@ def _metrics_markdown(rows: dict[str, list[str]], note: str, footnotes: dict[str
 
 
 def results_to_markdown(results: AnomalyDetectionResults) -> str:
-    """A markdown table of every category and the mean, in percent with one decimal, then footnotes for n/a cells."""
+    """
+    A markdown table of every category and the mean, in percent with one decimal; the F1-optimal thresholds and the
+    decisions at a calibrated model's thresholds per category; then footnotes for n/a cells.
+    """
     footnotes: dict[str, int] = {}  # reason -> footnote number, so a reason shared by several cells is listed once
 
-    def cell(result: MetricResult, num_categories: int | None = None) -> str:
+    def cell(result: MetricResult, num_categories: int | None = None, scale: float = 100, digits: int = 1) -> str:
         if not result.is_defined:
             return _undefined_cell(result.reason, footnotes)
-        text = f"{100 * result.value:.1f}"
+        text = f"{scale * result.value:.{digits}f}"
         if num_categories is not None and result.num_categories != num_categories:
             text += f" ({result.num_categories}/{num_categories})"
         return text
@@ -90,7 +101,46 @@ def results_to_markdown(results: AnomalyDetectionResults) -> str:
         f"{results.fpr_limit:g}. Pixel metrics from {results.num_bins:,}-bin score histograms. A mean marked (k/n) "
         "averages the k of n categories on which the metric is defined."
     )
-    return _metrics_markdown(rows, note, footnotes)
+    sections = [
+        "",
+        "F1-optimal thresholds (anomalous when score >= threshold; the operating points of the F1-max):",
+        "",
+        "| Category | Image threshold | Pixel threshold |",
+        "|:---|---:|---:|",
+    ]
+    for name, category in results.categories.items():
+        thresholds = [cell(category.f1_max_thresholds[level], scale=1, digits=4) for level in ("image", "pixel")]
+        sections.append("| " + " | ".join([name, *thresholds]) + " |")
+    decisions = [
+        (name, level, point)
+        for name, category in results.categories.items()
+        for level, point in category.operating_points.items()
+    ]
+    if decisions:
+        sections += _decisions_table(decisions)
+    return _metrics_markdown(rows, note, footnotes, sections)
+
+
+def _decisions_table(decisions: list[tuple[str, str, OperatingPoint]]) -> list[str]:
+    """The rows (category, level, decisions at the model's threshold) of the calibrated-decisions table."""
+
+    def rate(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    lines = [
+        "",
+        "Decisions at the model's calibrated thresholds (what a line would see): TP / FP / TN / FN count images or "
+        "pixels (positive = anomalous), rates in percent, n/a where a rate has no denominator.",
+        "",
+        "| Category | Level | Threshold | TP | FP | TN | FN | Precision | Recall | FPR | Accuracy |",
+        "|:---|:---|" + "---:|" * 9,
+    ]
+    for name, level, point in decisions:
+        counts = [point.true_positives, point.false_positives, point.true_negatives, point.false_negatives]
+        rates = [point.precision, point.recall, point.false_positive_rate, point.accuracy]
+        cells = [name, level, f"{point.threshold:.4f}", *map(str, counts), *map(rate, rates)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _write_json_and_markdown(

@@ -3,6 +3,7 @@
 
     headclip detect images/ --output_dir detections/                     # default model from the Hub
     headclip evaluate data/visa --model runs/mvtec/adapter --output_dir eval/visa
+    headclip calibrate data/my_line --model runs/mvtec/adapter --output_dir runs/my_line/adapter
     headclip train --train_data data/mvtec_ad --output_dir runs/mvtec
     headclip push --model runs/mvtec/adapter --results eval/visa --repo_id user/headclip-mvtec ...
     headclip references good/ --model runs/mvtec/adapter --output_file refs.safetensors   # few-shot references
@@ -30,10 +31,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import convert, dataset, demo, detect, evaluate, push, references, train
+from . import calibrate, convert, dataset, demo, detect, evaluate, push, references, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, references, train, push, convert, dataset, demo)
+COMMANDS = (detect, evaluate, calibrate, references, train, push, convert, dataset, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

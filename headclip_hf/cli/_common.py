@@ -67,14 +67,26 @@ def apply_flag_convention(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
-def probability(text: str) -> float:
-    """An argument type: a number in [0, 1]."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def probability(text: str) -> float:
+    """An argument type: a number in [0, 1]."""
+    value = _number(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not in [0, 1] (scores and maps are probabilities)")
+    return value
+
+
+def rate(text: str) -> float:
+    """An argument type: a number strictly between 0 and 1 (a rate, such as a false-positive rate)."""
+    value = _number(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not strictly between 0 and 1 (e.g. 0.01 for 1%)")
     return value
 
 

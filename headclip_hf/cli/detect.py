@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from ..files import OutputKind, check_output_folder, output_folder
-from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetectionPipeline
+from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetectionPipeline, resolve_thresholds
 from ..references import load_reference_embeds, read_reference_metadata
 from ._common import (
     CommandError,
@@ -39,13 +39,15 @@ EPILOG = f"""examples:
   headclip detect images/ --model runs/mvtec/adapter --reference_images good/ --k_shot 4   # few-shot
   headclip detect images/ --model runs/mvtec/adapter --references refs.safetensors         # see headclip references
 
-Writes OUTPUT_DIR/{SCORES_CSV} and OUTPUT_DIR/{SCORES_JSON} (score and label per image, failed files with their
-error), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the image, jet colours) and
-OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's path below the images'
-common folder. With --reference_images (normal images of the same object) or --references (a file of `headclip
-references`), the few-shot mode compares each image with them as well. The outputs appear together when the run
-ends (an earlier detect output there is replaced; a folder with other files is refused unless --overwrite).
-Unreadable files are reported and skipped; the exit status is 1 when any image failed."""
+Labels and masks use the model's calibrated thresholds (`headclip calibrate`; with --category, that category's where
+calibrated), else {DEFAULT_THRESHOLD}; --threshold / --pixel_threshold override them. Writes OUTPUT_DIR/{SCORES_CSV}
+and OUTPUT_DIR/{SCORES_JSON} (score and label per image, failed files with their error, the thresholds used and
+their source: given, calibrated or default), and per image OUTPUT_DIR/{HEATMAPS_DIR}/<name>.png (the map over the
+image, jet colours) and OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel threshold), named after the image's
+path below the images' common folder. With --reference_images (normal images of the same object) or --references (a
+file of `headclip references`), the few-shot mode compares each image with them as well. The outputs appear together
+when the run ends (an earlier detect output there is replaced; a folder with other files is refused unless
+--overwrite). Unreadable files are reported and skipped; the exit status is 1 when any image failed."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -60,10 +62,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threshold",
         type=probability,
-        default=DEFAULT_THRESHOLD,
-        help=f"label 'anomaly' when the score is >= this (default: {DEFAULT_THRESHOLD})",
+        help=f"label 'anomaly' when the score is >= this (default: the model's calibrated threshold, else "
+        f"{DEFAULT_THRESHOLD})",
     )
-    parser.add_argument("--pixel_threshold", type=probability, help="mask: map >= this (default: --threshold)")
+    parser.add_argument(
+        "--pixel_threshold",
+        type=probability,
+        help="mask: map >= this (default: the model's calibrated pixel threshold, else the image threshold)",
+    )
+    parser.add_argument(
+        "--category", help="the images' category: use its calibrated thresholds where the model has them"
+    )
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     few_shot = parser.add_argument_group("few-shot mode (normal reference images of the same object)")
     sources = few_shot.add_mutually_exclusive_group()
@@ -109,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         reference_images=few_shot.get("reference_images"),
         reference_embeds=reference_embeds,
     )
-    pixel_threshold = args.threshold if args.pixel_threshold is None else args.pixel_threshold
+    thresholds = resolve_thresholds(model.config, args.threshold, args.pixel_threshold, args.category)
     rows = []
     names = _output_names(files)
     with output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) as staging:
@@ -126,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
                         failures.append((str(file), str(error)))
                 results = (
                     detector(
-                        images, batch_size=args.batch_size, threshold=args.threshold, pixel_threshold=pixel_threshold
+                        images,
+                        batch_size=args.batch_size,
+                        threshold=thresholds["threshold"],
+                        pixel_threshold=thresholds["pixel_threshold"],
                     )
                     if images
                     else []
@@ -146,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                         }
                     )
                 progress.update(len(chunk))
-        _write_scores(staging, rows, failures, args, pixel_threshold, few_shot)
+        _write_scores(staging, rows, failures, args, thresholds, few_shot)
     out = Path(args.output_dir)
     print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
     if failures:
@@ -184,7 +196,7 @@ def _write_scores(
     rows: list[dict],
     failures: list[tuple[str, str]],
     args: argparse.Namespace,
-    pixel_threshold: float,
+    thresholds: dict,
     few_shot: dict,
 ) -> None:
     with open(out / SCORES_CSV, "w", newline="") as file:
@@ -195,8 +207,8 @@ def _write_scores(
     summary = {
         "model": args.model,
         "adapter": args.adapter,
-        "threshold": args.threshold,
-        "pixel_threshold": pixel_threshold,
+        "category": args.category,
+        **thresholds,
         "few_shot": few_shot or None,
         "images": rows,
         "failed": [{"path": path, "error": reason} for path, reason in failures],

@@ -54,11 +54,13 @@ EPILOG = f"""examples:
 
 Writes OUTPUT_DIR/{RESULTS_MARKDOWN} (table per category and mean, in percent), OUTPUT_DIR/{RESULTS_JSON} (fractions;
 undefined metrics as null with their reason) and OUTPUT_DIR/{PLOTS_DIR}/<category>.png (ROC, PR and PRO curves,
-score distributions). With --report also OUTPUT_DIR/{REPORT_HTML} (open it in a browser, no server needed: the
-metrics, the plots and per category the highest-scoring normal images, the lowest-scoring anomalous images and the
-best detections as image | ground truth | heatmap | predicted mask; pictures in OUTPUT_DIR/{REPORT_FILES_DIR}/) and
-OUTPUT_DIR/{PER_IMAGE_CSV} (path, category, label, score, predicted label, threshold per image). The threshold is the
-model's calibrated one, else the category's F1-optimal one.
+score distributions). Both files also give per category the F1-optimal image and pixel thresholds and, for a
+calibrated model (`headclip calibrate`), the decisions at its thresholds: confusion counts, precision, recall,
+false-positive rate and accuracy. With --report also OUTPUT_DIR/{REPORT_HTML} (open it in a browser, no server needed:
+the metrics, the plots and per category the highest-scoring normal images, the lowest-scoring anomalous images and
+the best detections as image | ground truth | heatmap | predicted mask; pictures in OUTPUT_DIR/{REPORT_FILES_DIR}/)
+and OUTPUT_DIR/{PER_IMAGE_CSV} (path, category, label, score, predicted label, threshold per image). The threshold is
+the model's calibrated one, else the category's F1-optimal one.
 
 With --k_shot K (few-shot protocol): per seed and category, K normal reference images are drawn from the layout's
 training normals (MVTec AD, VisA: train/good) or, where there are none, from the test normals, which are then left

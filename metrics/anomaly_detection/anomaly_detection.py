@@ -56,7 +56,8 @@ Load-time options (`evaluate.load("metrics/anomaly_detection", num_bins=..., fpr
     fpr_limit (`float`, defaults to 0.3): FPR up to which AUPRO integrates the per-region overlap curve.
 Returns:
     `dict`: `AnomalyDetectionResults.to_dict()`: "categories" -> name -> {"metrics": {metric: {"value", "reason"}},
-    "counts": {...}}, "mean" -> metric -> {"value", "reason", "num_categories"}, "num_categories", "settings".
+    "counts": {...}, "f1_max_thresholds": {"image", "pixel"} (each {"value", "reason"}), "operating_points": {}},
+    "mean" -> metric -> {"value", "reason", "num_categories"}, "num_categories", "settings".
     Metric names: image_auroc, image_ap, image_f1_max, mad_image, pixel_auroc, pixel_ap, pixel_f1_max,
     pixel_aupro, mad_pixel. Values are fractions in [0, 1], or None with a reason when undefined.
 Examples:
