@@ -21,7 +21,7 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from headclip_hf import load_anomaly_dataset
+from headclip_hf import DEFAULT_IMAGE_SIZE, load_anomaly_dataset
 from headclip_hf.adapters import load_headclip_model_and_processor
 from headclip_hf.evaluation import evaluate_k_shot, evaluate_model, load_training_normals
 from headclip_hf.reporting import k_shot_results_to_markdown, results_to_markdown, save_k_shot_results, save_results
@@ -34,7 +34,13 @@ class EvaluationArguments:
     output_dir: str = field(metadata={"help": "Where each data set's table, JSON and plots go."})
     adapter: str | None = field(default=None, metadata={"help": "An adapter folder to load on top of --model."})
     layout: str = field(default="auto", metadata={"help": "Layout of the data folders (see load_anomaly_dataset)."})
-    image_size: int = field(default=518, metadata={"help": "Working input size in pixels."})
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Working input size in pixels, a multiple of the patch size (default: the model's, "
+            f"{DEFAULT_IMAGE_SIZE} for ViT-L/14 as in AnomalyCLIP)."
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "Images per batch."})
     k_shot: int | None = field(
         default=None,

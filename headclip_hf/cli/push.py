@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..adapters import is_peft_adapter
 from ..files import check_output_folder
-from ..hub import DEFAULT_LICENSE, render_model_card, save_hub_folder, upload_hub_folder
+from ..hub import DEFAULT_LICENSE, check_repo_id, render_model_card, save_hub_folder, upload_hub_folder
+from ..provenance import check_results_provenance
 from ..reporting import RESULTS_JSON, RESULTS_MARKDOWN
 from ..space import SPACE_OUTPUT, publish_space
 from ._common import CommandError, add_model_arguments, load_model_and_processor
@@ -68,6 +69,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_repo_id(args.repo_id)
     if args.dry_run and args.output_dir is None:
         raise CommandError("--dry_run writes the repository folder to --output_dir: pass --output_dir DIR.")
     if args.space is not None and args.dry_run and args.space_dir is None:
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             "full model (without --adapter_only)."
         )
     model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, "cpu")
+    check_results_provenance(results_dir / RESULTS_JSON, model)  # the numbers published must be this model's
     base_model = args.base_model or _hub_id_or_none(model.config._name_or_path)
     if args.adapter_only and base_model is None:
         raise CommandError(
