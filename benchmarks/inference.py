@@ -1,8 +1,10 @@
 """Per-image inference time of HeadCLIP (anomaly map + joint score), zero-shot and few-shot, against a bare CLIP
 vision forward.
 
-Builds the real architectures from `../shared/configs` with random weights (only the cost matters here), and times,
-in one run and interleaved, on the same weights, input size and batch:
+Builds the real architectures from their CLIP configs (`--configs-dir`, or the `HEADCLIP_CONFIGS_DIR` environment
+variable: a folder holding `clip-vit-base-patch16/config.json` and `clip-vit-large-patch14-336/config.json`) with
+random weights (only the cost matters here), and times, in one run and interleaved, on the same weights, input size
+and batch:
 
 - bare: `CLIPVisionModel` forward (`interpolate_pos_encoding=True`), the floor any CLIP-based detector pays;
 - zero-shot: `HeadCLIPModel` forward in eval mode (head weights, value-value path, 4 pixel maps, Gaussian smoothing,
@@ -13,11 +15,12 @@ in one run and interleaved, on the same weights, input size and batch:
   few-shot maps). The table also gives the size of the reference embeddings (float32).
 
 Usage:
-    python benchmarks/inference.py                       # ViT-B/16 @ 224 and ViT-L/14@336 @ 518, batch 1 and 4
-    python benchmarks/inference.py --cases base:224 --batch-sizes 1 --k-shots 4 --repeats 5
+    python benchmarks/inference.py --configs-dir DIR     # ViT-B/16 @ 224 and ViT-L/14@336 @ 518, batch 1 and 4
+    python benchmarks/inference.py --configs-dir DIR --cases base:224 --batch-sizes 1 --k-shots 4 --repeats 5
 """
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from headclip_hf import HeadCLIPConfig, HeadCLIPModel
 from headclip_hf.modeling_headclip import REFERENCE_CHUNK_SIZE
 
 ARCHITECTURES = {"base": "clip-vit-base-patch16", "large": "clip-vit-large-patch14-336"}
-DEFAULT_CONFIGS = Path(__file__).resolve().parent.parent.parent / "shared" / "configs"
+CONFIGS_DIR_VARIABLE = "HEADCLIP_CONFIGS_DIR"
 
 
 def seconds(module: torch.nn.Module, **inputs) -> float:
@@ -40,7 +43,12 @@ def seconds(module: torch.nn.Module, **inputs) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs-dir", type=Path, default=DEFAULT_CONFIGS, help="folder with the real CLIP configs")
+    parser.add_argument(
+        "--configs-dir",
+        type=Path,
+        default=os.environ.get(CONFIGS_DIR_VARIABLE),
+        help=f"folder with the real CLIP configs, one subfolder per architecture (default: ${CONFIGS_DIR_VARIABLE})",
+    )
     parser.add_argument("--cases", nargs="+", default=["base:224", "large:518"], help="architecture:image_size")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument(
@@ -49,6 +57,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model and case (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.configs_dir is None:
+        parser.error(
+            f"pass --configs-dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config.json of each "
+            f"architecture ({', '.join(f'{folder}/' for folder in ARCHITECTURES.values())})"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .configuration_headclip import HeadCLIPConfig
 from .files import OutputKind, output_folder
-from .modeling_headclip import HeadCLIPModel
+from .modeling_headclip import HEADCLIP_MODULES, HEADCLIP_PARAMETER_PREFIXES, HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,6 @@ ADAPTER_WEIGHTS_NAME = "headclip_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "headclip_adapter_config.json"
 ADAPTER_FORMAT_VERSION = 1
 PEFT_CONFIG_NAME = "adapter_config.json"
-# The HeadCLIP modules of a HeadCLIPModel (what training changes), and the prefixes of their parameter names.
-HEADCLIP_MODULES = ("prompt_learner", "attention_head_weights")
-HEADCLIP_PARAMETER_PREFIXES = tuple(f"{name}." for name in HEADCLIP_MODULES)
 # Next to a PEFT adapter (LoRA training): the HeadCLIP config fields the model was trained with.
 PEFT_HEADCLIP_CONFIG_NAME = "headclip_config.json"
 # What the adapter writers put in a folder (see `headclip_hf.files`): an earlier adapter is replaced, other files are
@@ -279,20 +276,31 @@ def load_headclip_model(
     else:
         fields = read_adapter_config(adapter)["headclip_config"]
     config = _adapter_model_config(model_name_or_path, fields, kwargs)
-    model = _load_checked_checkpoint(model_name_or_path, config=config, **kwargs)
+    model = _load_checked_checkpoint(model_name_or_path, report_loading=False, config=config, **kwargs)
     if is_peft_adapter(adapter):
         with _naming_damaged_weights(adapter):
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         check_finite_tensors(model.state_dict(), f"the PEFT adapter {adapter} (merged into its base)")
         model.freeze_backbone()
-        return model
-    return load_headclip_adapter(model, adapter)
+    else:
+        load_headclip_adapter(model, adapter)
+    logger.info(f"loaded adapter {adapter} onto {model_name_or_path}")
+    return model
 
 
-def _load_checked_checkpoint(model_name_or_path: str | os.PathLike, **kwargs) -> HeadCLIPModel:
-    """`HeadCLIPModel.from_pretrained`, naming a damaged weights file and refusing non-finite weights."""
+def _load_checked_checkpoint(
+    model_name_or_path: str | os.PathLike, report_loading: bool = True, **kwargs
+) -> HeadCLIPModel:
+    """
+    `HeadCLIPModel.from_pretrained`, naming a damaged weights file and refusing non-finite weights. With
+    `report_loading=False`, transformers' report on the (still untrained) HeadCLIP parameters is left out: an adapter
+    is loaded next, and `load_headclip_model`'s own line says what the user gets.
+    """
     with _naming_damaged_weights(model_name_or_path):
-        model = HeadCLIPModel.from_pretrained(model_name_or_path, **kwargs)
+        if report_loading:
+            model = HeadCLIPModel.from_pretrained(model_name_or_path, **kwargs)
+        else:
+            model, _ = HeadCLIPModel.from_pretrained(model_name_or_path, output_loading_info=True, **kwargs)
     check_finite_tensors(model.state_dict(), f"the checkpoint {model_name_or_path}")
     return model
 
@@ -303,18 +311,15 @@ def _adapter_model_config(model_name_or_path: str | os.PathLike, fields: dict, k
     trained); HeadCLIP fields in `kwargs` (inference choices such as `joint_alpha` or `image_size`) are popped from
     `kwargs` and apply on top.
     """
-    config = HeadCLIPConfig.from_pretrained(
-        model_name_or_path, **{key: value for key, value in kwargs.items() if key in HUB_KWARGS}
-    )
-    known = config.headclip_fields()
+    known = HeadCLIPConfig.headclip_field_names()
     unknown = sorted(set(fields) - set(known))
     if unknown:
         raise ValueError(f"The adapter names HeadCLIP config fields this version does not know: {unknown}.")
     fields = {**fields, **{key: kwargs.pop(key) for key in list(kwargs) if key in known}}
-    for name, value in fields.items():
-        setattr(config, name, value)
-    config.check_headclip_fields()
-    return config
+    # HeadCLIP fields given to `from_pretrained` are constructor arguments: the config validates them together.
+    return HeadCLIPConfig.from_pretrained(
+        model_name_or_path, **fields, **{key: value for key, value in kwargs.items() if key in HUB_KWARGS}
+    )
 
 
 def load_headclip_model_and_processor(
@@ -350,6 +355,8 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_OUTPUT",
     "ADAPTER_WEIGHTS_NAME",
+    "HEADCLIP_MODULES",
+    "HEADCLIP_PARAMETER_PREFIXES",
     "check_finite_tensors",
     "headclip_state_dict",
     "is_headclip_adapter",

@@ -119,6 +119,7 @@ def test_fixture_outputs_are_sensitive_to_the_compatibility_choices(base_dir, re
         model.prompt_learner.deep_prompts.copy_(
             torch.stack([state_dict["compound_prompts_text.0"], state_dict["compound_prompts_text.1"]])
         )
+    model.invalidate_prompt_cache()  # an in-place edit in eval mode: the prompts are encoded again on request
     assert errors()[1] > 2 * ATOL
 
 
@@ -174,11 +175,15 @@ def test_preset_fields_on_vit_l14_336(clip_tokenizer_dir):
 def test_preset_without_a_base_and_with_overrides(tiny_config_factory):
     tiny = tiny_config_factory()
     architecture = dict(text_config=tiny.text_config.to_dict(), vision_config=tiny.vision_config.to_dict())
-    config = anomalyclip_config(deep_prompt_depth=3, map_sigma=0.0, **architecture)
+    config = anomalyclip_config(deep_prompt_depth=3, map_sigma=0.0, image_size=64, **architecture)
     assert config.feature_layers == [4] and config.vv_start_layer == 1
     assert config.map_sigma == 0.0 and config.joint_alpha == 1.0
     with pytest.raises(ValueError, match=r"HeadCLIPConfig.vv_start_layer=3 is invalid"):
-        anomalyclip_config(tiny, feature_layers=[2, 4], vv_start_layer=3, deep_prompt_depth=3)
+        anomalyclip_config(tiny, feature_layers=[2, 4], vv_start_layer=3, deep_prompt_depth=3, image_size=64)
+    # AnomalyCLIP's 518 px fit ViT-L/14's patches; on another patch size the preset takes the nearest multiple.
+    assert anomalyclip_config(tiny, deep_prompt_depth=3).image_size == 520
+    with pytest.raises(ValueError, match=r"image_size=60 is invalid: 60 is not a multiple of the patch size 8"):
+        anomalyclip_config(tiny, deep_prompt_depth=3, image_size=60)
 
 
 def save_modified_checkpoint(path: Path, edit) -> Path:

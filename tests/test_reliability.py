@@ -95,6 +95,7 @@ def test_push_output_dir_keeps_the_users_files_and_never_uploads_them(
     (results / "results.json").write_text(json.dumps({"num_categories": 1, "mean": {}}))
     (results / "results.md").write_text("| Category |\n")
     monkeypatch.setattr("headclip_hf.hub.eval_results_from_json", lambda *args: [])
+    monkeypatch.setattr("headclip_hf.cli.push.check_results_provenance", lambda *args: None)  # not what is tested
     out = tmp_path / "repo"
     (out / "sub").mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
@@ -343,7 +344,7 @@ def test_push_refuses_invalid_repo_ids_before_the_model_loads(repo_id, images, t
         (images / name).write_text("{}")
     argv = ["push", "--results", images, "--train_dataset", "x", "--eval_dataset", "y", "--repo_id", repo_id]
     status, _, stderr = run(capsys, *argv, "--dry_run", "--output_dir", tmp_path / "repo")
-    assert status == 1 and f"headclip: error: --repo_id {repo_id!r} is not a Hub repository id" in stderr
+    assert status == 1 and f"headclip: error: --repo_id: {repo_id!r} is not a valid Hub repository id" in stderr
     assert not (tmp_path / "repo").exists()
 
 
@@ -352,7 +353,7 @@ def test_push_refuses_an_invalid_space_id_before_the_model_loads(images, tmp_pat
         (images / name).write_text("{}")
     argv = ["push", "--results", images, "--train_dataset", "x", "--eval_dataset", "y", "--repo_id", "a/b"]
     status, _, stderr = run(capsys, *argv, "--dry_run", "--output_dir", tmp_path / "repo", "--space", "a/b/c")
-    assert status == 1 and "headclip: error: --space 'a/b/c' is not a Hub repository id" in stderr
+    assert status == 1 and "headclip: error: --space: 'a/b/c' is not a valid Hub repository id" in stderr
 
 
 def test_push_offline_is_refused_before_the_model_loads(images, tmp_path, capsys, no_model_loading):

@@ -14,7 +14,7 @@ from accelerate import PartialState
 from PIL import Image
 
 from ..adapters import load_headclip_model_and_processor
-from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
+from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from ..data import IMAGE_EXTENSIONS, LAYOUTS, image_files, load_anomaly_dataset
 from ..modeling_headclip import HeadCLIPModel
 from ..processing_headclip import HeadCLIPProcessor
@@ -146,7 +146,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--adapter", help="HeadCLIP adapter folder to load on top of --model, e.g. runs/mvtec/adapter")
     group.add_argument(
-        "--image_size", type=positive_int, help="working input size in pixels (default: the model's, 518)"
+        "--image_size",
+        type=positive_int,
+        help=f"working input size in pixels, a multiple of the patch size (default: the model's, {DEFAULT_IMAGE_SIZE} "
+        "for ViT-L/14)",
     )
     group.add_argument(
         "--device", help="device, e.g. cpu, cuda, cuda:1, mps (default: the first accelerator, else the CPU)"

@@ -15,6 +15,7 @@ from ..evaluation_report import (
     write_evaluation_report,
 )
 from ..files import OutputKind, check_output_folder, output_folder
+from ..provenance import evaluation_provenance
 from ..reporting import (
     K_SHOT_JSON,
     K_SHOT_MARKDOWN,
@@ -154,8 +155,11 @@ def run(args: argparse.Namespace) -> int:
             )
             save, to_markdown = save_k_shot_results, k_shot_results_to_markdown
     if state.is_main_process:  # under `accelerate launch` every process holds the gathered results
+        provenance = evaluation_provenance(
+            model, processor, data_source=args.data, model_name_or_path=args.model, adapter=args.adapter
+        )
         with output_folder(args.output_dir, output_kind, args.overwrite) as staging:
-            written = save(results, staging, plots=not args.no_plots)
+            written = save(results, staging, plots=not args.no_plots, provenance=provenance)
             if args.report:
                 written |= write_evaluation_report(
                     staging,

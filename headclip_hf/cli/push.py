@@ -7,19 +7,20 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..adapters import is_peft_adapter
 from ..files import check_output_folder
 from ..hub import (
     DEFAULT_LICENSE,
     HUB_FOLDER_OUTPUT,
+    check_repo_id,
     check_upload_access,
     render_model_card,
     save_hub_folder,
     upload_hub_folder,
 )
 from ..modeling_headclip import HeadCLIPModel
+from ..provenance import check_results_provenance
 from ..reporting import RESULTS_JSON, RESULTS_MARKDOWN
 from ..space import SPACE_OUTPUT, publish_space
 from ._common import (
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `headclip push`: check the inputs, load the model, write the repository folder, upload it."""
     device = _check_inputs(args)
     model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, device)
+    check_results_provenance(Path(args.results) / RESULTS_JSON, model)  # the numbers published must be this model's
     base_model = _base_model(args, model)
     card = _model_card(args, model, base_model)
     with tempfile.TemporaryDirectory(prefix="headclip-push-") as temporary:
@@ -130,12 +132,11 @@ def _check_inputs(args: argparse.Namespace) -> torch.device:
     if args.dry_run and args.output_dir is None:
         raise CommandError("--dry_run writes the repository folder to --output_dir: pass --output_dir DIR.")
     for flag, repo_id in (("--repo_id", args.repo_id), ("--space", args.space)):
-        if repo_id is None:
-            continue
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as error:
-            raise CommandError(f"{flag} {repo_id!r} is not a Hub repository id (user/name): {error}") from None
+        if repo_id is not None:
+            try:
+                check_repo_id(repo_id)
+            except ValueError as error:
+                raise CommandError(f"{flag}: {error}") from None
     if args.space is not None and args.dry_run and args.space_dir is None:
         raise CommandError("--dry_run writes the Space folder to --space_dir: pass --space_dir DIR.")
     if args.space is not None and args.space_dir is not None:
