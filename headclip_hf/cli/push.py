@@ -131,12 +131,9 @@ def _check_inputs(args: argparse.Namespace) -> torch.device:
     """
     if args.dry_run and args.output_dir is None:
         raise CommandError("--dry_run writes the repository folder to --output_dir: pass --output_dir DIR.")
-    for flag, repo_id in (("--repo_id", args.repo_id), ("--space", args.space)):
+    for repo_id in (args.repo_id, args.space):
         if repo_id is not None:
-            try:
-                check_repo_id(repo_id)
-            except ValueError as error:
-                raise CommandError(f"{flag}: {error}") from None
+            check_repo_id(repo_id)
     if args.space is not None and args.dry_run and args.space_dir is None:
         raise CommandError("--dry_run writes the Space folder to --space_dir: pass --space_dir DIR.")
     if args.space is not None and args.space_dir is not None:
