@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig
 
-from .adapters import HEADCLIP_PARAMETER_PREFIXES, HUB_KWARGS, save_headclip_adapter
+from .adapters import ADAPTER_OUTPUT, HEADCLIP_PARAMETER_PREFIXES, HUB_KWARGS, save_headclip_adapter
 from .configuration_headclip import (
     DEFAULT_ABNORMAL_PROMPT_IDS,
     DEFAULT_CLIP_CHECKPOINT,
@@ -41,6 +41,7 @@ from .configuration_headclip import (
     HeadCLIPConfig,
     nearest_image_size,
 )
+from .files import OutputKind, check_output_folder, output_folder
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
 
@@ -62,6 +63,27 @@ ANOMALYCLIP_SETTINGS = {
     "image_size": DEFAULT_IMAGE_SIZE,  # --image_size
     "position_interpolation": "bilinear",
 }
+
+# What a complete HeadCLIP model folder holds: the files of `HeadCLIPModel.save_pretrained` (config, weights, remote
+# code) and of `HeadCLIPProcessor.save_pretrained` (processor and tokenizer configs, remote code). Weights above the
+# shard size are split into numbered shards with an index.
+HEADCLIP_MODEL_OUTPUT = OutputKind(
+    "HeadCLIP model",
+    frozenset(
+        {
+            "config.json",
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "configuration_headclip.py",
+            "modeling_headclip.py",
+            "processing_headclip.py",
+            "processor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        }
+    ),
+    patterns=("model-*-of-*.safetensors",),
+)
 
 # Tolerance, relative to the largest magnitude, of the check that the checkpoint's frozen token embeddings are the
 # base's: an fp16 or bf16 copy of the base passes, another CLIP does not.
@@ -128,9 +150,12 @@ def load_anomalyclip_checkpoint(checkpoint_path: str | Path) -> dict[str, torch.
     """
     Read an AnomalyCLIP checkpoint (`{"prompt_learner": state_dict}`) with `torch.load(..., weights_only=True)`: only
     tensors and plain containers are accepted, no pickled object is ever constructed. Returns the prompt learner's
-    state dict, on the CPU. Raises `ValueError` for a file that is not such a checkpoint.
+    state dict, on the CPU. Raises `ValueError` for a file that is not such a checkpoint, `FileNotFoundError` for a
+    missing one.
     """
     path = str(checkpoint_path)
+    if not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(f"The AnomalyCLIP checkpoint {path!r} does not exist (or is not a file).")
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
@@ -282,6 +307,7 @@ def convert_anomalyclip_checkpoint(
     deep_prompt_length: int = ANOMALYCLIP_SETTINGS["deep_prompt_length"],
     image_size: int = ANOMALYCLIP_SETTINGS["image_size"],
     adapter: bool = False,
+    overwrite: bool = False,
     **from_pretrained_kwargs,
 ) -> HeadCLIPModel:
     r"""
@@ -312,12 +338,24 @@ def convert_anomalyclip_checkpoint(
             Write only the HeadCLIP parameters and fields to `output_dir`, as a HeadCLIP adapter of `base`
             (`headclip_hf.adapters`; load with `load_headclip_model(output_dir)`): 170 KB instead of 1.7 GB for
             ViT-L/14@336.
+        overwrite (`bool`, defaults to `False`):
+            Replace the model (or adapter) files in an `output_dir` that also holds other files (those stay). An
+            earlier output of the same kind is replaced without it.
         from_pretrained_kwargs:
             Passed to `HeadCLIPModel.from_pretrained` (e.g. `cache_dir`, `revision`, `local_files_only`).
 
     Returns:
         The converted [`HeadCLIPModel`], in eval mode.
+
+    Raises:
+        `ValueError`: the checkpoint does not match (see above).
+        `FileNotFoundError`: the checkpoint does not exist.
+        `FileExistsError`, `NotADirectoryError`, `PermissionError`: `output_dir` cannot be written (checked before
+            anything is loaded; see [`headclip_hf.files.check_output_folder`]).
     """
+    output_kind = ADAPTER_OUTPUT if adapter else HEADCLIP_MODEL_OUTPUT
+    if output_dir is not None:
+        check_output_folder(output_dir, output_kind, overwrite)
     state_dict = load_anomalyclip_checkpoint(checkpoint_path)
     hub_kwargs = {key: value for key, value in from_pretrained_kwargs.items() if key in HUB_KWARGS}
     base_config = HeadCLIPConfig.from_pretrained(base, **hub_kwargs)
@@ -354,26 +392,36 @@ def convert_anomalyclip_checkpoint(
     model.eval()
 
     if output_dir is not None and adapter:
-        save_headclip_adapter(model, output_dir, base_model_name_or_path=str(base))
+        save_headclip_adapter(model, output_dir, base_model_name_or_path=str(base), overwrite=overwrite)
     elif output_dir is not None:
-        model.save_pretrained(output_dir)
-        try:
-            processor = HeadCLIPProcessor.from_pretrained(base, image_size=config.image_size, **hub_kwargs)
-        except (OSError, ValueError) as error:
-            logger.warning(
-                "No processor saved in %s: none loads from %r (%s). Save one with "
-                "HeadCLIPProcessor.from_pretrained(<a CLIP checkpoint>).save_pretrained(...).",
-                output_dir,
-                str(base),
-                error,
-            )
-        else:
-            processor.save_pretrained(output_dir)
+        processor = _base_processor(base, output_dir, config.image_size, hub_kwargs)
+        with output_folder(output_dir, HEADCLIP_MODEL_OUTPUT, overwrite) as staging:
+            model.save_pretrained(staging)
+            if processor is not None:
+                processor.save_pretrained(staging)
     return model
+
+
+def _base_processor(
+    base: str | Path, output_dir: str | Path, image_size: int, hub_kwargs: dict
+) -> HeadCLIPProcessor | None:
+    """The processor of `base` at `image_size`, or `None` with a warning when `base` has none."""
+    try:
+        return HeadCLIPProcessor.from_pretrained(base, image_size=image_size, **hub_kwargs)
+    except (OSError, ValueError) as error:
+        logger.warning(
+            "No processor saved in %s: none loads from %r (%s). Save one with "
+            "HeadCLIPProcessor.from_pretrained(<a CLIP checkpoint>).save_pretrained(...).",
+            output_dir,
+            str(base),
+            error,
+        )
+        return None
 
 
 __all__ = [
     "ANOMALYCLIP_SETTINGS",
+    "HEADCLIP_MODEL_OUTPUT",
     "anomalyclip_config",
     "check_anomalyclip_state_dict",
     "convert_anomalyclip_checkpoint",

@@ -35,7 +35,9 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import custom_object_save
 
-from .adapters import save_headclip_adapter
+from .adapters import ADAPTER_OUTPUT, write_headclip_adapter
+from .conversion import HEADCLIP_MODEL_OUTPUT
+from .files import OutputKind, output_folder
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
@@ -46,6 +48,15 @@ MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 EVALUATION_FOLDER = "evaluation"
 DEFAULT_LICENSE = "cc-by-nc-sa-4.0"  # MVTec AD's licence, inherited by models trained on it
 CARD_TAGS = ["anomaly-detection", "zero-shot-anomaly-detection", "headclip", "clip", "vision"]
+MODEL_CARD_NAME = "README.md"
+# What `save_hub_folder` writes (either kind of repository): an earlier Hub folder is replaced, other files are kept.
+HUB_FOLDER_OUTPUT = OutputKind(
+    "Hub repository folder",
+    HEADCLIP_MODEL_OUTPUT.entries
+    | ADAPTER_OUTPUT.entries
+    | {f"{ZeroShotAnomalyDetectionPipeline.__module__.rsplit('.', 1)[-1]}.py", MODEL_CARD_NAME, EVALUATION_FOLDER},
+    HEADCLIP_MODEL_OUTPUT.patterns,
+)
 # The Hub's task list has no anomaly detection: the pipeline's output per image, a pixel map and mask of the defects
 # (plus a score), is an image segmentation. The package's own task name is in the tags and the model-index.
 HUB_PIPELINE_TAG = "image-segmentation"
@@ -244,9 +255,12 @@ def save_hub_folder(
     *,
     adapter_only: bool = False,
     base_model: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """
-    Write the folder of a Hub repository (see the module docstring for its two kinds).
+    Write the folder of a Hub repository (see the module docstring for its two kinds), atomically
+    (`headclip_hf.files.output_folder`, kind `HUB_FOLDER_OUTPUT`): an earlier Hub folder there is replaced; a folder
+    holding other files is refused unless `overwrite` (those files stay, and [`upload_hub_folder`] leaves them out).
 
     Args:
         model (`HeadCLIPModel`):
@@ -254,7 +268,7 @@ def save_hub_folder(
         processor (`HeadCLIPProcessor`):
             Its processor, saved with it.
         folder (`str` or `os.PathLike`):
-            The folder to write; it must not exist or be empty, so that it holds exactly what is uploaded.
+            The folder to write.
         card (`ModelCard`):
             The model card (`render_model_card`), saved as `README.md`.
         results_dir (`str` or `os.PathLike`):
@@ -263,25 +277,47 @@ def save_hub_folder(
             Publish the HeadCLIP parameters only.
         base_model (`str`, *optional*):
             For `adapter_only`, the Hub id of the base CLIP checkpoint the adapter names.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace the Hub folder's files in a folder that also holds other files (those stay).
 
     Returns:
         `Path`: the folder.
     """
+    if adapter_only and base_model is None:
+        raise ValueError("An adapter-only repository must name its base CLIP on the Hub: pass base_model.")
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty: the Hub folder must hold only what is uploaded.")
-    if adapter_only:
-        if base_model is None:
-            raise ValueError("An adapter-only repository must name its base CLIP on the Hub: pass base_model.")
-        save_headclip_adapter(model, folder, base_model_name_or_path=base_model)
-    else:
-        model.config.custom_pipelines = custom_pipeline_declaration()
-        model.save_pretrained(folder)
-        custom_object_save(ZeroShotAnomalyDetectionPipeline, folder)
-    processor.save_pretrained(folder)
-    card.save(folder / "README.md")
-    shutil.copytree(results_dir, folder / EVALUATION_FOLDER)
+    with output_folder(folder, HUB_FOLDER_OUTPUT, overwrite) as staging:
+        if adapter_only:
+            write_headclip_adapter(model, staging, base_model_name_or_path=base_model)
+        else:
+            model.config.custom_pipelines = custom_pipeline_declaration()
+            model.save_pretrained(staging)
+            custom_object_save(ZeroShotAnomalyDetectionPipeline, staging)
+        processor.save_pretrained(staging)
+        card.save(staging / MODEL_CARD_NAME)
+        shutil.copytree(results_dir, staging / EVALUATION_FOLDER)
     return folder
+
+
+def check_upload_access(token: str | None = None) -> str:
+    """
+    Check, before any work, that an upload can happen: the Hub is reachable (not `HF_HUB_OFFLINE=1`) and the token
+    (`token`, else the one of `hf auth login` or `HF_TOKEN`) is valid.
+
+    Returns:
+        The name of the account the token belongs to.
+
+    Raises:
+        `OSError`: offline, no network, no token or an invalid one; the message says what to do.
+    """
+    try:
+        return HfApi(token=token).whoami()["name"]
+    except OSError as error:  # huggingface_hub's offline, missing-token and HTTP errors are OSErrors
+        raise OSError(
+            f"Cannot upload to the Hugging Face Hub: {error}\nUploading needs the network (HF_HUB_OFFLINE unset) and "
+            "a token with write access: log in with `hf auth login` or pass --token. To look at the folder without "
+            "uploading, use --dry_run --output_dir DIR."
+        ) from error
 
 
 def upload_hub_folder(
@@ -293,10 +329,12 @@ def upload_hub_folder(
     token: str | None = None,
     commit_message: str = "Upload HeadCLIP",
     repo_type: str = "model",
+    output_kind: OutputKind | None = None,
 ) -> str:
     """
     Upload `folder` to the repository `repo_id` (a model; with `repo_type="dataset"` a data set, with "space" a Gradio
-    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing.
+    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing. With
+    `output_kind`, only that kind's files are uploaded: other files there stay local.
 
     Args:
         folder (`str` or `os.PathLike`):
@@ -313,6 +351,8 @@ def upload_hub_folder(
             The commit message.
         repo_type (`str`, *optional*, defaults to `"model"`):
             `"model"`, `"dataset"` or `"space"`.
+        output_kind (`OutputKind`, *optional*):
+            Upload only the entries of this kind (`HUB_FOLDER_OUTPUT` for a folder `save_hub_folder` wrote).
 
     Returns:
         `str`: the URL of the commit.
@@ -326,17 +366,28 @@ def upload_hub_folder(
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **space_options)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+    allow_patterns = None
+    if output_kind is not None:
+        own_entries = [pattern for entry in sorted(output_kind.entries) for pattern in (entry, f"{entry}/*")]
+        allow_patterns = own_entries + list(output_kind.patterns)
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision, commit_message=commit_message
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type=repo_type,
+        revision=revision,
+        commit_message=commit_message,
+        allow_patterns=allow_patterns,
     )
     return commit.commit_url
 
 
 __all__ = [
+    "HUB_FOLDER_OUTPUT",
     "HUB_PIPELINE_TAG",
     "MODEL_CARD_TEMPLATE",
     "calibration_table",
     "check_repo_id",
+    "check_upload_access",
     "custom_pipeline_declaration",
     "eval_results_from_json",
     "hub_dataset_id",

@@ -335,7 +335,8 @@ def test_dry_run_errors(headclip_checkpoint, results_dir, tmp_path, capsys):
     occupied.mkdir()
     (occupied / "old.txt").write_text("old")
     assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", occupied) == 1
-    assert f"{occupied} is not empty" in capsys.readouterr().err
+    assert f"{occupied} holds files that are not part of a Hub repository folder (old.txt)" in capsys.readouterr().err
+    assert [path.name for path in occupied.iterdir()] == ["old.txt"]
     assert push(headclip_checkpoint, tmp_path, "--dry-run", "--output-dir", tmp_path / "repo") == 1
     assert "holds no evaluation results (results.json, results.md)" in capsys.readouterr().err
     lora = tmp_path / "lora"
@@ -353,6 +354,10 @@ class RecordingHfApi:
 
     def __init__(self, token=None):
         self.calls.append(("init", {"token": token}))
+
+    def whoami(self):
+        self.calls.append(("whoami", {}))
+        return {"name": "someone"}
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
@@ -375,7 +380,7 @@ def test_push_creates_the_repository_and_uploads_the_folder(headclip_checkpoint,
     args = ("--private", "--revision", "v1", "--token", "hf_test", "--commit-message", "First HeadCLIP")
     assert push(headclip_checkpoint, results_dir, *args) == 0
     names = [name for name, _ in RecordingHfApi.calls]
-    assert names == ["init", "create_repo", "create_branch", "upload_folder"]
+    assert names == ["init", "whoami", "init", "create_repo", "create_branch", "upload_folder"]  # login checked first
     calls = dict(RecordingHfApi.calls)
     assert calls["init"] == {"token": "hf_test"}
     assert calls["create_repo"] == {"repo_id": REPO_ID, "repo_type": "model", "private": True, "exist_ok": True}
@@ -485,10 +490,10 @@ def test_push_uploads_the_space_after_the_model(headclip_checkpoint, results_dir
     monkeypatch.setattr("headclip_hf.hub.HfApi", RecordingHfApi)
     assert push(headclip_checkpoint, results_dir, "--private", "--token", "hf_test", "--space", SPACE_ID) == 0
     names = [name for name, _ in RecordingHfApi.calls]
-    assert names == ["init", "create_repo", "upload_folder", "init", "create_repo", "upload_folder"]
-    model_upload, space_create, space_upload = (RecordingHfApi.calls[i][1] for i in (2, 4, 5))
+    assert names == ["init", "whoami", "init", "create_repo", "upload_folder", "init", "create_repo", "upload_folder"]
+    model_upload, space_create, space_upload = (RecordingHfApi.calls[i][1] for i in (4, 6, 7))
     assert model_upload["repo_id"] == REPO_ID and model_upload["files"] == FULL_MODEL_FILES
-    assert RecordingHfApi.calls[3][1] == {"token": "hf_test"}
+    assert RecordingHfApi.calls[5][1] == {"token": "hf_test"}
     assert space_create == {
         "repo_id": SPACE_ID,
         "repo_type": "space",

@@ -9,20 +9,31 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from ..files import OutputKind, check_output_folder, output_folder
-from ..pipeline_headclip import DEFAULT_THRESHOLD, TASK, ZeroShotAnomalyDetectionPipeline, resolve_thresholds
+from ..pipeline_headclip import (
+    DEFAULT_THRESHOLD,
+    TASK,
+    NonFiniteOutputError,
+    ZeroShotAnomalyDetectionPipeline,
+    resolve_thresholds,
+)
 from ..references import load_reference_embeds, read_reference_metadata
 from ._common import (
     CommandError,
+    add_max_image_pixels_argument,
     add_model_arguments,
     add_output_dir_argument,
     collect_images,
+    image_pixel_limit,
     load_model_and_processor,
     positive_int,
     probability,
+    resolve_device,
 )
 from .references import add_k_shot_arguments, select_reference_files
 
@@ -47,7 +58,8 @@ image, jet colours) and OUTPUT_DIR/{MASKS_DIR}/<name>.png (0/255, map >= pixel t
 path below the images' common folder. With --reference_images (normal images of the same object) or --references (a
 file of `headclip references`), the few-shot mode compares each image with them as well. The outputs appear together
 when the run ends (an earlier detect output there is replaced; a folder with other files is refused unless
---overwrite). Unreadable files are reported and skipped; the exit status is 1 when any image failed."""
+--overwrite). Unreadable files (corrupt, broken links, images above --max_image_pixels) and images whose score is not
+finite are reported and skipped; the exit status is 1 when any image failed."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -74,6 +86,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--category", help="the images' category: use its calibrated thresholds where the model has them"
     )
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
+    add_max_image_pixels_argument(parser)
     few_shot = parser.add_argument_group("few-shot mode (normal reference images of the same object)")
     sources = few_shot.add_mutually_exclusive_group()
     sources.add_argument(
@@ -90,7 +103,7 @@ def _output_names(files: list[Path]) -> list[Path]:
     A distinct relative PNG name per file: its path below the files' common folder with the extension replaced by
     `.png` (kept before `.png` when two images differ only in their extension: `a.jpg.png`, `a.bmp.png`).
     """
-    resolved = [file.resolve() for file in files]
+    resolved = [file.parent.resolve() / file.name for file in files]  # a broken link resolves nowhere
     root = Path(os.path.commonpath([file.parent for file in resolved]))
     relative = [file.relative_to(root) for file in resolved]
     stems = Counter(path.with_name(path.stem) for path in relative)
@@ -100,17 +113,42 @@ def _output_names(files: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `headclip detect`: check the inputs, load the model, detect batch by batch, write the outputs together."""
+    with image_pixel_limit(args.max_image_pixels):
+        files, failures, few_shot, device = _check_inputs(args)
+        detector = _load_detector(args, few_shot, device)
+        thresholds = resolve_thresholds(detector.model.config, args.threshold, args.pixel_threshold, args.category)
+        with output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) as staging:
+            rows = _detect_all(detector, files, staging, failures, args.batch_size, thresholds)
+            _write_scores(staging, rows, failures, args, thresholds, few_shot)
+    return _report(rows, failures, Path(args.output_dir))
+
+
+def _check_inputs(args: argparse.Namespace) -> tuple[list[Path], list[tuple[str, str]], dict, torch.device]:
+    """
+    Everything that can be refused before the model loads: the images (at least one), the few-shot references, the
+    output folder, the device.
+
+    Returns:
+        The image files, `(pattern, reason)` for the patterns that gave none, the few-shot settings
+        ([`_few_shot_settings`]) and the device.
+    """
     files, failures = collect_images(args.images)
     if not files:
         problems = "; ".join(f"{pattern}: {reason}" for pattern, reason in failures)
         raise CommandError(f"no images to process ({problems})")
     few_shot = _few_shot_settings(args)
     check_output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite)
-    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
+    return files, failures, few_shot, resolve_device(args.device)
+
+
+def _load_detector(args: argparse.Namespace, few_shot: dict, device: torch.device) -> ZeroShotAnomalyDetectionPipeline:
+    """The model, its processor and the few-shot references (if any) as a pipeline on `device`."""
+    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, device)
     reference_embeds = None
     if args.references is not None:
         reference_embeds = load_reference_embeds(args.references, model, image_size=processor.image_size)
-    detector = ZeroShotAnomalyDetectionPipeline(
+    return ZeroShotAnomalyDetectionPipeline(
         model=model,
         processor=processor,
         task=TASK,
@@ -118,55 +156,85 @@ def run(args: argparse.Namespace) -> int:
         reference_images=few_shot.get("reference_images"),
         reference_embeds=reference_embeds,
     )
-    thresholds = resolve_thresholds(model.config, args.threshold, args.pixel_threshold, args.category)
+
+
+def _detect_all(
+    detector: ZeroShotAnomalyDetectionPipeline,
+    files: list[Path],
+    staging: Path,
+    failures: list[tuple[str, str]],
+    batch_size: int,
+    thresholds: dict,
+) -> list[dict]:
+    """
+    Detect on `files` batch by batch at `thresholds` ([`resolve_thresholds`]), saving each image's heatmap and mask in
+    `staging`. Returns a row per image; images that fail (unreadable, non-finite score) are appended to `failures` as
+    `(path, reason)`.
+    """
     rows = []
     names = _output_names(files)
-    with output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) as staging:
-        with tqdm(total=len(files), desc="Detecting", unit="image") as progress:
-            for start in range(0, len(files), args.batch_size):
-                end = start + args.batch_size
-                chunk = list(zip(files[start:end], names[start:end], strict=True))
-                images, loaded = [], []
-                for file, name in chunk:
-                    try:
-                        images.append(processor.to_rgb_image(file))
-                        loaded.append((file, name))
-                    except (OSError, ValueError) as error:
-                        failures.append((str(file), str(error)))
-                results = (
-                    detector(
-                        images,
-                        batch_size=args.batch_size,
-                        threshold=thresholds["threshold"],
-                        pixel_threshold=thresholds["pixel_threshold"],
-                    )
-                    if images
-                    else []
-                )
-                for (file, name), result in zip(loaded, results, strict=True):
-                    heatmap_name, mask_name = Path(HEATMAPS_DIR) / name, Path(MASKS_DIR) / name
-                    for relative, picture in ((heatmap_name, result["heatmap"]), (mask_name, result["mask"])):
-                        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-                        picture.save(staging / relative)
-                    rows.append(
-                        {
-                            "path": str(file),
-                            "score": result["score"],
-                            "label": result["label"],
-                            "heatmap": str(heatmap_name),
-                            "mask": str(mask_name),
-                        }
-                    )
-                progress.update(len(chunk))
-        _write_scores(staging, rows, failures, args, thresholds, few_shot)
-    out = Path(args.output_dir)
-    print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
-    if failures:
-        print(f"{len(failures)} failed:", file=sys.stderr)
-        for path, reason in failures:
-            print(f"  {path}: {reason}", file=sys.stderr)
-        return 1
-    return 0
+    with tqdm(total=len(files), desc="Detecting", unit="image") as progress:
+        for start in range(0, len(files), batch_size):
+            batch = list(zip(files[start : start + batch_size], names[start : start + batch_size], strict=True))
+            images, readable = _read_images(batch, detector, failures)
+            results = _detect_batch(detector, images, readable, failures, thresholds)
+            for (file, name), result in results:
+                rows.append(_save_pictures(staging, file, name, result))
+            progress.update(len(batch))
+    return rows
+
+
+def _read_images(
+    batch: list[tuple[Path, Path]], detector: ZeroShotAnomalyDetectionPipeline, failures: list[tuple[str, str]]
+) -> tuple[list[Image.Image], list[tuple[Path, Path]]]:
+    """The RGB images of the readable files of `batch` and their `(file, name)`; the others go to `failures`."""
+    images, readable = [], []
+    for file, name in batch:
+        try:
+            images.append(detector.processor.to_rgb_image(file))
+            readable.append((file, name))
+        except (OSError, ValueError) as error:
+            failures.append((str(file), str(error)))
+    return images, readable
+
+
+def _detect_batch(
+    detector: ZeroShotAnomalyDetectionPipeline,
+    images: list[Image.Image],
+    readable: list[tuple[Path, Path]],
+    failures: list[tuple[str, str]],
+    thresholds: dict,
+) -> list[tuple[tuple[Path, Path], dict]]:
+    """
+    The pipeline's results for one batch, paired with their `(file, name)`. When an image's score or map is not
+    finite the batch runs again image by image, so that only that image fails (appended to `failures`).
+    """
+    thresholds = {"threshold": thresholds["threshold"], "pixel_threshold": thresholds["pixel_threshold"]}
+    try:
+        return list(zip(readable, detector(images, batch_size=max(1, len(images)), **thresholds), strict=True))
+    except NonFiniteOutputError:
+        results = []
+        for (file, name), image in zip(readable, images, strict=True):
+            try:
+                results.append(((file, name), detector(image, **thresholds)))
+            except NonFiniteOutputError as error:
+                failures.append((str(file), str(error)))
+        return results
+
+
+def _save_pictures(staging: Path, file: Path, name: Path, result: dict) -> dict:
+    """Save the heatmap and mask of one image under `staging`; returns its row of the scores table."""
+    heatmap_name, mask_name = Path(HEATMAPS_DIR) / name, Path(MASKS_DIR) / name
+    for relative, picture in ((heatmap_name, result["heatmap"]), (mask_name, result["mask"])):
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        picture.save(staging / relative)
+    return {
+        "path": str(file),
+        "score": result["score"],
+        "label": result["label"],
+        "heatmap": str(heatmap_name),
+        "mask": str(mask_name),
+    }
 
 
 def _few_shot_settings(args: argparse.Namespace) -> dict:
@@ -214,3 +282,14 @@ def _write_scores(
         "failed": [{"path": path, "error": reason} for path, reason in failures],
     }
     (out / SCORES_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _report(rows: list[dict], failures: list[tuple[str, str]], out: Path) -> int:
+    """Print what was done and what failed; the exit status (1 when any image failed)."""
+    print(f"{len(rows)} of {len(rows) + len(failures)} images processed; results in {out / SCORES_CSV}")
+    if not failures:
+        return 0
+    print(f"{len(failures)} failed:", file=sys.stderr)
+    for path, reason in failures:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    return 1
