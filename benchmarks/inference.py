@@ -1,8 +1,9 @@
 """Per-image inference time of HeadCLIP (anomaly map + joint score) on each execution path, zero-shot and few-shot,
 against a bare CLIP vision forward.
 
-Builds the real architectures from `../shared/configs` with random weights (only the cost matters here; the prompt
-embeddings use the real CLIP tokenizer's ids) and times, in one run and interleaved, on the same weights, input size
+Builds the real architectures from their CLIP configs (`--configs-dir`, or the `HEADCLIP_CONFIGS_DIR` environment
+variable: a folder holding `clip-vit-base-patch16/config.json` and `clip-vit-large-patch14-336/config.json`) with
+random weights (only the cost matters here), and times, in one run and interleaved, on the same weights, input size
 and batch:
 
 - bare: `CLIPVisionModel` forward (`interpolate_pos_encoding=True`), the floor any CLIP-based detector pays;
@@ -21,14 +22,18 @@ compute the zero-shot map (not k-shot, whose map is another one by design), the 
 eager float32 on the same input. Exports, compilation and reference encoding happen before timing; one untimed
 warm-up call per path.
 
+The exports take their preprocessing from a `HeadCLIPProcessor`, which needs CLIP's tokenizer files
+(`--tokenizer-dir`, or `HEADCLIP_TOKENIZER_DIR`).
+
 Usage:
-    python benchmarks/inference.py                       # ViT-B/16 @ 224 and ViT-L/14@336 @ 518, batch 1 and 4
-    python benchmarks/inference.py --cases base:224 --batch-sizes 1 --repeats 5 --paths onnxruntime --k-shots 4
-    python benchmarks/inference.py --cases tiny:64 --repeats 1   # a 4-layer, 32-wide CLIP: checks the script runs
+    python benchmarks/inference.py --configs-dir DIR --tokenizer-dir TOK   # ViT-B/16 @ 224 and ViT-L/14@336 @ 518
+    python benchmarks/inference.py --configs-dir DIR --cases base:224 --batch-sizes 1 --paths --k-shots 4
+    python benchmarks/inference.py --tokenizer-dir TOK --cases tiny:64 --repeats 1   # a tiny CLIP: the script runs
 """
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -53,7 +58,8 @@ TINY_CONFIG = dict(
     ),
     projection_dim=16,
 )
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+CONFIGS_DIR_VARIABLE = "HEADCLIP_CONFIGS_DIR"
+TOKENIZER_DIR_VARIABLE = "HEADCLIP_TOKENIZER_DIR"
 # Paths beyond the two that always run (bare and eager float32), in the order of the table.
 PATHS = ("bfloat16", "compile", "onnxruntime", "openvino")
 PATH_TITLES = {
@@ -122,8 +128,18 @@ def seconds(runner: Runner, pixel_values: torch.Tensor) -> tuple[float, np.ndarr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs-dir", type=Path, default=SHARED / "configs", help="folder with the real configs")
-    parser.add_argument("--tokenizer-dir", type=Path, default=SHARED / "clip_tokenizer", help="the CLIP tokenizer")
+    parser.add_argument(
+        "--configs-dir",
+        type=Path,
+        default=os.environ.get(CONFIGS_DIR_VARIABLE),
+        help=f"folder with the real CLIP configs, one subfolder per architecture (default: ${CONFIGS_DIR_VARIABLE})",
+    )
+    parser.add_argument(
+        "--tokenizer-dir",
+        type=Path,
+        default=os.environ.get(TOKENIZER_DIR_VARIABLE),
+        help=f"folder with CLIP's tokenizer files, for the exports' processor (default: ${TOKENIZER_DIR_VARIABLE})",
+    )
     parser.add_argument("--cases", nargs="+", default=["base:224", "large:518"], help="architecture:image_size")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument(
@@ -135,6 +151,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path and case (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of every path (default: each's own)")
     args = parser.parse_args()
+    if args.configs_dir is None and any(not case.startswith("tiny:") for case in args.cases):
+        parser.error(
+            f"pass --configs-dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config.json of each "
+            f"architecture ({', '.join(f'{folder}/' for folder in ARCHITECTURES.values())})"
+        )
+    if args.tokenizer_dir is None:
+        parser.error(f"pass --tokenizer-dir DIR or set {TOKENIZER_DIR_VARIABLE}: a folder holding CLIP's tokenizer")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

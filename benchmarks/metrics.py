@@ -24,6 +24,7 @@ import tracemalloc
 import numpy as np
 from scipy import ndimage
 
+from headclip_hf import DEFAULT_IMAGE_SIZE
 from headclip_hf.metrics import DEFAULT_FPR_LIMIT, DEFAULT_NUM_BINS, AnomalyMetricsAccumulator, pixel_aupro
 
 MVTEC_AD_TEST_IMAGES = 1725
@@ -91,7 +92,7 @@ def run_streaming(args: argparse.Namespace, trace_memory: bool) -> tuple[float, 
             held, _ = tracemalloc.get_traced_memory()
             tracemalloc.reset_peak()
         start = time.perf_counter()
-        accumulator.update(category="synthetic", labels=labels, scores=scores, masks=masks, maps=maps)
+        accumulator.update(categories="synthetic", labels=labels, scores=scores, masks=masks, anomaly_maps=maps)
         seconds += time.perf_counter() - start
         if trace_memory:
             peak = max(peak, tracemalloc.get_traced_memory()[1] - held)
@@ -113,7 +114,9 @@ def state_bytes(accumulator: AnomalyMetricsAccumulator) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=100, help="N synthetic maps and masks (default 100)")
-    parser.add_argument("--size", type=int, default=518, help="map height and width (default 518)")
+    parser.add_argument(
+        "--size", type=int, default=DEFAULT_IMAGE_SIZE, help=f"map height and width (default {DEFAULT_IMAGE_SIZE})"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per `update` call (default 8)")
     parser.add_argument("--num-bins", type=int, default=DEFAULT_NUM_BINS, help="histogram bins (default 2**16)")
     parser.add_argument("--baseline-images", type=int, default=10, help="images for the straightforward AUPRO")

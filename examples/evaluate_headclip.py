@@ -3,11 +3,13 @@
 """
 Zero-shot evaluation: a trained HeadCLIP (model or adapter) on one or more data sets it was not trained on ->
 per-category metrics (image AUROC / AP / F1-max, pixel AUROC / AP / F1-max / AUPRO), as a markdown table, JSON and
-ROC / PR / PRO plots per category.
+ROC / PR / PRO plots per category. `headclip evaluate` once per data set; the logic is in `headclip_hf.cli.evaluate`.
 
-    python examples/evaluate_headclip.py --model runs/mvtec/adapter --data data/visa data/mpdd --output_dir eval/
+    python examples/evaluate_headclip.py --data data/visa data/mpdd --output_dir eval/ --model runs/mvtec/adapter
 
-writes `eval/<data set>/results.md`, `results.json` and `plots/<category>.png` for each data set.
+writes `eval/visa/` and `eval/mpdd/` (`results.md`, `results.json`, `plots/<category>.png`), one folder per data set
+named after it. Every other option is `headclip evaluate`'s (`--model`, `--adapter`, `--layout`, `--batch_size`,
+`--image_size`, ...: see `headclip evaluate --help`). All output folders are checked before the first evaluation.
 
 Few-shot protocol: `--k_shot 4 --k_shot_seeds 0 1 2` draws 4 normal reference images per category and seed (from the
 layout's training normals, MVTec AD / VisA `train/good`, else from the test normals, which are then left out of that
@@ -15,55 +17,46 @@ category's evaluation) and writes `eval/<data set>/k_shot_results.md` (mean ± s
 `k_shot_results.json` (with the reference files used) and each seed's results under `seed_<seed>/`.
 """
 
-from dataclasses import dataclass, field
+import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from accelerate import PartialState
-from transformers import HfArgumentParser
-
-from headclip_hf import load_anomaly_dataset
-from headclip_hf.adapters import load_headclip_model_and_processor
-from headclip_hf.evaluation import evaluate_k_shot, evaluate_model, load_training_normals
-from headclip_hf.reporting import k_shot_results_to_markdown, results_to_markdown, save_k_shot_results, save_results
+from headclip_hf.cli import main as headclip
+from headclip_hf.cli._common import apply_flag_convention, positive_int
+from headclip_hf.cli.evaluate import evaluate_output_kind
+from headclip_hf.files import check_output_folder
 
 
-@dataclass
-class EvaluationArguments:
-    model: str = field(metadata={"help": "HeadCLIP or CLIP checkpoint (Hub id or folder), or an adapter folder."})
-    data: list[str] = field(metadata={"help": "Data set folders to evaluate on."})
-    output_dir: str = field(metadata={"help": "Where each data set's table, JSON and plots go."})
-    adapter: str | None = field(default=None, metadata={"help": "An adapter folder to load on top of --model."})
-    layout: str = field(default="auto", metadata={"help": "Layout of the data folders (see load_anomaly_dataset)."})
-    image_size: int = field(default=518, metadata={"help": "Working input size in pixels."})
-    batch_size: int = field(default=8, metadata={"help": "Images per batch."})
-    k_shot: int | None = field(
-        default=None,
-        metadata={"help": "Few-shot protocol: K normal reference images per category; zero-shot without it."},
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `headclip evaluate` on each `--data` folder, writing `--output_dir/<data set name>`; the exit status."""
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Any other option is passed to `headclip evaluate` (see `headclip evaluate --help`).",
+        allow_abbrev=False,  # abbreviations would take `headclip evaluate`'s options
     )
-    k_shot_seeds: list[int] = field(
-        default_factory=lambda: [0], metadata={"help": "Few-shot protocol: one evaluation per seed."}
-    )
-
-
-def main() -> None:
-    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses()
-    model, processor = load_headclip_model_and_processor(args.model, args.adapter, image_size=args.image_size)
-    model.to(PartialState().device)
-    for data in args.data:
-        dataset = load_anomaly_dataset(data, layout=args.layout)
-        if args.k_shot is None:
-            results = evaluate_model(model, processor, dataset, args.batch_size)
-            save, to_markdown = save_results, results_to_markdown
-        else:
-            training_normals = load_training_normals(data, layout=args.layout)
-            results = evaluate_k_shot(
-                model, processor, dataset, args.k_shot, args.k_shot_seeds, training_normals, args.batch_size
-            )
-            save, to_markdown = save_k_shot_results, k_shot_results_to_markdown
-        if PartialState().is_main_process:  # under `accelerate launch` every process holds the gathered results
-            written = save(results, Path(args.output_dir) / Path(data).resolve().name)
-            print(f"{data}:\n{to_markdown(results)}\nWritten: {', '.join(str(p) for p in written.values())}")
+    parser.add_argument("--data", nargs="+", required=True, help="data set folders to evaluate on")
+    parser.add_argument("--output_dir", "--out", required=True, help="parent folder of one output folder per data set")
+    parser.add_argument("--overwrite", action="store_true", help="as `headclip evaluate --overwrite`")
+    parser.add_argument("--k_shot", type=positive_int, help="as `headclip evaluate --k_shot`")
+    args, evaluate_options = apply_flag_convention(parser).parse_known_args(argv)
+    outputs = {data: Path(args.output_dir) / Path(data).resolve().name for data in args.data}
+    if len(set(outputs.values())) < len(outputs):
+        print("evaluate_headclip: error: two --data folders have the same name; evaluate them apart.", file=sys.stderr)
+        return 1
+    try:
+        for output_dir in outputs.values():
+            check_output_folder(output_dir, evaluate_output_kind(args.k_shot), args.overwrite)
+    except OSError as error:
+        print(f"evaluate_headclip: error: {error}", file=sys.stderr)
+        return 1
+    options = ["--overwrite"] * args.overwrite + ([] if args.k_shot is None else ["--k_shot", str(args.k_shot)])
+    for data, output_dir in outputs.items():
+        status = headclip(["evaluate", data, "--output_dir", str(output_dir), *options, *evaluate_options])
+        if status != 0:
+            return status
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,7 +30,7 @@ from transformers import HfArgumentParser
 
 from headclip_hf import load_anomaly_dataset
 from headclip_hf.adapters import load_headclip_model, load_headclip_model_and_processor
-from headclip_hf.configuration_headclip import DEFAULT_CLIP_CHECKPOINT
+from headclip_hf.configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from headclip_hf.evaluation import evaluate_model
 from headclip_hf.reporting import results_to_markdown
 from headclip_hf.training import HeadCLIPTrainingArguments, train
@@ -44,7 +44,13 @@ class DomainArguments:
         default=DEFAULT_CLIP_CHECKPOINT,
         metadata={"help": "CLIP or HeadCLIP to start from (Hub id or local folder), or a HeadCLIP adapter folder."},
     )
-    image_size: int = field(default=518, metadata={"help": "Working input size in pixels."})
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Working input size in pixels, a multiple of the patch size (default: the model's, "
+            f"{DEFAULT_IMAGE_SIZE} for ViT-L/14 as in AnomalyCLIP)."
+        },
+    )
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from transformers import HfArgumentParser
 from headclip_hf import HeadCLIPConfig, load_anomaly_dataset
 from headclip_hf.adapters import load_headclip_model_and_processor
 from headclip_hf.cli.train import parse_config_overrides
-from headclip_hf.configuration_headclip import DEFAULT_CLIP_CHECKPOINT
+from headclip_hf.configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from headclip_hf.conversion import anomalyclip_config
 from headclip_hf.files import output_file
 from headclip_hf.metrics import METRIC_NAMES
@@ -64,7 +64,12 @@ class ReproductionArguments:
     model_name_or_path: str = field(
         default=DEFAULT_CLIP_CHECKPOINT, metadata={"help": "The CLIP to start from (Hub id or local folder)."}
     )
-    image_size: int = field(default=518, metadata={"help": "Working input size in pixels."})
+    image_size: int = field(
+        default=DEFAULT_IMAGE_SIZE,
+        metadata={
+            "help": f"Working input size in pixels, a multiple of the patch size (AnomalyCLIP: {DEFAULT_IMAGE_SIZE})."
+        },
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={

@@ -20,13 +20,16 @@ else:
 
     from transformers import AutoConfig, AutoModel, AutoProcessor
 
-    from .configuration_headclip import HeadCLIPConfig
+    from .adapters import load_headclip_model, load_headclip_model_and_processor
+    from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE, HeadCLIPConfig
     from .data import ANOMALY_FEATURES, AnomalyCollator, load_anomaly_dataset, make_transform
     from .dataset_export import export_anomaly_dataset, upload_anomaly_dataset
+    from .evaluation import evaluate_model
     from .metrics import AnomalyDetectionResults, AnomalyMetricsAccumulator, MetricResult, UndefinedMetricError
     from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
     from .pipeline_headclip import ZeroShotAnomalyDetectionPipeline, register_pipeline
     from .processing_headclip import HeadCLIPProcessor
+    from .provenance import headclip_parameters_hash
     from .references import encode_reference_images, load_reference_embeds, save_reference_embeds, select_k_shot
     from .reporting import save_results
 
@@ -53,6 +56,8 @@ __all__ = [
     "AnomalyCollator",
     "AnomalyDetectionResults",
     "AnomalyMetricsAccumulator",
+    "DEFAULT_CLIP_CHECKPOINT",
+    "DEFAULT_IMAGE_SIZE",
     "HeadCLIPConfig",
     "HeadCLIPModel",
     "HeadCLIPOutput",
@@ -62,8 +67,12 @@ __all__ = [
     "ZeroShotAnomalyDetectionPipeline",
     "__version__",
     "encode_reference_images",
+    "evaluate_model",
     "export_anomaly_dataset",
+    "headclip_parameters_hash",
     "load_anomaly_dataset",
+    "load_headclip_model",
+    "load_headclip_model_and_processor",
     "load_reference_embeds",
     "make_transform",
     "save_reference_embeds",

@@ -34,7 +34,7 @@ import datasets
 import numpy as np
 import torch
 
-from .evaluation import gather_accumulator, iterate_model_outputs, warn_if_sizes_differ
+from .evaluation import check_working_size, gather_accumulator, iterate_model_outputs
 from .metrics import (
     DEFAULT_NUM_BINS,
     AnomalyMetricsAccumulator,
@@ -89,7 +89,7 @@ class CalibrationResult:
         """Write the thresholds and their record into `model.config` (replacing earlier ones); returns `model`."""
         for name, value in self.to_dict().items():
             setattr(model.config, name, value)
-        model.config.check_headclip_fields()
+        model.config.validate()  # the config's own validation (`@strict`), as after any assignment
         return model
 
 
@@ -209,7 +209,7 @@ def calibrate(
     from . import __version__  # here, not at the top: the package's __init__ may import this module
 
     check_calibration_data(dataset, method, target_fpr, pixel_target_fpr, per_category)
-    warn_if_sizes_differ(model, processor)
+    check_working_size(model, processor)
     # Everything with ground truth (as `evaluate_model`, plus normal images whose masks are unknown), and the normal
     # images alone (the `normal_quantile` statistics).
     accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
@@ -222,11 +222,11 @@ def calibrate(
         labels = batch["labels"]
         normal = labels == 0
         accumulator.update(
-            category=categories,
+            categories=categories,
             labels=labels,
             scores=scores,
             masks=batch["masks"],
-            maps=maps,
+            anomaly_maps=maps,
             mask_valid=batch["mask_valid"] | normal,
         )
         if normal.any():
@@ -234,11 +234,11 @@ def calibrate(
                 name for name, is_normal in zip(categories, normal.tolist(), strict=True) if is_normal
             ]
             normal_accumulator.update(
-                category=normal_categories,
+                categories=normal_categories,
                 labels=labels[normal],
                 scores=scores[normal],
                 masks=torch.zeros_like(maps[normal]),
-                maps=maps[normal],
+                anomaly_maps=maps[normal],
             )
     accumulator, normal_accumulator = gather_accumulator(accumulator), gather_accumulator(normal_accumulator)
 

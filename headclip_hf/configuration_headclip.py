@@ -12,6 +12,9 @@ from transformers import CLIPConfig
 
 # The backbone of the paper and of AnomalyCLIP, the default everywhere a checkpoint is asked for.
 DEFAULT_CLIP_CHECKPOINT = "openai/clip-vit-large-patch14-336"
+# AnomalyCLIP's working input size in pixels (37 x 37 patches of ViT-L/14). A backbone of another patch size works at
+# the multiple of its patch size nearest to this one (`nearest_image_size`), e.g. 512 for ViT-B/16.
+DEFAULT_IMAGE_SIZE = 518
 
 # Token ids of the real CLIP tokenizer (`openai/clip-vit-*`, vocabulary 49,408) for the default prompt templates.
 # A test checks them against the tokenizer; use `HeadCLIPProcessor.prompt_token_ids` to compute your own.
@@ -30,32 +33,61 @@ JOINT_POOLING_CHOICES = ("max", "topk_mean")
 POSITION_INTERPOLATION_CHOICES = ("bicubic", "bilinear")
 
 
+def nearest_image_size(image_size: int, patch_size: int) -> int:
+    """The multiple of `patch_size` nearest to `image_size` (the smaller one on a tie), at least `patch_size`."""
+    return max(patch_size, patch_size * int(image_size / patch_size + 0.5 - 1e-9))
+
+
+def check_image_size(image_size: int, patch_size: int) -> None:
+    """
+    Raise a `ValueError` unless `image_size` is a positive multiple of `patch_size`, naming the nearest valid sizes
+    (a size between two multiples would leave a strip of pixels outside every patch, or a map from a single patch).
+
+    Raises:
+        `ValueError`: e.g. "225 is not a multiple of the patch size 16: use 224 or 240".
+    """
+    if image_size >= patch_size and image_size % patch_size == 0:
+        return
+    lower = image_size - image_size % patch_size
+    valid = [size for size in (lower, lower + patch_size) if size >= patch_size]
+    raise ValueError(
+        f"{image_size} is not a multiple of the patch size {patch_size}: use {' or '.join(map(str, valid))}"
+    )
+
+
 @strict(accept_kwargs=True)
 class HeadCLIPConfig(CLIPConfig):
     r"""
     Configuration of a [`HeadCLIPModel`]: a CLIP configuration (`text_config`, `vision_config`, `projection_dim`) plus
-    the HeadCLIP fields below. Defaults are the paper's ViT-L/14@336 setting (`../shared/DESIGN.md`). Layer numbers are
-    1-indexed, as in the papers (layer 24 is the last layer of ViT-L/14).
+    the HeadCLIP fields below. Defaults are the paper's ViT-L/14@336 setting (AnomalyCLIP's protocol). Layer numbers
+    are 1-indexed, as in the papers (layer 24 is the last layer of ViT-L/14).
+
+    The config validates itself, as transformers' `@strict` configs do: building it (also through `from_pretrained`,
+    whose HeadCLIP keyword arguments are constructor arguments), `validate()` and `save_pretrained` raise a
+    `ValueError` naming the field, its value and what is allowed. An assignment checks the field's type only (as in
+    transformers); call `validate()` after changing fields one by one, or build a new config.
 
     Args:
-        prompt_length (`int`, defaults to 12):
+        prompt_length (`int`, *optional*, defaults to 12):
             Learnable context vectors per prompt ("[V1..Vn] object." and "[W1..Wn] damaged object.").
-        normal_prompt_ids (`list[int]`):
+        normal_prompt_ids (`list[int]`, *optional*):
             Token ids of the normal template that follows the context ("object."), without start/end tokens.
-        abnormal_prompt_ids (`list[int]`):
+        abnormal_prompt_ids (`list[int]`, *optional*):
             Token ids of the abnormal template ("damaged object."), without start/end tokens.
-        prompt_init_ids (`list[int]`):
+        prompt_init_ids (`list[int]`, *optional*):
             Token ids of the phrase whose token embeddings initialise both prompts' context vectors. The phrase fills
             the last context positions (next to the template); a longer phrase keeps its last `prompt_length` tokens,
             and positions a shorter phrase leaves free start from N(0, 0.02) as in AnomalyCLIP.
-        prompt_start_token_id (`int`, defaults to 49406) / prompt_end_token_id (`int`, defaults to 49407):
-            CLIP's start-of-text and end-of-text ids; the text embedding is read at the end-of-text position.
+        prompt_start_token_id (`int`, *optional*, defaults to 49406):
+            CLIP's start-of-text id.
+        prompt_end_token_id (`int`, *optional*, defaults to 49407):
+            CLIP's end-of-text id; the text embedding is read at the end-of-text position.
         deep_prompt_depth (`int`, *optional*):
             Deep prompts are inserted at text layers 2..`deep_prompt_depth`; 1 switches them off. Defaults to 9 (the
             paper's setting), or the text depth if the text encoder is shallower.
-        deep_prompt_length (`int`, defaults to 4):
+        deep_prompt_length (`int`, *optional*, defaults to 4):
             Learnable tokens per deep layer; they replace the positions right after the start token.
-        use_head_weights (`bool`, defaults to `True`):
+        use_head_weights (`bool`, *optional*, defaults to `True`):
             Whether the per-head weights of the image encoder are applied and trained.
         head_weight_layers (`list[int]`, *optional*):
             Vision layers whose head weights train (all when `None`); the others stay exactly 1.
@@ -64,29 +96,33 @@ class HeadCLIPConfig(CLIPConfig):
         feature_layers (`list[int]`, *optional*):
             Vision layers whose value-value patch tokens make the pixel maps; defaults to four evenly spaced layers
             of the vision encoder ([6, 12, 18, 24] for ViT-L/14).
-        temperature (`float`, defaults to 0.07):
+        temperature (`float`, *optional*, defaults to 0.07):
             Softmax temperature of the cosine similarities with the two prompts, for the pixel maps and the global
             score alike (as in AnomalyCLIP).
-        map_sigma (`float`, defaults to 4.0):
+        map_sigma (`float`, *optional*, defaults to 4.0):
             Sigma in pixels of the Gaussian that smooths the anomaly map at inference; 0 switches smoothing off.
-        joint_alpha (`float`, defaults to 0.5):
+        joint_alpha (`float`, *optional*, defaults to 0.5):
             Joint anomaly score: `alpha * global + (1 - alpha) * pool(map)`; 1 is plain AnomalyCLIP scoring.
-        joint_pooling (`str`, defaults to `"max"`):
+        joint_pooling (`str`, *optional*, defaults to `"max"`):
             How the map is pooled into the joint score: `"max"` or `"topk_mean"` (mean of the top `joint_topk`
             fraction of pixels).
-        joint_topk (`float`, defaults to 0.01):
+        joint_topk (`float`, *optional*, defaults to 0.01):
             Fraction of pixels averaged by `"topk_mean"` pooling.
-        few_shot_weight (`float`, defaults to 0.5):
+        few_shot_weight (`float`, *optional*, defaults to 0.5):
             Few-shot mode (`reference_embeds` given to the model): the anomaly map is `(1 - few_shot_weight) *
             zero-shot map + few_shot_weight * few-shot map`; 0 keeps the zero-shot map, 1 uses the references alone.
-        global_feature_layernorm (`bool`, defaults to `True`):
+        global_feature_layernorm (`bool`, *optional*, defaults to `True`):
             Apply CLIP's post layer norm to the class token before the visual projection (CLIP does; AnomalyCLIP's
             reference code does not).
-        focal_gamma (`float`, defaults to 2.0):
+        focal_gamma (`float`, *optional*, defaults to 2.0):
             Focusing parameter of the focal loss on the pixel maps.
-        image_size (`int`, defaults to 518):
-            Working input size in pixels (square); the positional embeddings of the pretrained grid are interpolated.
-        position_interpolation (`str`, defaults to `"bicubic"`):
+        image_size (`int`, *optional*):
+            The working input size in pixels (square), a multiple of the patch size: the one size processors,
+            evaluation and the model card use. Defaults to `DEFAULT_IMAGE_SIZE` (518, AnomalyCLIP's) or, for another
+            patch size, the nearest multiple of it (512 for ViT-B/16). `vision_config.image_size` is the size CLIP was
+            pretrained at (it fixes the grid of pretrained positional embeddings, which are interpolated to the
+            working size), never a working size.
+        position_interpolation (`str`, *optional*, defaults to `"bicubic"`):
             How the pretrained positional embeddings are resized to the input's patch grid: `"bicubic"` (as
             transformers' `interpolate_pos_encoding`) or `"bilinear"` (as the AnomalyCLIP reference code).
         image_threshold (`float`, *optional*):
@@ -138,7 +174,7 @@ class HeadCLIPConfig(CLIPConfig):
     few_shot_weight: float | int = 0.5
     global_feature_layernorm: bool = True
     focal_gamma: float | int = 2.0
-    image_size: int = 518
+    image_size: int | None = None
     position_interpolation: str = "bicubic"
     image_threshold: float | int | None = None
     pixel_threshold: float | int | None = None
@@ -163,16 +199,38 @@ class HeadCLIPConfig(CLIPConfig):
             self.feature_layers = sorted({max(1, round(num_vision_layers * k / 4)) for k in (1, 2, 3, 4)})
         if self.vv_start_layer is None:
             self.vv_start_layer = min(self.feature_layers)
-        self.check_headclip_fields()
+        if self.image_size is None:
+            self.image_size = nearest_image_size(DEFAULT_IMAGE_SIZE, self.vision_config.patch_size)
+        # Here as well as from `validate()` (which `@strict` runs next): a plain `ValueError`, the package's rule for
+        # user errors, where `validate()` wraps it in huggingface_hub's `StrictDataclassClassValidationError`.
+        self.validate_headclip_fields()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        # A plain CLIP checkpoint is a valid HeadCLIP base (its weights are the backbone): read its config as this
+        # class's, so that transformers does not warn about loading a model of type "clip" as "headclip".
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == CLIPConfig.model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "HeadCLIPConfig":
+        # transformers sets keyword arguments one by one after building the config; HeadCLIP fields go to the
+        # constructor instead, so that they are validated together (e.g. `feature_layers` with `vv_start_layer`).
+        field_names = cls.headclip_field_names()
+        fields = {name: kwargs.pop(name) for name in list(kwargs) if name in field_names}
+        return super().from_dict({**config_dict, **fields}, **kwargs)
+
+    @classmethod
+    def headclip_field_names(cls) -> list[str]:
+        """The names of the fields this class adds to `CLIPConfig`, in declaration order."""
+        clip_fields = {field.name for field in dataclasses.fields(CLIPConfig)}
+        return [field.name for field in dataclasses.fields(cls) if field.name not in clip_fields]
 
     def headclip_fields(self) -> dict:
         """The HeadCLIP fields (those this class adds to `CLIPConfig`) and their values."""
-        clip_fields = {field.name for field in dataclasses.fields(CLIPConfig)}
-        return {
-            field.name: getattr(self, field.name)
-            for field in dataclasses.fields(self)
-            if field.name not in clip_fields
-        }
+        return {name: getattr(self, name) for name in self.headclip_field_names()}
 
     def calibrated_thresholds(self, category: str | None = None) -> tuple[float | None, float | None]:
         """
@@ -185,8 +243,13 @@ class HeadCLIPConfig(CLIPConfig):
             pixel_thresholds.get(category, self.pixel_threshold),
         )
 
-    def check_headclip_fields(self) -> None:
-        """Raise a `ValueError` naming the field, its value and the allowed range for any invalid HeadCLIP field."""
+    def validate_headclip_fields(self) -> None:
+        """
+        Part of `@strict`-powered validation, next to transformers' `validate_architecture`: the HeadCLIP fields.
+
+        Raises:
+            `ValueError`: naming the field, its value and what is allowed, for the first invalid field.
+        """
         num_vision_layers = self.vision_config.num_hidden_layers
         num_text_layers = self.text_config.num_hidden_layers
         context_length = self.text_config.max_position_embeddings
@@ -194,6 +257,9 @@ class HeadCLIPConfig(CLIPConfig):
         def fail(field: str, value, allowed: str):
             raise ValueError(f"HeadCLIPConfig.{field}={value!r} is invalid: {allowed}.")
 
+        for field in ("normal_prompt_ids", "abnormal_prompt_ids"):
+            if len(getattr(self, field)) < 1:
+                fail(field, getattr(self, field), "the template needs at least one token")
         longest_template = max(len(self.normal_prompt_ids), len(self.abnormal_prompt_ids))
         # start token + context + template + end token must fit the text context.
         max_prompt_length = context_length - 2 - longest_template
@@ -204,9 +270,6 @@ class HeadCLIPConfig(CLIPConfig):
                 f"it must lie in [1, {max_prompt_length}] so that start + context + the {longest_template}-token "
                 f"template + end fit the text context of {context_length} tokens",
             )
-        for field in ("normal_prompt_ids", "abnormal_prompt_ids"):
-            if len(getattr(self, field)) < 1:
-                fail(field, getattr(self, field), "the template needs at least one token")
         vocab_size = self.text_config.vocab_size
         for field in (
             "normal_prompt_ids",
@@ -263,9 +326,10 @@ class HeadCLIPConfig(CLIPConfig):
                 self.position_interpolation,
                 f"choose one of {POSITION_INTERPOLATION_CHOICES}",
             )
-        patch_size = self.vision_config.patch_size
-        if not self.image_size >= patch_size:
-            fail("image_size", self.image_size, f"it must be >= the patch size ({patch_size})")
+        try:
+            check_image_size(self.image_size, self.vision_config.patch_size)
+        except ValueError as error:
+            fail("image_size", self.image_size, str(error))
 
         def is_threshold(value) -> bool:
             return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0

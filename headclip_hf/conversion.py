@@ -26,21 +26,22 @@ HeadCLIP then computes what the reference computes.
 
 import logging
 import pickle
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from transformers import CLIPConfig
-from transformers.utils import logging as transformers_logging
 
-from .adapters import HEADCLIP_PARAMETER_PREFIXES, HUB_KWARGS, save_headclip_adapter
+from .adapters import ADAPTER_OUTPUT, HEADCLIP_PARAMETER_PREFIXES, HUB_KWARGS, save_headclip_adapter
 from .configuration_headclip import (
     DEFAULT_ABNORMAL_PROMPT_IDS,
     DEFAULT_CLIP_CHECKPOINT,
+    DEFAULT_IMAGE_SIZE,
     DEFAULT_NORMAL_PROMPT_IDS,
     HeadCLIPConfig,
+    nearest_image_size,
 )
+from .files import OutputKind, check_output_folder, output_folder
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
 
@@ -59,9 +60,30 @@ ANOMALYCLIP_SETTINGS = {
     "map_sigma": 4.0,  # --sigma
     "joint_alpha": 1.0,  # image score = global score
     "global_feature_layernorm": False,  # global feature = class token @ projection, without ln_post
-    "image_size": 518,  # --image_size
+    "image_size": DEFAULT_IMAGE_SIZE,  # --image_size
     "position_interpolation": "bilinear",
 }
+
+# What a complete HeadCLIP model folder holds: the files of `HeadCLIPModel.save_pretrained` (config, weights, remote
+# code) and of `HeadCLIPProcessor.save_pretrained` (processor and tokenizer configs, remote code). Weights above the
+# shard size are split into numbered shards with an index.
+HEADCLIP_MODEL_OUTPUT = OutputKind(
+    "HeadCLIP model",
+    frozenset(
+        {
+            "config.json",
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "configuration_headclip.py",
+            "modeling_headclip.py",
+            "processing_headclip.py",
+            "processor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        }
+    ),
+    patterns=("model-*-of-*.safetensors",),
+)
 
 # Tolerance, relative to the largest magnitude, of the check that the checkpoint's frozen token embeddings are the
 # base's: an fp16 or bf16 copy of the base passes, another CLIP does not.
@@ -78,7 +100,7 @@ def anomalyclip_config(
     A [`HeadCLIPConfig`] that makes [`HeadCLIPModel`] compute what AnomalyCLIP computes (`ANOMALYCLIP_SETTINGS`): no
     head weights, image score = global score, global feature without post layer norm, bilinear positional-embedding
     resize, 12 context vectors per prompt, deep prompts of 4 tokens at text layers 2..9, temperature 0.07, Gaussian
-    sigma 4, 518 px.
+    sigma 4, 518 px (on another patch size: the nearest multiple of it, unless `image_size` is given).
 
     Args:
         base_config ([`CLIPConfig`], *optional*):
@@ -112,21 +134,28 @@ def anomalyclip_config(
             "projection_dim": base_config.projection_dim,
             "logit_scale_init_value": base_config.logit_scale_init_value,
         }
-    config = HeadCLIPConfig(**{**ANOMALYCLIP_SETTINGS, **architecture, **kwargs})
-    num_vision_layers = config.vision_config.num_hidden_layers
-    config.feature_layers = list(feature_layers) if feature_layers is not None else [num_vision_layers]
-    config.vv_start_layer = vv_start_layer if vv_start_layer is not None else max(1, round(num_vision_layers / 4))
-    config.check_headclip_fields()
-    return config
+    fields = {**ANOMALYCLIP_SETTINGS, **architecture, **kwargs}
+    vision_config = CLIPConfig(vision_config=fields.get("vision_config")).vision_config
+    num_vision_layers = vision_config.num_hidden_layers
+    if "image_size" not in kwargs:  # AnomalyCLIP's 518 px on this backbone's patch grid (518 itself on ViT-L/14)
+        fields["image_size"] = nearest_image_size(ANOMALYCLIP_SETTINGS["image_size"], vision_config.patch_size)
+    return HeadCLIPConfig(
+        **fields,
+        feature_layers=list(feature_layers) if feature_layers is not None else [num_vision_layers],
+        vv_start_layer=vv_start_layer if vv_start_layer is not None else max(1, round(num_vision_layers / 4)),
+    )
 
 
 def load_anomalyclip_checkpoint(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
     """
     Read an AnomalyCLIP checkpoint (`{"prompt_learner": state_dict}`) with `torch.load(..., weights_only=True)`: only
     tensors and plain containers are accepted, no pickled object is ever constructed. Returns the prompt learner's
-    state dict, on the CPU. Raises `ValueError` for a file that is not such a checkpoint.
+    state dict, on the CPU. Raises `ValueError` for a file that is not such a checkpoint, `FileNotFoundError` for a
+    missing one.
     """
     path = str(checkpoint_path)
+    if not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(f"The AnomalyCLIP checkpoint {path!r} does not exist (or is not a file).")
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
@@ -248,27 +277,15 @@ def check_token_embeddings(state_dict: Mapping[str, torch.Tensor], model: HeadCL
             )
 
 
-@contextmanager
-def _transformers_errors_only() -> Iterator[None]:
-    """Silence transformers' warnings about a CLIP loaded as HeadCLIP; `load_base_model` checks the loading itself."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-
-
 def load_base_model(base: str | Path, config: HeadCLIPConfig, **from_pretrained_kwargs) -> HeadCLIPModel:
     """
     `HeadCLIPModel.from_pretrained(base, config=config)`, raising a `ValueError` naming the weights when any CLIP
     weight is missing from `base` or has another shape (only the HeadCLIP parameters may be missing: the checkpoint
     provides them).
     """
-    with _transformers_errors_only():
-        model, info = HeadCLIPModel.from_pretrained(
-            base, config=config, output_loading_info=True, **from_pretrained_kwargs
-        )
+    model, info = HeadCLIPModel.from_pretrained(
+        base, config=config, output_loading_info=True, **from_pretrained_kwargs
+    )
     missing = sorted(name for name in info["missing_keys"] if not name.startswith(HEADCLIP_PARAMETER_PREFIXES))
     mismatched = sorted(str(entry) for entry in info["mismatched_keys"])
     if missing or mismatched:
@@ -290,6 +307,7 @@ def convert_anomalyclip_checkpoint(
     deep_prompt_length: int = ANOMALYCLIP_SETTINGS["deep_prompt_length"],
     image_size: int = ANOMALYCLIP_SETTINGS["image_size"],
     adapter: bool = False,
+    overwrite: bool = False,
     **from_pretrained_kwargs,
 ) -> HeadCLIPModel:
     r"""
@@ -320,18 +338,28 @@ def convert_anomalyclip_checkpoint(
             Write only the HeadCLIP parameters and fields to `output_dir`, as a HeadCLIP adapter of `base`
             (`headclip_hf.adapters`; load with `load_headclip_model(output_dir)`): 170 KB instead of 1.7 GB for
             ViT-L/14@336.
+        overwrite (`bool`, defaults to `False`):
+            Replace the model (or adapter) files in an `output_dir` that also holds other files (those stay). An
+            earlier output of the same kind is replaced without it.
         from_pretrained_kwargs:
             Passed to `HeadCLIPModel.from_pretrained` (e.g. `cache_dir`, `revision`, `local_files_only`).
 
     Returns:
         The converted [`HeadCLIPModel`], in eval mode.
+
+    Raises:
+        `ValueError`: the checkpoint does not match (see above).
+        `FileNotFoundError`: the checkpoint does not exist.
+        `FileExistsError`, `NotADirectoryError`, `PermissionError`: `output_dir` cannot be written (checked before
+            anything is loaded; see [`headclip_hf.files.check_output_folder`]).
     """
+    output_kind = ADAPTER_OUTPUT if adapter else HEADCLIP_MODEL_OUTPUT
+    if output_dir is not None:
+        check_output_folder(output_dir, output_kind, overwrite)
     state_dict = load_anomalyclip_checkpoint(checkpoint_path)
     hub_kwargs = {key: value for key, value in from_pretrained_kwargs.items() if key in HUB_KWARGS}
-    with _transformers_errors_only():
-        base_config = HeadCLIPConfig.from_pretrained(base, **hub_kwargs)
-    config = anomalyclip_config(
-        base_config,
+    base_config = HeadCLIPConfig.from_pretrained(base, **hub_kwargs)
+    preset = dict(
         feature_layers=feature_layers,
         vv_start_layer=vv_start_layer,
         prompt_length=prompt_length,
@@ -339,10 +367,14 @@ def convert_anomalyclip_checkpoint(
         deep_prompt_length=deep_prompt_length,
         image_size=image_size,
     )
+    config = anomalyclip_config(base_config, **preset)
     check_anomalyclip_state_dict(state_dict, config)
-    config.normal_prompt_ids = read_prompt_template(state_dict, "tokenized_prompts_pos", config)
-    config.abnormal_prompt_ids = read_prompt_template(state_dict, "tokenized_prompts_neg", config)
-    config.check_headclip_fields()
+    # The same preset with the checkpoint's prompt templates (a config validates its fields when it is built).
+    templates = {
+        "normal_prompt_ids": read_prompt_template(state_dict, "tokenized_prompts_pos", config),
+        "abnormal_prompt_ids": read_prompt_template(state_dict, "tokenized_prompts_neg", config),
+    }
+    config = anomalyclip_config(base_config, **preset, **templates)
 
     model = load_base_model(base, config, **from_pretrained_kwargs)
     check_token_embeddings(state_dict, model, base)
@@ -360,26 +392,36 @@ def convert_anomalyclip_checkpoint(
     model.eval()
 
     if output_dir is not None and adapter:
-        save_headclip_adapter(model, output_dir, base_model_name_or_path=str(base))
+        save_headclip_adapter(model, output_dir, base_model_name_or_path=str(base), overwrite=overwrite)
     elif output_dir is not None:
-        model.save_pretrained(output_dir)
-        try:
-            processor = HeadCLIPProcessor.from_pretrained(base, image_size=config.image_size, **hub_kwargs)
-        except (OSError, ValueError) as error:
-            logger.warning(
-                "No processor saved in %s: none loads from %r (%s). Save one with "
-                "HeadCLIPProcessor.from_pretrained(<a CLIP checkpoint>).save_pretrained(...).",
-                output_dir,
-                str(base),
-                error,
-            )
-        else:
-            processor.save_pretrained(output_dir)
+        processor = _base_processor(base, output_dir, config.image_size, hub_kwargs)
+        with output_folder(output_dir, HEADCLIP_MODEL_OUTPUT, overwrite) as staging:
+            model.save_pretrained(staging)
+            if processor is not None:
+                processor.save_pretrained(staging)
     return model
+
+
+def _base_processor(
+    base: str | Path, output_dir: str | Path, image_size: int, hub_kwargs: dict
+) -> HeadCLIPProcessor | None:
+    """The processor of `base` at `image_size`, or `None` with a warning when `base` has none."""
+    try:
+        return HeadCLIPProcessor.from_pretrained(base, image_size=image_size, **hub_kwargs)
+    except (OSError, ValueError) as error:
+        logger.warning(
+            "No processor saved in %s: none loads from %r (%s). Save one with "
+            "HeadCLIPProcessor.from_pretrained(<a CLIP checkpoint>).save_pretrained(...).",
+            output_dir,
+            str(base),
+            error,
+        )
+        return None
 
 
 __all__ = [
     "ANOMALYCLIP_SETTINGS",
+    "HEADCLIP_MODEL_OUTPUT",
     "anomalyclip_config",
     "check_anomalyclip_state_dict",
     "convert_anomalyclip_checkpoint",

@@ -1,8 +1,9 @@
 # Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
 """Evaluation: run a HeadCLIP over an anomaly data set and compute the field's metrics per category.
 
-Maps and masks are compared at the model's working size (the processor resizes both, 518 x 518 by default), as the
-AnomalyCLIP protocol does. Under `accelerate`, each process evaluates its part of the data set
+Maps and masks are compared at the model's working size, `HeadCLIPConfig.image_size` (the processor resizes both), as
+the AnomalyCLIP protocol does; a processor at another size is refused, so that results always say at which size they
+were computed. Under `accelerate`, each process evaluates its part of the data set
 (`datasets.distributed.split_dataset_by_node`: a contiguous shard of a `Dataset`; whole shards, or every n-th row, of
 a streaming `IterableDataset`; no sample is duplicated to even out batches) and the metric states are gathered and
 merged, so every process returns the same results. A streaming data set is evaluated in constant memory: rows are
@@ -41,13 +42,19 @@ from .references import encode_reference_images, select_k_shot
 logger = logging.getLogger(__name__)
 
 
-def warn_if_sizes_differ(model: HeadCLIPModel, processor: Any) -> None:
-    """Log a warning when the processor prepares images at another size than the model's configured working size."""
+def check_working_size(model: HeadCLIPModel, processor: Any) -> None:
+    """
+    The one rule for the working size: evaluation and training run at the model's `config.image_size`.
+
+    Raises:
+        `ValueError`: when the processor prepares images at another size, saying how to load both at one size.
+    """
     if processor.image_size != model.config.image_size:
-        logger.warning(
-            f"The processor prepares {processor.image_size} px images but the model's working size is "
-            f"{model.config.image_size} px: the model runs at {processor.image_size} px (its positional embeddings "
-            "are interpolated to it). Load both at one size to compare with results at the model's size."
+        raise ValueError(
+            f"The processor prepares {processor.image_size} px images but the model's working size "
+            f"(HeadCLIPConfig.image_size) is {model.config.image_size} px: load both at one size, e.g. "
+            f"load_headclip_model_and_processor(..., image_size={processor.image_size}) or "
+            f"HeadCLIPProcessor.from_pretrained(..., size={model.config.image_size})."
         )
 
 
@@ -121,11 +128,11 @@ def _accumulate(
         model, processor, dataset, batch_size, num_workers, show_progress, description, reference_embeds
     ):
         accumulator.update(
-            category=categories,
+            categories=categories,
             labels=batch["labels"],
             scores=outputs.image_score.float().cpu(),
             masks=batch["masks"],
-            maps=outputs.anomaly_map.float().cpu(),
+            anomaly_maps=outputs.anomaly_map.float().cpu(),
             mask_valid=batch["mask_valid"],
         )
 
@@ -165,28 +172,37 @@ def evaluate_model(
     Evaluate `model` on `dataset` (rows of `load_anomaly_dataset`).
 
     Args:
-        model: a HeadCLIP (put in eval mode here; its training mode is restored afterwards).
-        processor: the `HeadCLIPProcessor` that prepares images and masks.
-        dataset: the data set, or a streaming one (`load_anomaly_dataset(..., streaming=True)`, never materialised);
-            pixel metrics use the rows whose `mask_valid` is true.
-        batch_size, num_workers: the `DataLoader` settings.
-        num_bins: score histogram bins of the streaming pixel metrics.
-        show_progress: show a progress bar (on the main process only).
-        reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`, *optional*): few-shot mode: references for every
-            image (`model.encode_references` or `load_reference_embeds`, at the processor's size); zero-shot without
-            them. `evaluate_k_shot` gives each category its own.
+        model (`HeadCLIPModel`):
+            The model (put in eval mode here; its training mode is restored afterwards).
+        processor (`HeadCLIPProcessor`):
+            Prepares images and masks, at the model's working size.
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            The data set, or a streaming one (`load_anomaly_dataset(..., streaming=True)`, never materialised); pixel
+            metrics use the rows whose `mask_valid` is true.
+        batch_size (`int`, *optional*, defaults to 8):
+            Images per forward pass.
+        num_workers (`int`, *optional*, defaults to 0):
+            Data loading processes of the `DataLoader`.
+        num_bins (`int`, *optional*, defaults to `DEFAULT_NUM_BINS`):
+            Score histogram bins of the streaming pixel metrics.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar (on the main process only).
+        reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`, *optional*):
+            Few-shot mode: references for every image (`model.encode_references` or `load_reference_embeds`, at the
+            processor's size); zero-shot without them. `evaluate_k_shot` gives each category its own.
 
     Returns:
-        Per-category and mean metrics (`AnomalyDetectionResults`), identical on every process; for a calibrated model
-        also the decisions at its thresholds (`CategoryResult.operating_points`).
+        `AnomalyDetectionResults`: per-category and mean metrics, identical on every process; for a calibrated
+        model also the decisions at its thresholds (`CategoryResult.operating_points`).
 
     Raises:
-        `ValueError`: `reference_embeds` does not have the model's `(L, M, P)` shape.
+        `ValueError`: when `processor` prepares images at another size than the model's working size, or
+            `reference_embeds` does not have the model's `(L, M, P)` shape.
     """
+    check_working_size(model, processor)
     if reference_embeds is not None:
         model.check_reference_embeds(reference_embeds)
         reference_embeds = reference_embeds.to(model.device)
-    warn_if_sizes_differ(model, processor)
     accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
     was_training = model.training
     model.eval()
@@ -360,7 +376,7 @@ def evaluate_k_shot(
     """
     draws, sources = draw_k_shot_references(dataset, k_shot, seeds, reference_dataset)
     categories, paths = list(dataset["category"]), list(dataset["path"])
-    warn_if_sizes_differ(model, processor)
+    check_working_size(model, processor)
     was_training = model.training
     model.eval()
     runs = {}
@@ -401,6 +417,7 @@ def _category_normals(dataset: datasets.Dataset) -> dict[str, list[str]]:
 
 __all__ = [
     "KShotResults",
+    "check_working_size",
     "draw_k_shot_references",
     "evaluate_k_shot",
     "evaluate_model",

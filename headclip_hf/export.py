@@ -51,6 +51,13 @@ LABELS = ("normal", "anomaly")
 DYNAMIC_DIM = "batch"
 
 
+class NonFiniteOutputError(ValueError):
+    """
+    An exported graph gave a NaN or infinite anomaly score or map for an image, so no label or mask can be given (the
+    runner's counterpart of the pipeline's error of this name).
+    """
+
+
 def _missing_extra_error(module: str, extra: str, purpose: str) -> ImportError:
     return ImportError(f'{purpose} needs {module}, which is not installed: pip install "headclip_hf[{extra}]"')
 
@@ -530,6 +537,10 @@ class ExportedDetector:
             A dict per image (a list of dicts for a list input), as the pipeline returns: `score` (`float`), `label`,
             `anomaly_map` (float32 `(height, width)` at the image's own size, in [0, 1]), `mask` (PIL "L", 0/255) and
             `heatmap` (PIL RGB).
+
+        Raises:
+            `ValueError`: an unreadable image, a bad threshold or batch size; [`NonFiniteOutputError`] (a `ValueError`)
+                when the graph's score or map for an image is not finite.
         """
         single = not isinstance(inputs, (list, tuple))
         images = [inputs] if single else list(inputs)
@@ -546,6 +557,12 @@ class ExportedDetector:
             outputs = self.run(self.preprocess(rgb_images))
             for index, image in enumerate(rgb_images):
                 score = float(outputs["image_score"][index])
+                if not np.isfinite(score) or not np.isfinite(outputs["anomaly_map"][index]).all():
+                    raise NonFiniteOutputError(
+                        f"The export's anomaly score ({score}) or map for image {start + index} holds NaN or infinite "
+                        "values, so it gets no label: the exported weights are not finite. Export the model again "
+                        "from weights that load with headclip_hf's load_headclip_model."
+                    )
                 anomaly_map = np.clip(resize_bilinear(outputs["anomaly_map"][index], image.height, image.width), 0, 1)
                 mask = np.where(anomaly_map >= thresholds["pixel_threshold"], 255, 0).astype(np.uint8)
                 results.append(
@@ -565,6 +582,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "EXPORT_FORMAT_VERSION",
     "ExportedDetector",
+    "NonFiniteOutputError",
     "check_export_arguments",
     "export_model",
     "is_export_folder",

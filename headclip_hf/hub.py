@@ -15,8 +15,13 @@ Two kinds of repository (`save_hub_folder`):
 
 Both carry the model card (`README.md`, rendered from the `model_card.md` template with the metrics of an evaluation
 run in its table and in the `model-index` metadata, and the model's calibrated thresholds when it has them) and that
-run's `results.json`, `results.md` and plots under
-`evaluation/`. `headclip push --dry-run` writes exactly the folder that `upload_hub_folder` would upload.
+run's `results.json`, `results.md` and plots under `evaluation/`. `headclip push --dry_run` writes exactly the folder
+that `upload_hub_folder` would upload.
+
+Card metadata: `pipeline_tag` (the Hub task, `HUB_PIPELINE_TAG`), `library_name` true for the published form
+(`transformers` for a full model with remote code, `headclip_hf` for an adapter, which needs this package),
+`base_model`, `datasets` (the training data when named by its Hub id) and the `model-index` of the evaluation run.
+Repository ids are checked with huggingface_hub's own validator (`check_repo_id`) before anything is written.
 """
 
 import json
@@ -27,9 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import custom_object_save
 
-from .adapters import save_headclip_adapter
+from .adapters import ADAPTER_OUTPUT, write_headclip_adapter
+from .conversion import HEADCLIP_MODEL_OUTPUT
+from .files import OutputKind, output_folder
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
@@ -40,6 +49,49 @@ MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 EVALUATION_FOLDER = "evaluation"
 DEFAULT_LICENSE = "cc-by-nc-sa-4.0"  # MVTec AD's licence, inherited by models trained on it
 CARD_TAGS = ["anomaly-detection", "zero-shot-anomaly-detection", "headclip", "clip", "vision"]
+MODEL_CARD_NAME = "README.md"
+# What `save_hub_folder` writes (either kind of repository): an earlier Hub folder is replaced, other files are kept.
+HUB_FOLDER_OUTPUT = OutputKind(
+    "Hub repository folder",
+    HEADCLIP_MODEL_OUTPUT.entries
+    | ADAPTER_OUTPUT.entries
+    | {f"{ZeroShotAnomalyDetectionPipeline.__module__.rsplit('.', 1)[-1]}.py", MODEL_CARD_NAME, EVALUATION_FOLDER},
+    HEADCLIP_MODEL_OUTPUT.patterns,
+)
+# The Hub's task list has no anomaly detection: the pipeline's output per image, a pixel map and mask of the defects
+# (plus a score), is an image segmentation. The package's own task name is in the tags and the model-index.
+HUB_PIPELINE_TAG = "image-segmentation"
+# `library_name` of each published form: a full model loads with transformers alone (remote code); an adapter needs
+# this package.
+FULL_MODEL_LIBRARY = "transformers"
+ADAPTER_LIBRARY = "headclip_hf"
+
+
+def check_repo_id(repo_id: str) -> None:
+    """
+    Check a Hub repository id with huggingface_hub's own validator (`validate_repo_id`).
+
+    Raises:
+        `ValueError`: naming the id and what a valid one looks like.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{repo_id!r} is not a valid Hub repository id ({error}): use 'user/name' or 'organisation/name', with "
+            "letters, digits, '-', '_' and '.'."
+        ) from None
+
+
+def hub_dataset_id(name: str) -> str | None:
+    """`name` when it is a Hub dataset id (`owner/name`), else `None` (a display name such as "MVTec AD")."""
+    if name.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def custom_pipeline_declaration() -> dict[str, dict]:
@@ -56,9 +108,15 @@ def eval_results_from_json(results: dict, dataset_name: str, dataset_type: str |
     table, its name saying over how many categories it is averaged; undefined metrics are left out.
 
     Args:
-        results: `AnomalyDetectionResults.to_dict()`.
-        dataset_name: the evaluation data set, e.g. "VisA".
-        dataset_type: its identifier; by default `dataset_name` in lower case with `_` for other characters.
+        results (`dict`):
+            `AnomalyDetectionResults.to_dict()`.
+        dataset_name (`str`):
+            The evaluation data set, e.g. "VisA".
+        dataset_type (`str`, *optional*):
+            Its identifier; by default `dataset_name` in lower case with `_` for other characters.
+
+    Returns:
+        `list[EvalResult]`: one entry per defined mean metric.
     """
     dataset_type = dataset_type or re.sub(r"[^a-z0-9]+", "_", dataset_name.lower()).strip("_")
     total = results["num_categories"]
@@ -130,24 +188,44 @@ def render_model_card(
     `ModelCard.from_template`).
 
     Args:
-        model: the model to publish (its config fills the method settings).
-        results_dir: the output folder of `headclip evaluate` / `save_results`: `results.json` fills the `model-index`
+        model (`HeadCLIPModel`):
+            The model to publish (its config fills the method settings).
+        results_dir (`str` or `os.PathLike`):
+            The output folder of `headclip evaluate` / `save_results`: `results.json` fills the `model-index`
             metadata, `results.md` the results table.
-        repo_id: the Hub repository, `user/name`.
-        train_dataset: the auxiliary data set the model was trained on, e.g. "MVTec AD".
-        eval_dataset: the data set of the evaluation run, e.g. "VisA".
-        license: a Hub licence id; the default is MVTec AD's (CC BY-NC-SA 4.0).
-        base_model: the Hub id of the CLIP checkpoint the model adapts (metadata `base_model`).
-        adapter_only: whether the repository holds the adapter only (changes the usage section).
-        template_path: the card template.
+        repo_id (`str`):
+            The Hub repository, `user/name`.
+        train_dataset (`str`):
+            The auxiliary data set the model was trained on, e.g. "MVTec AD"; a Hub dataset id (`owner/name`) also
+            fills the `datasets` metadata.
+        eval_dataset (`str`):
+            The data set of the evaluation run, e.g. "VisA".
+        license (`str`, *optional*, defaults to `DEFAULT_LICENSE`):
+            A Hub licence id; the default is MVTec AD's (CC BY-NC-SA 4.0).
+        base_model (`str`, *optional*):
+            The Hub id of the CLIP checkpoint the model adapts (metadata `base_model`).
+        adapter_only (`bool`, *optional*, defaults to `False`):
+            Whether the repository holds the adapter only (changes the usage section and `library_name`).
+        template_path (`str` or `os.PathLike`, *optional*, defaults to `MODEL_CARD_TEMPLATE`):
+            The card template.
+
+    Returns:
+        `ModelCard`: the rendered card.
+
+    Raises:
+        `ValueError`: for an invalid `repo_id`.
     """
+    check_repo_id(repo_id)
     results_dir = Path(results_dir)
     results = json.loads((results_dir / RESULTS_JSON).read_text())
+    train_dataset_id = hub_dataset_id(train_dataset)
     card_data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         license=license,
-        library_name="transformers",
+        library_name=ADAPTER_LIBRARY if adapter_only else FULL_MODEL_LIBRARY,
+        pipeline_tag=HUB_PIPELINE_TAG,
         base_model=base_model,
+        datasets=[train_dataset_id] if train_dataset_id else None,
         tags=CARD_TAGS,
         eval_results=eval_results_from_json(results, eval_dataset) or None,
     )
@@ -178,36 +256,69 @@ def save_hub_folder(
     *,
     adapter_only: bool = False,
     base_model: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """
-    Write the folder of a Hub repository (see the module docstring for its two kinds).
+    Write the folder of a Hub repository (see the module docstring for its two kinds), atomically
+    (`headclip_hf.files.output_folder`, kind `HUB_FOLDER_OUTPUT`): an earlier Hub folder there is replaced; a folder
+    holding other files is refused unless `overwrite` (those files stay, and [`upload_hub_folder`] leaves them out).
 
     Args:
-        model, processor: what to publish. For a full model, `model.config` gains the `custom_pipelines` entry.
-        folder: the folder to write; it must not exist or be empty, so that it holds exactly what is uploaded.
-        card: the model card (`render_model_card`), saved as `README.md`.
-        results_dir: the evaluation run, copied to `evaluation/`.
-        adapter_only: publish the HeadCLIP parameters only.
-        base_model: for `adapter_only`, the Hub id of the base CLIP checkpoint the adapter names.
+        model (`HeadCLIPModel`):
+            What to publish. For a full model, `model.config` gains the `custom_pipelines` entry.
+        processor (`HeadCLIPProcessor`):
+            Its processor, saved with it.
+        folder (`str` or `os.PathLike`):
+            The folder to write.
+        card (`ModelCard`):
+            The model card (`render_model_card`), saved as `README.md`.
+        results_dir (`str` or `os.PathLike`):
+            The evaluation run, copied to `evaluation/`.
+        adapter_only (`bool`, *optional*, defaults to `False`):
+            Publish the HeadCLIP parameters only.
+        base_model (`str`, *optional*):
+            For `adapter_only`, the Hub id of the base CLIP checkpoint the adapter names.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace the Hub folder's files in a folder that also holds other files (those stay).
 
     Returns:
-        The folder.
+        `Path`: the folder.
     """
+    if adapter_only and base_model is None:
+        raise ValueError("An adapter-only repository must name its base CLIP on the Hub: pass base_model.")
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty: the Hub folder must hold only what is uploaded.")
-    if adapter_only:
-        if base_model is None:
-            raise ValueError("An adapter-only repository must name its base CLIP on the Hub: pass base_model.")
-        save_headclip_adapter(model, folder, base_model_name_or_path=base_model)
-    else:
-        model.config.custom_pipelines = custom_pipeline_declaration()
-        model.save_pretrained(folder)
-        custom_object_save(ZeroShotAnomalyDetectionPipeline, folder)
-    processor.save_pretrained(folder)
-    card.save(folder / "README.md")
-    shutil.copytree(results_dir, folder / EVALUATION_FOLDER)
+    with output_folder(folder, HUB_FOLDER_OUTPUT, overwrite) as staging:
+        if adapter_only:
+            write_headclip_adapter(model, staging, base_model_name_or_path=base_model)
+        else:
+            model.config.custom_pipelines = custom_pipeline_declaration()
+            model.save_pretrained(staging)
+            custom_object_save(ZeroShotAnomalyDetectionPipeline, staging)
+        processor.save_pretrained(staging)
+        card.save(staging / MODEL_CARD_NAME)
+        shutil.copytree(results_dir, staging / EVALUATION_FOLDER)
     return folder
+
+
+def check_upload_access(token: str | None = None) -> str:
+    """
+    Check, before any work, that an upload can happen: the Hub is reachable (not `HF_HUB_OFFLINE=1`) and the token
+    (`token`, else the one of `hf auth login` or `HF_TOKEN`) is valid.
+
+    Returns:
+        The name of the account the token belongs to.
+
+    Raises:
+        `OSError`: offline, no network, no token or an invalid one; the message says what to do.
+    """
+    try:
+        return HfApi(token=token).whoami()["name"]
+    except OSError as error:  # huggingface_hub's offline, missing-token and HTTP errors are OSErrors
+        raise OSError(
+            f"Cannot upload to the Hugging Face Hub: {error}\nUploading needs the network (HF_HUB_OFFLINE unset) and "
+            "a token with write access: log in with `hf auth login` or pass --token. To look at the folder without "
+            "uploading, use --dry_run --output_dir DIR."
+        ) from error
 
 
 def upload_hub_folder(
@@ -219,31 +330,68 @@ def upload_hub_folder(
     token: str | None = None,
     commit_message: str = "Upload HeadCLIP",
     repo_type: str = "model",
+    output_kind: OutputKind | None = None,
 ) -> str:
     """
     Upload `folder` to the repository `repo_id` (a model; with `repo_type="dataset"` a data set, with "space" a Gradio
-    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing. `private` applies
-    when the repository is created.
+    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing. With
+    `output_kind`, only that kind's files are uploaded: other files there stay local.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The folder to upload (`save_hub_folder`'s, an exported data set or a Space folder).
+        repo_id (`str`):
+            The Hub repository, `user/name`.
+        private (`bool`, *optional*, defaults to `False`):
+            Create the repository as private (applies when it is created).
+        revision (`str`, *optional*):
+            The branch to push to, created if missing; the default branch when `None`.
+        token (`str`, *optional*):
+            A Hub token; by default the one of `hf auth login` or `HF_TOKEN`.
+        commit_message (`str`, *optional*, defaults to `"Upload HeadCLIP"`):
+            The commit message.
+        repo_type (`str`, *optional*, defaults to `"model"`):
+            `"model"`, `"dataset"` or `"space"`.
+        output_kind (`OutputKind`, *optional*):
+            Upload only the entries of this kind (`HUB_FOLDER_OUTPUT` for a folder `save_hub_folder` wrote).
 
     Returns:
-        The URL of the commit.
+        `str`: the URL of the commit.
+
+    Raises:
+        `ValueError`: for an invalid `repo_id`, before anything is sent.
     """
+    check_repo_id(repo_id)
     api = HfApi(token=token)
     space_options = {"space_sdk": "gradio"} if repo_type == "space" else {}
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **space_options)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+    allow_patterns = None
+    if output_kind is not None:
+        own_entries = [pattern for entry in sorted(output_kind.entries) for pattern in (entry, f"{entry}/*")]
+        allow_patterns = own_entries + list(output_kind.patterns)
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision, commit_message=commit_message
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type=repo_type,
+        revision=revision,
+        commit_message=commit_message,
+        allow_patterns=allow_patterns,
     )
     return commit.commit_url
 
 
 __all__ = [
+    "HUB_FOLDER_OUTPUT",
+    "HUB_PIPELINE_TAG",
     "MODEL_CARD_TEMPLATE",
     "calibration_table",
+    "check_repo_id",
+    "check_upload_access",
     "custom_pipeline_declaration",
     "eval_results_from_json",
+    "hub_dataset_id",
     "render_model_card",
     "save_hub_folder",
     "upload_hub_folder",

@@ -19,12 +19,25 @@ ImageLike = Image.Image | np.ndarray | str | Path
 
 
 def open_image(path: str | Path) -> Image.Image:
+    """
+    Read the image file `path` completely. Raises `ValueError` naming the file when it is missing (or a broken
+    symbolic link), not an image, truncated, or larger than PIL's decompression-bomb limit (twice
+    `PIL.Image.MAX_IMAGE_PIXELS` pixels; the commands' `--max_image_pixels`).
+    """
     try:
         with Image.open(path) as image:
             image.load()
             return image
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"Cannot read image file {str(path)!r}: {error} For a file you trust, raise the limit "
+            f"(--max_image_pixels, PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})."
+        ) from error
     except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"Cannot read image file {str(path)!r}: {error}") from error
+        reason = error
+        if Path(path).is_symlink() and not Path(path).exists():
+            reason = f"it is a broken symbolic link (its target {Path(path).readlink()} does not exist)"
+        raise ValueError(f"Cannot read image file {str(path)!r}: {reason}") from error
 
 
 def _image_array_to_unit_range(array: np.ndarray) -> np.ndarray:

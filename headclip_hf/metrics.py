@@ -98,9 +98,12 @@ class MetricResult:
     """One metric value, or why there is none.
 
     Args:
-        value: the metric in [0, 1], or `None` when it is undefined.
-        reason: why the metric is undefined (`None` when it is defined).
-        num_categories: for a mean over categories, how many categories it averages (the defined ones).
+        value (`float`, *optional*):
+            The metric in [0, 1], or `None` when it is undefined.
+        reason (`str`, *optional*):
+            Why the metric is undefined (`None` when it is defined).
+        num_categories (`int`, *optional*):
+            For a mean over categories, how many categories it averages (the defined ones).
     """
 
     value: float | None
@@ -174,14 +177,15 @@ def _image_inputs(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
     return _check_binary(labels, "labels"), _check_scores(scores, "scores", unit_interval=False)
 
 
-def _pixel_inputs(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Validated masks (bool [N, H, W]) and anomaly maps (float in [0, 1], [N, H, W])."""
+def _pixel_inputs(masks: Any, maps: Any, maps_name: str = "maps") -> tuple[np.ndarray, np.ndarray]:
+    """Validated masks (bool [N, H, W]) and anomaly maps (float in [0, 1], [N, H, W]), errors naming `maps_name`."""
     masks, maps = _as_numpy(masks), _as_numpy(maps)
     if maps.ndim != 3 or masks.shape != maps.shape:
         raise ValueError(
-            f"`masks` and `maps` must both have shape [N, H, W]; got masks {masks.shape} and maps {maps.shape}"
+            f"`masks` and `{maps_name}` must both have shape [N, H, W]; got masks {masks.shape} and {maps_name} "
+            f"{maps.shape}"
         )
-    return _check_binary(masks, "masks"), _check_scores(maps, "maps", unit_interval=True)
+    return _check_binary(masks, "masks"), _check_scores(maps, maps_name, unit_interval=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,11 +207,13 @@ def image_auroc(labels: Any, scores: Any) -> float:
     """Image-level area under the ROC curve.
 
     Args:
-        labels: [N] 0 (normal) / 1 (anomalous), numpy, torch or list.
-        scores: [N] anomaly scores, higher = more anomalous.
+        labels (array-like of shape `(N,)`):
+            0 (normal) / 1 (anomalous); numpy, torch or list.
+        scores (array-like of shape `(N,)`):
+            Anomaly scores, higher = more anomalous.
 
     Raises:
-        UndefinedMetricError: when the images are all normal or all anomalous.
+        `UndefinedMetricError`: when the images are all normal or all anomalous.
     """
     labels, scores = _image_inputs(labels, scores)
     _require_both_image_classes(labels)
@@ -544,12 +550,15 @@ def pixel_auroc(masks: Any, maps: Any, *, num_bins: int = DEFAULT_NUM_BINS) -> f
     """Pixel-level AUROC over all pixels of all images.
 
     Args:
-        masks: [N, H, W] ground truth, 0 (normal) / 1 (anomalous); numpy or torch.
-        maps: [N, H, W] anomaly maps in [0, 1].
-        num_bins: score histogram resolution (see the module docstring).
+        masks (array-like of shape `(N, H, W)`):
+            Ground truth, 0 (normal) / 1 (anomalous); numpy or torch.
+        maps (array-like of shape `(N, H, W)`):
+            Anomaly maps in [0, 1].
+        num_bins (`int`, *optional*, defaults to `DEFAULT_NUM_BINS`):
+            Score histogram resolution (see the module docstring).
 
     Raises:
-        UndefinedMetricError: when there are no anomalous or no normal pixels.
+        `UndefinedMetricError`: when there are no anomalous or no normal pixels.
     """
     return _pixel_histograms(masks, maps, num_bins).auroc()
 
@@ -705,8 +714,10 @@ class AnomalyMetricsAccumulator:
     sampler duplicates to even out the last batch before `update`, as `gather_for_metrics` does).
 
     Args:
-        num_bins: resolution of the pixel score histograms (module docstring); a power of two keeps bin edges exact.
-        fpr_limit: the FPR up to which the PRO curve is integrated for AUPRO.
+        num_bins (`int`, *optional*, defaults to `DEFAULT_NUM_BINS`):
+            Resolution of the pixel score histograms (module docstring); a power of two keeps bin edges exact.
+        fpr_limit (`float`, *optional*, defaults to `DEFAULT_FPR_LIMIT`):
+            The FPR up to which the PRO curve is integrated for AUPRO.
 
     Example:
         ```python
@@ -714,8 +725,8 @@ class AnomalyMetricsAccumulator:
         for batch in dataloader:
             output = model(pixel_values=batch["pixel_values"])
             accumulator.update(
-                category=batch["category"], labels=batch["label"], scores=output.image_score,
-                masks=batch["mask"], maps=output.anomaly_map,
+                categories=batch["category"], labels=batch["label"], scores=output.image_score,
+                masks=batch["mask"], anomaly_maps=output.anomaly_map,
             )
         results = accumulator.compute()
         results.mean["image_auroc"].value
@@ -744,45 +755,52 @@ class AnomalyMetricsAccumulator:
     def update(
         self,
         *,
-        category: str | Sequence[str],
+        categories: str | Sequence[str],
         labels: Any,
         scores: Any,
         masks: Any | None = None,
-        maps: Any | None = None,
+        anomaly_maps: Any | None = None,
         mask_valid: Any | None = None,
     ) -> None:
-        """Add a batch of B images.
+        """Add a batch of B images. The keyword names are those of the `evaluate` module's `add_batch`.
 
         Args:
-            category: the category of every image (one string) or of each image ([B] strings).
-            labels: [B] 0 (normal) / 1 (anomalous); numpy, torch or list.
-            scores: [B] image anomaly scores, higher = more anomalous.
-            masks: [B, H, W] ground-truth masks, 0 / 1 or bool. `None`: no pixel-level ground truth in this batch.
-            maps: [B, H, W] anomaly maps in [0, 1]; required with `masks` (pass neither for image-level only).
-            mask_valid: [B] bool; images whose mask is unknown (False) are left out of the pixel metrics.
-                Default: every mask is valid.
+            categories (`str` or `Sequence[str]`):
+                The category of every image (one string) or of each image ([B] strings).
+            labels (array-like of shape `(B,)`):
+                0 (normal) / 1 (anomalous); numpy, torch or list.
+            scores (array-like of shape `(B,)`):
+                Image anomaly scores, higher = more anomalous.
+            masks (array-like of shape `(B, H, W)`, *optional*):
+                Ground-truth masks, 0 / 1 or bool. `None`: no pixel-level ground truth in this batch.
+            anomaly_maps (array-like of shape `(B, H, W)`, *optional*):
+                Anomaly maps in [0, 1]; required with `masks` (pass neither for image-level only).
+            mask_valid (array-like of shape `(B,)`, *optional*):
+                Bool; images whose mask is unknown (False) are left out of the pixel metrics. Default: every mask is
+                valid.
         """
         labels, scores = _image_inputs(labels, scores)
         batch_size = labels.shape[0]
-        if isinstance(category, str):
-            groups = [(category, slice(None))]
+        if isinstance(categories, str):
+            groups = [(categories, slice(None))]
         else:
-            categories = np.asarray(category, dtype=object)
-            if categories.shape != (batch_size,):
+            names = np.asarray(categories, dtype=object)
+            if names.shape != (batch_size,):
                 raise ValueError(
-                    f"`category` must be one string or [B] strings; got {categories.shape} for B={batch_size}"
+                    f"`categories` must be one string or [B] strings; got {names.shape} for B={batch_size}"
                 )
-            groups = [(name, categories == name) for name in dict.fromkeys(categories.tolist())]
+            groups = [(name, names == name) for name in dict.fromkeys(names.tolist())]
 
         if masks is None and mask_valid is not None:
             raise ValueError("`mask_valid` was given without `masks`")
-        if (masks is None) != (maps is None):
-            raise ValueError("`masks` and `maps` go together: pass both for pixel-level metrics or neither")
+        if (masks is None) != (anomaly_maps is None):
+            raise ValueError("`masks` and `anomaly_maps` go together: pass both for pixel-level metrics or neither")
         if masks is not None:
-            masks, maps = _pixel_inputs(masks, maps)
+            masks, anomaly_maps = _pixel_inputs(masks, anomaly_maps, "anomaly_maps")
             if masks.shape[0] != batch_size:
                 raise ValueError(
-                    f"`masks` / `maps` need one entry per image; got labels {labels.shape} and masks {masks.shape}"
+                    f"`masks` / `anomaly_maps` need one entry per image; got labels {labels.shape} and masks "
+                    f"{masks.shape}"
                 )
             valid = np.ones(batch_size, dtype=bool) if mask_valid is None else _as_numpy(mask_valid)
             if valid.shape != (batch_size,):
@@ -796,9 +814,9 @@ class AnomalyMetricsAccumulator:
             if masks is not None:
                 pixel_selection = valid if isinstance(selection, slice) else valid & selection
                 if pixel_selection.all():
-                    state.pixels.update(masks, maps)
+                    state.pixels.update(masks, anomaly_maps)
                 elif pixel_selection.any():
-                    state.pixels.update(masks[pixel_selection], maps[pixel_selection])
+                    state.pixels.update(masks[pixel_selection], anomaly_maps[pixel_selection])
 
     def merge(self, other: AnomalyMetricsAccumulator) -> AnomalyMetricsAccumulator:
         """Add the state of `other` (e.g. another process's) into this accumulator; returns `self`."""

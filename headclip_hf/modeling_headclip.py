@@ -9,14 +9,16 @@ Shapes: B images, C=3 channels, H x W input pixels, N = (H / patch) * (W / patch
 D vision width, P projection width, T prompt tokens, M reference patch embeddings (few-shot mode).
 """
 
+import logging as std_logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel
+from transformers import CLIPModel, modeling_utils
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -30,7 +32,7 @@ from transformers.models.clip.modeling_clip import (
 )
 from transformers.utils import ModelOutput, logging
 
-from .configuration_headclip import HeadCLIPConfig
+from .configuration_headclip import HeadCLIPConfig, check_image_size
 
 logger = logging.get_logger(__name__)
 
@@ -156,8 +158,14 @@ def focal_loss(abnormal_prob: torch.Tensor, masks: torch.Tensor, gamma: float, e
     Focal loss (Lin et al. 2017) of a 2-class pixel map, averaged over pixels.
 
     Args:
-        abnormal_prob: `(B, H, W)` probability of the abnormal class.
-        masks: `(B, H, W)` binary ground truth (1 = anomalous pixel).
+        abnormal_prob (`torch.Tensor` of shape `(B, H, W)`):
+            Probability of the abnormal class.
+        masks (`torch.Tensor` of shape `(B, H, W)`):
+            Binary ground truth (1 = anomalous pixel).
+        gamma (`float`):
+            The focusing parameter.
+        eps (`float`, *optional*, defaults to 1e-6):
+            Lower clamp of the probability of the true class, before its logarithm.
     """
     prob_true = torch.where(masks > 0.5, abnormal_prob, 1.0 - abnormal_prob).clamp(min=eps, max=1.0)
     return (-((1.0 - prob_true) ** gamma) * prob_true.log()).mean()
@@ -228,7 +236,8 @@ class HeadCLIPHeadWeights(nn.Module):
     """
     One learnable scalar per attention head of the image encoder: `weight` `(vision layers, heads)` multiplies each
     head's output before the attention output projection. Initialised to 1 (the image encoder is then CLIP's).
-    Layers outside `config.head_weight_layers` stay at exactly 1 whatever `weight` holds.
+    Layers outside `config.head_weight_layers` stay at exactly 1 whatever `weight` holds: calling the module gives the
+    weights actually applied.
     """
 
     def __init__(self, config: HeadCLIPConfig):
@@ -251,6 +260,43 @@ class HeadCLIPHeadWeights(nn.Module):
         return torch.where(self.trainable_layers, self.weight, torch.ones_like(self.weight))
 
 
+# The HeadCLIP parameters (what training changes) are those of these modules of `HeadCLIPModel`.
+HEADCLIP_MODULES = ("prompt_learner", "attention_head_weights")
+HEADCLIP_PARAMETER_PREFIXES = tuple(f"{name}." for name in HEADCLIP_MODULES)
+
+
+class _HeldLoadReport(std_logging.Filter):
+    """Holds back the load report that transformers logs for `model_class`; every other record passes."""
+
+    def __init__(self, model_class: type):
+        super().__init__()
+        self.title = f"{model_class.__name__} LOAD REPORT"
+        self.records: list[std_logging.LogRecord] = []
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if self.title in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextmanager
+def _held_load_report(model_class: type) -> Iterator[list[std_logging.LogRecord]]:
+    """
+    Hold back transformers' load report for `model_class` while the block runs, and log it unchanged at the end unless
+    the block cleared the yielded list of held records (a report it replaces with its own message).
+    """
+    report_logger = modeling_utils.logger
+    held = _HeldLoadReport(model_class)
+    report_logger.addFilter(held)
+    try:
+        yield held.records
+    finally:
+        report_logger.removeFilter(held)
+        for record in held.records:
+            report_logger.handle(record)
+
+
 class HeadCLIPModel(CLIPModel):
     r"""
     HeadCLIP (Jeong et al., "Domain Adaptation of Attention Heads for Zero-shot Anomaly Detection"): a frozen CLIP with
@@ -262,6 +308,16 @@ class HeadCLIPModel(CLIPModel):
     weights at exactly 1 (the image encoder is CLIP's) and prompts from the embeddings of a real phrase (a usable
     zero-shot detector).
     Only the HeadCLIP parameters require gradients; the CLIP backbone is frozen.
+
+    Head weights, one concept: `model.head_weights` is the learnable `(vision layers, heads)` parameter. It lives in
+    the submodule `model.attention_head_weights` ([`HeadCLIPHeadWeights`]), hence its name in checkpoints and adapters,
+    `attention_head_weights.weight`; calling that submodule, `model.attention_head_weights()`, gives the weights
+    actually applied (1 in the layers outside `config.head_weight_layers`).
+
+    Prompt embeddings: they do not depend on the image, so in eval mode they are computed once and cached. The cache is
+    cleared by `train()` / `eval()`, `load_state_dict`, and moving or casting the model (`to`, `half`, ...); after
+    changing a text-side parameter in place in eval mode (e.g. `model.prompt_learner.normal_context.add_(...)`), call
+    `model.invalidate_prompt_cache()`.
     """
 
     config_class = HeadCLIPConfig
@@ -275,7 +331,7 @@ class HeadCLIPModel(CLIPModel):
         # CLIPModel.__init__ would run post_init (weight initialisation) before the HeadCLIP parameters exist, so the
         # CLIP modules are built here exactly as CLIPModel builds them, and post_init runs once at the end.
         CLIPPreTrainedModel.__init__(self, config)
-        config.check_headclip_fields()
+        self._prompt_embeds_cache: tuple[bool, torch.Tensor] | None = None
         text_config, vision_config = config.text_config, config.vision_config
         self.projection_dim = config.projection_dim
         self.text_embed_dim = text_config.hidden_size
@@ -288,7 +344,6 @@ class HeadCLIPModel(CLIPModel):
 
         self.prompt_learner = HeadCLIPPromptLearner(config)
         self.attention_head_weights = HeadCLIPHeadWeights(config)
-        self._prompt_embeds_cache: tuple[tuple, torch.Tensor] | None = None
         self.post_init()
         self.freeze_backbone()
 
@@ -304,12 +359,52 @@ class HeadCLIPModel(CLIPModel):
         self.attention_head_weights.requires_grad_(self.config.use_head_weights)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        [`~PreTrainedModel.from_pretrained`] for a HeadCLIP or a plain CLIP checkpoint, which loads as an untrained
+        HeadCLIP. transformers' load report would list the HeadCLIP parameters of a CLIP checkpoint as "newly
+        initialized ... Consider training on your downstream task"; here that case logs one info line instead,
+        "loaded CLIP weights from X; HeadCLIP parameters initialised (untrained)". Any other loading problem (a CLIP
+        weight missing or mismatched, some HeadCLIP parameters present and others not) keeps transformers' report.
+        With `output_loading_info=True` the caller receives the facts (the HeadCLIP parameters among `missing_keys`)
+        and nothing is logged for them, as when an adapter is loaded on top next.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        with _held_load_report(cls) as held_reports:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+            headclip_parameters = {
+                name for name, _ in model.named_parameters() if name.startswith(HEADCLIP_PARAMETER_PREFIXES)
+            }
+            untrained = set(loading_info["missing_keys"]) == headclip_parameters
+            if untrained and not loading_info["unexpected_keys"] and not loading_info["mismatched_keys"]:
+                held_reports.clear()  # the report says only that the HeadCLIP parameters were initialised
+                if not output_loading_info:
+                    logger.info(
+                        f"loaded CLIP weights from {pretrained_model_name_or_path}; HeadCLIP parameters initialised "
+                        "(untrained)"
+                    )
         # Loading may create new Parameter objects; re-apply the trainable/frozen split afterwards.
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_backbone()
-        return loaded
+        return (model, loading_info) if output_loading_info else model
+
+    def invalidate_prompt_cache(self) -> None:
+        """Forget the cached prompt embeddings: the next eval-mode forward encodes the prompts again."""
+        self._prompt_embeds_cache = None
+
+    def train(self, mode: bool = True) -> "HeadCLIPModel":
+        self.invalidate_prompt_cache()
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.invalidate_prompt_cache()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Every move or cast (`to`, `cuda`, `half`, ...) goes through `_apply`.
+        self.invalidate_prompt_cache()
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -394,27 +489,20 @@ class HeadCLIPModel(CLIPModel):
     @torch.compiler.disable
     def get_prompt_embeds(self) -> torch.Tensor:
         """
-        The L2-normalised (normal, abnormal) prompt embeddings, `(2, P)`, computed outside autocast. They do not depend
-        on the image: in eval mode they are computed once and cached, and recomputed whenever a text-side parameter
-        is modified in place (optimizer step, `load_state_dict`), moved or cast; in training mode, or when gradients
-        can flow to a text-side parameter, they are computed on every call. A compiled model (`torch.compile`) runs
-        this method eagerly: the cache is Python state, which compiled graphs would otherwise guard on.
-        """
-        parameters = self._text_side_parameters()
-        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in parameters)):
-            self._prompt_embeds_cache = None
-            return self._compute_prompt_embeds()
-        key = (
-            tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in parameters),
-            torch.is_inference_mode_enabled(),
-        )
-        if self._prompt_embeds_cache is None or self._prompt_embeds_cache[0] != key:
-            self._prompt_embeds_cache = (key, self._compute_prompt_embeds())
-        return self._prompt_embeds_cache[1]
+        The L2-normalised (normal, abnormal) prompt embeddings, `(2, P)`, computed outside autocast.
 
-    def effective_head_weights(self) -> torch.Tensor | None:
-        """The `(layers, heads)` weights applied to the heads (1 for untrained layers), or `None` when switched off."""
-        return self.attention_head_weights() if self.config.use_head_weights else None
+        In eval mode, when no gradient can flow to a text-side parameter, they are cached (see the class docstring for
+        what clears the cache); a cache filled under `torch.inference_mode` is only reused there, as its tensors
+        cannot enter autograd. Otherwise (training mode, or gradients flowing to the prompts) they are computed on
+        every call. A compiled model (`torch.compile`) runs this method eagerly: the cache is Python state, which
+        compiled graphs would otherwise guard on.
+        """
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self._text_side_parameters())):
+            return self._compute_prompt_embeds()
+        inference_mode = torch.is_inference_mode_enabled()
+        if self._prompt_embeds_cache is None or self._prompt_embeds_cache[0] != inference_mode:
+            self._prompt_embeds_cache = (inference_mode, self._compute_prompt_embeds())
+        return self._prompt_embeds_cache[1]
 
     def _attention(
         self,
@@ -460,12 +548,18 @@ class HeadCLIPModel(CLIPModel):
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
-        CLIP's patch + class embeddings of `pixel_values` `(B, 3, H, W)` with the positional embeddings of the
+        CLIP's patch + class embeddings of `pixel_values` `(B, 3, H, W)` (H and W multiples of the patch size, else a
+        `ValueError` naming the nearest valid sizes) with the positional embeddings of the
         pretrained grid resized to the (H / patch) x (W / patch) grid (`config.position_interpolation`, without
         corner alignment; unchanged when the grids match). Returns `(B, 1 + N, D)`.
         """
         embeddings = self.vision_model.embeddings
         batch_size, _, height, width = pixel_values.shape
+        for side, size in (("height", height), ("width", width)):
+            try:
+                check_image_size(size, embeddings.patch_size)
+            except ValueError as error:
+                raise ValueError(f"pixel_values {side} {error} (HeadCLIPProcessor prepares valid sizes)") from None
         patch_embeds = embeddings.patch_embedding(pixel_values.to(dtype=embeddings.patch_embedding.weight.dtype))
         patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
         class_embeds = embeddings.class_embedding.expand(batch_size, 1, -1)
@@ -511,18 +605,18 @@ class HeadCLIPModel(CLIPModel):
         The vision encoder with head weights and the value-value path.
 
         Args:
-            pixel_values: `(B, 3, H, W)`, any H, W that are multiples of the patch size (positional embeddings are
-                interpolated).
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`):
+                Any H, W that are multiples of the patch size (positional embeddings are interpolated).
 
         Returns:
-            The class token of the last layer's original path `(B, D)` and the value-value patch tokens at the
-            feature layers `(L, B, N, D)`.
+            `tuple[torch.Tensor, torch.Tensor]`: the class token of the last layer's original path `(B, D)` and the
+            value-value patch tokens at the feature layers `(L, B, N, D)`.
         """
         config = self.config
         vision_model = self.vision_model
         hidden_states = self.embed_image(pixel_values)
         hidden_states = vision_model.pre_layrnorm(hidden_states)
-        head_weights = self.effective_head_weights()
+        head_weights = self.attention_head_weights() if config.use_head_weights else None
         feature_layers = set(config.feature_layers)
         vv_states = None
         patch_tokens = []
@@ -692,7 +786,8 @@ class HeadCLIPModel(CLIPModel):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`):
-                Images preprocessed by [`HeadCLIPProcessor`] (H and W multiples of the patch size; 518 by default).
+                Images preprocessed by [`HeadCLIPProcessor`] (H and W multiples of the patch size; by default the
+                working size `config.image_size`).
             masks (`torch.FloatTensor` of shape `(B, H, W)`, *optional*):
                 Binary ground-truth masks (1 = anomalous pixel); adds the pixel losses.
             labels (`torch.LongTensor` of shape `(B,)`, *optional*):

@@ -19,8 +19,14 @@ Conventions (all documented on the pipeline's `__call__`):
   visualisations use), blended over the image with weight `heatmap_alpha` (0.5).
 - Few-shot mode: with `reference_images` (normal images of the same object) or `reference_embeds`, at construction or
   per call, the model compares each patch with the references' patches as well (`HeadCLIPModel.encode_references`).
+- Inputs are checked before any forward pass: a list holding one unreadable or empty image raises a `ValueError`
+  naming its index and source, and an empty list gives an empty list. A NaN or infinite score or map raises
+  [`NonFiniteOutputError`] naming the image: it never becomes a label.
 """
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +43,29 @@ TASK = "zero-shot-anomaly-detection"
 LABELS = ("normal", "anomaly")
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_HEATMAP_ALPHA = 0.5
+
+
+class NonFiniteOutputError(ValueError):
+    """The model gave a NaN or infinite anomaly score or map for an image, so no label or mask can be given."""
+
+
+@dataclass
+class _LoadedImage:
+    """An input converted to RGB and checked before any forward pass, with a description of where it came from."""
+
+    image: Image.Image
+    source: str
+
+
+def _describe_input(image: Any) -> str:
+    """Where an input came from, for messages: its path, or its kind and size."""
+    if isinstance(image, (str, Path)):
+        return repr(str(image))
+    if isinstance(image, np.ndarray):
+        return f"a numpy array of shape {image.shape}"
+    if isinstance(image, Image.Image):
+        return f"a {image.width}x{image.height} PIL image"
+    return f"a value of type {type(image).__name__}"
 
 
 def _check_unit_interval(name: str, value: Any) -> float:
@@ -196,8 +225,43 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
               bilinearly resized from the working size to the input image's own size, in [0, 1].
             - **mask** (`PIL.Image`, mode "L", 0 or 255) -- `anomaly_map >= pixel_threshold`, at the image's size.
             - **heatmap** (`PIL.Image`, RGB) -- the map through the "jet" colour map blended over the image.
+
+            An empty list gives an empty list.
+
+        Raises:
+            `ValueError`: an input cannot be read or is empty (0 pixels wide or high); for a list, raised before any
+                forward pass and naming the input's index (`inputs[i]`) and source.
+            `TypeError`: an input of another type.
+            [`NonFiniteOutputError`] (a `ValueError`): the model's score or map for an image holds NaN or infinite
+                values (broken weights, or an overflow in reduced precision).
         """
+        if isinstance(inputs, (list, tuple)):
+            inputs = [self._load_input(image, f"inputs[{index}]") for index, image in enumerate(inputs)]
+            if not inputs:
+                return []
+        elif isinstance(inputs, (str, Path, Image.Image, np.ndarray)):
+            inputs = self._load_input(inputs)
         return super().__call__(inputs, **kwargs)
+
+    def _load_input(self, image: Any, position: str | None = None) -> _LoadedImage:
+        """
+        The RGB image of one input, checked to be readable and not empty; errors name `position` (e.g. "inputs[3]")
+        and the input's source.
+        """
+        source = _describe_input(image) if position is None else f"{position} ({_describe_input(image)})"
+        prefix = "" if position is None else f"{source}: "
+        try:
+            rgb_image = self.processor.to_rgb_image(image)
+        except TypeError as error:
+            raise TypeError(f"{prefix}{error}") from error
+        except ValueError as error:
+            raise ValueError(f"{prefix}{error}") from error
+        if rgb_image.width == 0 or rgb_image.height == 0:
+            raise ValueError(
+                f"{source} is an empty image ({rgb_image.width}x{rgb_image.height} pixels, width x height): an image "
+                "needs at least one pixel."
+            )
+        return _LoadedImage(rgb_image, source)
 
     def _sanitize_parameters(
         self,
@@ -232,7 +296,10 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
                     "reference_images must be a non-empty list of normal images (file paths, PIL images or arrays), "
                     f"got {reference_images!r}."
                 )
-            images = [self.processor.to_rgb_image(image) for image in reference_images]
+            images = [
+                self._load_input(image, f"reference_images[{index}]").image
+                for index, image in enumerate(reference_images)
+            ]
             pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
             with torch.no_grad():
                 reference_embeds = self.model.encode_references(pixel_values.to(self.device, self.model.dtype))
@@ -242,14 +309,19 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         return {"reference_embeds": reference_embeds.to(self.device)}
 
     def preprocess(self, image: Any) -> dict[str, Any]:
-        rgb_image = self.processor.to_rgb_image(image)
-        pixel_values = self.processor(images=rgb_image, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "image": rgb_image}
+        loaded = image if isinstance(image, _LoadedImage) else self._load_input(image)  # streamed inputs load here
+        pixel_values = self.processor(images=loaded.image, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "image": loaded.image, "source": loaded.source}
 
     def _forward(self, model_inputs: dict[str, Any], reference_embeds: torch.Tensor | None = None) -> dict[str, Any]:
         pixel_values = model_inputs["pixel_values"].to(self.model.dtype)
         outputs = self.model(pixel_values=pixel_values, reference_embeds=reference_embeds)
-        return {"image_score": outputs.image_score, "anomaly_map": outputs.anomaly_map, "image": model_inputs["image"]}
+        return {
+            "image_score": outputs.image_score,
+            "anomaly_map": outputs.anomaly_map,
+            "image": model_inputs["image"],
+            "source": model_inputs["source"],
+        }
 
     def postprocess(
         self,
@@ -263,6 +335,12 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         image = model_outputs["image"]
         score = model_outputs["image_score"][0].item()
         working_map = model_outputs["anomaly_map"][:1, None].float()  # (1, 1, S, S)
+        if not math.isfinite(score) or not torch.isfinite(working_map).all():
+            raise NonFiniteOutputError(
+                f"The model's anomaly score ({score}) or map for {model_outputs['source']} holds NaN or infinite "
+                "values, so it gets no label. The model's weights are not finite or its precision overflowed: load "
+                "it with headclip_hf's load_headclip_model (which refuses non-finite weights), or run it in float32."
+            )
         resized = F.interpolate(working_map, size=(image.height, image.width), mode="bilinear", align_corners=False)
         anomaly_map = resized[0, 0].clamp(0.0, 1.0).numpy()
         mask = Image.fromarray(np.where(anomaly_map >= thresholds["pixel_threshold"], 255, 0).astype(np.uint8))
@@ -287,6 +365,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "LABELS",
     "TASK",
+    "NonFiniteOutputError",
     "ZeroShotAnomalyDetectionPipeline",
     "register_pipeline",
     "resolve_thresholds",

@@ -10,7 +10,25 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from .configuration_headclip import DEFAULT_IMAGE_SIZE, HeadCLIPConfig, check_image_size
 from .image_utils_headclip import ImageLike, anomaly_heatmap, open_image, to_rgb_image
+
+# Keyword arguments of `HeadCLIPProcessor.from_pretrained` that say where and how to fetch the files (the Hub's and
+# transformers' own, including those `AutoProcessor` and `pipeline` add).
+LOADING_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "revision",
+    "subfolder",
+    "token",
+    "trust_remote_code",
+    "code_revision",
+    "_from_auto",
+    "_from_pipeline",
+    "_commit_hash",
+)
 
 
 def to_binary_mask(mask: ImageLike) -> np.ndarray:
@@ -44,6 +62,20 @@ def to_binary_mask(mask: ImageLike) -> np.ndarray:
     return array > (127.5 if largest <= 255 else 32767.5)
 
 
+def _requested_working_size(size: int | dict[str, int] | None, image_size: int | None) -> int | None:
+    """The working size asked for with `size=` (an int or a square height/width dict) and/or `image_size=`."""
+    if isinstance(size, dict):
+        if set(size) != {"height", "width"} or size["height"] != size["width"]:
+            raise ValueError(
+                f"size={size!r} is not a HeadCLIP working size: images are resized to a square without cropping, pass "
+                "size=<pixels> or size={'height': <pixels>, 'width': <pixels>}."
+            )
+        size = size["height"]
+    if size is not None and image_size is not None and size != image_size:
+        raise ValueError(f"size={size} and image_size={image_size} disagree: pass one working size.")
+    return size if size is not None else image_size
+
+
 def _image_size(image: ImageLike) -> tuple[int, int]:
     """(width, height) of a PIL image or an array."""
     if isinstance(image, Image.Image):
@@ -60,28 +92,101 @@ class HeadCLIPProcessor(ProcessorMixin):
     crop, so defects at the border stay in view; as AnomalyCLIP does) to `image_size` x `image_size` and normalised
     with CLIP's mean and std. Masks become binary float tensors at the same size (bilinear resize, threshold 0.5).
 
+    The working size has one source, the model's `HeadCLIPConfig.image_size`: `from_pretrained` reads it from the
+    checkpoint's config (a plain CLIP gives the HeadCLIP default, 518 px for ViT-L/14), unless `size=` or
+    `image_size=` chooses another one.
+
     Args:
         image_processor ([`CLIPImageProcessor`], *optional*):
             CLIP's image processor; its size is set to `image_size` and its center crop switched off.
         tokenizer ([`CLIPTokenizer`]):
             CLIP's tokenizer, to compute prompt template ids (`prompt_token_ids`) and tokenise text.
-        image_size (`int`, *optional*, defaults to 518):
-            Working input size in pixels; match `HeadCLIPConfig.image_size`.
+        image_size (`int`, *optional*, defaults to `DEFAULT_IMAGE_SIZE` (518)):
+            Working input size in pixels: the model's `HeadCLIPConfig.image_size`.
+        patch_size (`int`, *optional*):
+            The model's patch size; when given, `image_size` must be a multiple of it.
+
+    Raises:
+        `ValueError`: without a tokenizer, or when `image_size` is not a positive multiple of `patch_size`.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, image_size: int = 518, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        patch_size: int | None = None,
+        **kwargs,
+    ):
         if tokenizer is None:
             raise ValueError(
                 "HeadCLIPProcessor needs CLIP's tokenizer: use HeadCLIPProcessor.from_pretrained(<a CLIP or HeadCLIP "
                 "checkpoint>) or pass tokenizer=CLIPTokenizer.from_pretrained(...)."
             )
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"HeadCLIPProcessor image_size={image_size!r} is invalid: use a positive pixel count.")
+        if patch_size is not None:
+            try:
+                check_image_size(image_size, patch_size)
+            except ValueError as error:
+                raise ValueError(f"HeadCLIPProcessor image_size={image_size} is invalid: {error}.") from None
         if image_processor is None:
             image_processor = CLIPImageProcessorPil()
         image_processor.size = {"height": image_size, "width": image_size}
         image_processor.do_center_crop = False
         image_processor.do_convert_rgb = True
         self.image_size = image_size
+        self.patch_size = patch_size
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        size: int | dict[str, int] | None = None,
+        image_size: int | None = None,
+        **kwargs,
+    ) -> "HeadCLIPProcessor":
+        r"""
+        Load the processor of a HeadCLIP or plain CLIP checkpoint (its image processor and tokenizer) at the
+        checkpoint's working size.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `Path`):
+                A Hub id or a folder.
+            size (`int` or `dict`, *optional*):
+                Another working size: pixels, or a square `{"height": s, "width": s}` as transformers' image processors
+                write it.
+            image_size (`int`, *optional*):
+                The same as an `int` `size` (the name of the config field).
+            kwargs (`dict[str, Any]`, *optional*):
+                Where and how to fetch the files (`cache_dir`, `revision`, `local_files_only`, `token`, ...).
+
+        Raises:
+            `ValueError`: for a size that is not square or not a multiple of the model's patch size, or a keyword
+                argument this method does not take (the message lists those it takes).
+        """
+        requested = _requested_working_size(size, image_size)
+        if "_from_pipeline" in kwargs:
+            # A pipeline hands its model keyword arguments (dtype, device_map, ...) to every loader: not ours.
+            kwargs = {key: value for key, value in kwargs.items() if key in LOADING_KWARGS}
+        unknown = sorted(set(kwargs) - set(LOADING_KWARGS))
+        if unknown:
+            accepted = ", ".join(("size", "image_size", *(key for key in LOADING_KWARGS if not key.startswith("_"))))
+            raise ValueError(
+                f"HeadCLIPProcessor.from_pretrained got unknown keyword arguments {unknown}: it takes {accepted}."
+            )
+        hub_kwargs = {key: value for key, value in kwargs.items() if not key.startswith("_")}
+        hub_kwargs.pop("trust_remote_code", None)
+        hub_kwargs.pop("code_revision", None)
+        config_dict, _ = HeadCLIPConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        sizes = {}
+        if config_dict:  # else a folder holding the processor alone: its own saved sizes apply
+            model_config = HeadCLIPConfig.from_dict(config_dict)
+            sizes = {"image_size": model_config.image_size, "patch_size": model_config.vision_config.patch_size}
+        if requested is not None:
+            sizes["image_size"] = requested
+        return super().from_pretrained(pretrained_model_name_or_path, **sizes, **kwargs)
 
     def __call__(
         self,
@@ -93,13 +198,18 @@ class HeadCLIPProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """
         Args:
-            images: one image or a list (PIL, numpy array or file path).
-            masks: one mask per image (PIL, numpy array, file path, or `None` for an all-normal mask); each must have
-                its image's width and height.
-            text: optional text for the tokenizer.
+            images (`ImageLike` or `Sequence[ImageLike]`, *optional*):
+                One image or a list (PIL, numpy array or file path).
+            masks (`ImageLike` or `Sequence[ImageLike | None]`, *optional*):
+                One mask per image (PIL, numpy array, file path, or `None` for an all-normal mask); each must have its
+                image's width and height.
+            text (`str` or `list[str]`, *optional*):
+                Text for the tokenizer.
+            return_tensors (`str`, *optional*, defaults to `"pt"`):
+                Only `"pt"` (or `None`): the processor returns PyTorch tensors.
 
         Returns:
-            [`BatchFeature`] with `pixel_values` `(B, 3, S, S)`, `masks` `(B, S, S)` float in {0, 1} when masks are
+            [`BatchFeature`]: with `pixel_values` `(B, 3, S, S)`, `masks` `(B, S, S)` float in {0, 1} when masks are
             given, and the tokenizer's outputs when text is given.
         """
         if images is None and text is None:

@@ -118,7 +118,7 @@ def reference_model_identity(model: HeadCLIPModel) -> str:
     digest.update(json.dumps(settings, sort_keys=True).encode())
     tensors = [*model.vision_model.named_parameters(prefix="vision_model")]
     tensors.append(("visual_projection.weight", model.visual_projection.weight))
-    head_weights = model.effective_head_weights()
+    head_weights = model.attention_head_weights() if model.config.use_head_weights else None
     if head_weights is not None:
         tensors.append(("head_weights", head_weights))
     for name, tensor in tensors:

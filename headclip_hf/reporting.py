@@ -6,7 +6,9 @@ Everything here reads an `AnomalyDetectionResults` (from `headclip_hf.metrics`);
   value is "n/a [k]", footnote k giving the reason; a mean over fewer than all categories says over how many. Then
   the F1-optimal image and pixel thresholds per category and, for a calibrated model, the decisions at its thresholds
   (confusion counts, precision, recall, false-positive rate, accuracy).
-- JSON: `results.to_dict()`: fractions in [0, 1], `null` plus the reason for an undefined value.
+- JSON: `results.to_dict()`: fractions in [0, 1], `null` plus the reason for an undefined value; with the run's
+  provenance (`headclip_hf.provenance.evaluation_provenance`: model, parameter hash, size, data, version, date) when
+  given.
 - PNG: per category a 2 x 3 grid: image ROC, image PR, image score distributions; pixel ROC, pixel PR, PRO curve up to
   the AUPRO FPR limit. Figures are drawn with `matplotlib.figure.Figure` and saved by the Agg renderer, without pyplot,
   so the caller's matplotlib backend and open figures are left alone.
@@ -22,7 +24,7 @@ import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
+# The key of the run's provenance in results.json (`headclip_hf.provenance`).
+PROVENANCE_KEY = "provenance"
 PLOTS_DIR = "plots"
 K_SHOT_JSON = "k_shot_results.json"
 K_SHOT_MARKDOWN = "k_shot_results.md"
@@ -150,15 +154,36 @@ def _write_json_and_markdown(
     return paths
 
 
-def save_results(results: AnomalyDetectionResults, output_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+def save_results(
+    results: AnomalyDetectionResults,
+    output_dir: str | Path,
+    *,
+    plots: bool = True,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Path]:
     """Write `results.json`, `results.md` and (if `plots`) `plots/<category>.png` under `output_dir`.
 
+    Args:
+        results (`AnomalyDetectionResults`):
+            The metrics to write.
+        output_dir (`str` or `Path`):
+            The folder to write into (created if missing).
+        plots (`bool`, *optional*, defaults to `True`):
+            Whether to draw the curves of every category.
+        provenance (`dict`, *optional*):
+            The run's provenance (`headclip_hf.provenance.evaluation_provenance`), stored in `results.json` under
+            "provenance"; `headclip push --results` requires it.
+
     Returns:
-        The written paths: keys "json", "markdown" and "plot/<category>".
+        `dict[str, Path]`: the written paths, keys "json", "markdown" and "plot/<category>".
     """
     output_dir = Path(output_dir)
     paths = _write_json_and_markdown(
-        output_dir, RESULTS_JSON, results.to_dict(), RESULTS_MARKDOWN, results_to_markdown(results)
+        output_dir,
+        RESULTS_JSON,
+        _with_provenance(results.to_dict(), provenance),
+        RESULTS_MARKDOWN,
+        results_to_markdown(results),
     )
     if plots:
         for name, category in results.categories.items():
@@ -196,19 +221,41 @@ def k_shot_results_to_markdown(results: KShotResults) -> str:
     return _metrics_markdown(rows, note, footnotes)
 
 
-def save_k_shot_results(results: KShotResults, output_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+def save_k_shot_results(
+    results: KShotResults,
+    output_dir: str | Path,
+    *,
+    plots: bool = True,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Path]:
     """Write `k_shot_results.json`, `k_shot_results.md` and every seed's `save_results` under `seed_<seed>/`.
 
+    Args:
+        results (`KShotResults`):
+            The k-shot protocol's results.
+        output_dir (`str` or `Path`):
+            The folder to write into (created if missing).
+        plots (`bool`, *optional*, defaults to `True`):
+            Whether to draw the curves of every category of every seed.
+        provenance (`dict`, *optional*):
+            The run's provenance, stored in every JSON file under "provenance" (see `save_results`).
+
     Returns:
-        The written paths: keys "json", "markdown" and "seed_<seed>/<key of save_results>".
+        `dict[str, Path]`: the written paths, keys "json", "markdown" and "seed_<seed>/<key of save_results>".
     """
     output_dir = Path(output_dir)
     markdown = k_shot_results_to_markdown(results)
-    paths = _write_json_and_markdown(output_dir, K_SHOT_JSON, results.to_dict(), K_SHOT_MARKDOWN, markdown)
+    data = _with_provenance(results.to_dict(), provenance)
+    paths = _write_json_and_markdown(output_dir, K_SHOT_JSON, data, K_SHOT_MARKDOWN, markdown)
     for seed, run in results.runs.items():
-        for key, path in save_results(run, output_dir / f"seed_{seed}", plots=plots).items():
+        for key, path in save_results(run, output_dir / f"seed_{seed}", plots=plots, provenance=provenance).items():
             paths[f"seed_{seed}/{key}"] = path
     return paths
+
+
+def _with_provenance(data: dict[str, Any], provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """`data` with the run's provenance first, under `PROVENANCE_KEY` (unchanged without one)."""
+    return data if provenance is None else {PROVENANCE_KEY: provenance, **data}
 
 
 def safe_file_name(name: str) -> str:

@@ -63,13 +63,14 @@ from .adapters import (
     save_headclip_adapter,
     state_dict_mismatches,
 )
-from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT
+from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from .data import AnomalyCollator
-from .evaluation import evaluate_model, warn_if_sizes_differ
+from .evaluation import check_working_size, evaluate_model
 from .files import output_file, output_folder, replace_directory
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
+from .provenance import evaluation_provenance
 from .reporting import results_to_markdown, save_results
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,13 @@ class ModelArguments:
             "adapter folder to continue training from."
         },
     )
-    image_size: int = field(default=518, metadata={"help": "Working input size in pixels (AnomalyCLIP: 518)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Working input size in pixels, a multiple of the patch size (default: the model's, "
+            f"{DEFAULT_IMAGE_SIZE} for ViT-L/14 as in AnomalyCLIP)."
+        },
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={
@@ -973,7 +980,11 @@ class _TrainingRun:
             )
             if self.accelerator.is_main_process:
                 plots = step >= self.total_steps
-                save_results(results, self.output_dir / EVAL_DIR / f"step_{step}" / name, plots=plots)
+                # The provenance lets `headclip push` (`--push_to_hub`) publish these results with this model.
+                provenance = evaluation_provenance(self.unwrapped_model, self.processor, data_source=name)
+                save_results(
+                    results, self.output_dir / EVAL_DIR / f"step_{step}" / name, plots=plots, provenance=provenance
+                )
                 logger.info(f"Step {step}, {name}:\n{results_to_markdown(results)}")
             metrics.update({f"eval/{name}/{metric}": result.value for metric, result in results.mean.items()})
         self.state.last_evaluation_step = step
@@ -1146,7 +1157,7 @@ def train(
     """
     eval_datasets = eval_datasets or {}
     resume_from = check_training_inputs(train_dataset, eval_datasets, args)
-    warn_if_sizes_differ(model, processor)
+    check_working_size(model, processor)
     run = _TrainingRun(model, processor, train_dataset, args, eval_datasets, hyperparameters or {})
     if resume_from is None:
         run.clear_previous_run()

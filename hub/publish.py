@@ -7,12 +7,12 @@ Publish a trained HeadCLIP on the Hugging Face Hub: the model (with its remote c
 in `headclip_hf.hub`.
 
     # look at exactly what would be uploaded
-    python hub/publish.py --model runs/mvtec/adapter --results eval/visa --train-dataset "MVTec AD" \
-        --eval-dataset VisA --repo-id user/headclip-mvtec --dry-run --output-dir hub-preview/
+    python hub/publish.py --model runs/mvtec/adapter --results eval/visa --train_dataset "MVTec AD" \
+        --eval_dataset VisA --repo_id user/headclip-mvtec --dry_run --output_dir hub-preview/
 
     # upload (log in first with `hf auth login`, or pass --token)
-    python hub/publish.py --model runs/mvtec/adapter --results eval/visa --train-dataset "MVTec AD" \
-        --eval-dataset VisA --repo-id user/headclip-mvtec --private --revision v1
+    python hub/publish.py --model runs/mvtec/adapter --results eval/visa --train_dataset "MVTec AD" \
+        --eval_dataset VisA --repo_id user/headclip-mvtec --private --revision v1
 
 `--help` lists every option.
 """

@@ -248,3 +248,15 @@ def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def transformers_logs(caplog):
+    """`caplog` that also receives transformers' own records (transformers' logger does not propagate by default)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_propagation()
+    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="transformers")  # its level, WARNING by default, is restored afterwards
+    yield caplog
+    transformers_logging.disable_propagation()

@@ -241,7 +241,7 @@ def test_hub_folders_published_from_a_calibrated_model_load_with_its_thresholds(
     calibrated_model, processor, clip_checkpoint, bottle, tmp_path, run_without_headclip
 ):
     accumulator = AnomalyMetricsAccumulator(num_bins=16)
-    accumulator.update(category="bottle", labels=[0, 1], scores=[0.2, 0.9])
+    accumulator.update(categories="bottle", labels=[0, 1], scores=[0.2, 0.9])
     results_dir = tmp_path / "eval"
     save_results(accumulator.compute(), results_dir, plots=False)
     card_arguments = dict(repo_id="someone/calibrated", train_dataset="MVTec AD", eval_dataset="VisA")

@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig, CLIPTokenizer
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from PIL import Image
+from transformers import AutoConfig, CLIPConfig, CLIPTokenizer
 
-from headclip_hf import HeadCLIPConfig, HeadCLIPProcessor
+from headclip_hf import DEFAULT_IMAGE_SIZE, HeadCLIPConfig, HeadCLIPProcessor
 
 REAL_CONFIGS = Path(__file__).resolve().parent.parent.parent / "shared" / "configs"
 
@@ -85,3 +87,71 @@ def test_config_round_trip_and_auto_registration(tiny_config_factory, tmp_path):
     assert isinstance(loaded, HeadCLIPConfig)
     saved = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
     assert {k: v for k, v in loaded.to_dict().items() if k != "_name_or_path"} == saved
+
+
+@pytest.mark.parametrize(
+    "image_size,patch_size,message",
+    [
+        (225, 16, "225 is not a multiple of the patch size 16: use 224 or 240"),
+        (31, 16, "31 is not a multiple of the patch size 16: use 16 or 32"),
+        (7, 8, "7 is not a multiple of the patch size 8: use 8"),
+        (60, 8, "60 is not a multiple of the patch size 8: use 56 or 64"),
+    ],
+)
+def test_image_size_must_be_a_multiple_of_the_patch_size(tiny_config_factory, image_size, patch_size, message):
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
+    with pytest.raises(ValueError, match=f"HeadCLIPConfig.image_size={image_size} is invalid: {message}"):
+        tiny_config_factory(image_size=image_size, vision_config={**vision, "patch_size": patch_size})
+
+
+@pytest.mark.parametrize("patch_size,expected", [(14, 518), (16, 512), (32, 512), (8, 520)])
+def test_default_working_size_is_the_multiple_of_the_patch_nearest_518(patch_size, expected):
+    config = HeadCLIPConfig(vision_config=dict(patch_size=patch_size))
+    assert config.image_size == expected == DEFAULT_IMAGE_SIZE + (expected - 518)
+    assert config.image_size % patch_size == 0
+
+
+def test_from_pretrained_keyword_arguments_are_validated_together(tiny_config_factory, tmp_path):
+    tiny_config_factory().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"HeadCLIPConfig.joint_alpha=2.0 is invalid: it must lie in \[0, 1\]"):
+        HeadCLIPConfig.from_pretrained(tmp_path, joint_alpha=2.0)
+    with pytest.raises(ValueError, match=r"image_size=60 is invalid: 60 is not a multiple of the patch size 8"):
+        HeadCLIPConfig.from_pretrained(tmp_path, image_size=60)
+    # Fields that depend on each other are checked together, not one assignment at a time (vv_start_layer was 1).
+    config = HeadCLIPConfig.from_pretrained(tmp_path, feature_layers=[3, 4], vv_start_layer=3)
+    assert (config.feature_layers, config.vv_start_layer) == ([3, 4], 3)
+
+
+def test_assignments_are_checked_by_validate_and_save_pretrained(tiny_config_factory, tmp_path):
+    config = tiny_config_factory()
+    assert not hasattr(config, "check_headclip_fields")  # the config validates itself; nobody calls a check
+    with pytest.raises(StrictDataclassFieldValidationError, match="joint_alpha"):
+        config.joint_alpha = "high"  # types are checked on assignment, as in every transformers config
+    config.joint_alpha = 1.5
+    with pytest.raises(StrictDataclassClassValidationError, match=r"joint_alpha=1.5 is invalid: it must lie in"):
+        config.validate()
+    with pytest.raises(StrictDataclassClassValidationError, match="validate_headclip_fields"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_a_plain_clip_config_loads_without_a_type_warning(tmp_path, transformers_logs):
+    CLIPConfig(vision_config=dict(patch_size=14)).save_pretrained(tmp_path)
+    config = HeadCLIPConfig.from_pretrained(tmp_path)
+    assert config.model_type == "headclip" and config.image_size == 518
+    assert "loading configuration file" in transformers_logs.text  # transformers' records are captured
+    assert "to instantiate a model of type" not in transformers_logs.text
+
+
+def test_image_size_flag_between_patch_multiples_is_a_command_error(clip_checkpoint, tmp_path, capsys, monkeypatch):
+    from headclip_hf.cli import main
+    from headclip_hf.modeling_headclip import HeadCLIPModel
+
+    image = tmp_path / "image.png"
+    Image.new("RGB", (20, 20)).save(image)
+    monkeypatch.setattr(HeadCLIPModel, "post_init", lambda self: pytest.fail("the model was built"))
+    argv = ["detect", image, "--model", clip_checkpoint, "--image_size", "60", "--out", tmp_path / "out"]
+    assert main([str(arg) for arg in argv]) == 1
+    error = capsys.readouterr().err
+    assert "headclip: error:" in error
+    assert "HeadCLIPConfig.image_size=60 is invalid: 60 is not a multiple of the patch size 8: use 56 or 64" in error

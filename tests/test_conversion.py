@@ -14,9 +14,10 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel, HeadCLIPProcessor
 from headclip_hf.adapters import load_headclip_model
-from headclip_hf.cli import build_parser
+from headclip_hf.cli import build_parser, main
 from headclip_hf.cli import convert as convert_command
 from headclip_hf.conversion import (
+    HEADCLIP_MODEL_OUTPUT,
     anomalyclip_config,
     convert_anomalyclip_checkpoint,
     load_anomalyclip_checkpoint,
@@ -118,6 +119,7 @@ def test_fixture_outputs_are_sensitive_to_the_compatibility_choices(base_dir, re
         model.prompt_learner.deep_prompts.copy_(
             torch.stack([state_dict["compound_prompts_text.0"], state_dict["compound_prompts_text.1"]])
         )
+    model.invalidate_prompt_cache()  # an in-place edit in eval mode: the prompts are encoded again on request
     assert errors()[1] > 2 * ATOL
 
 
@@ -173,11 +175,15 @@ def test_preset_fields_on_vit_l14_336(clip_tokenizer_dir):
 def test_preset_without_a_base_and_with_overrides(tiny_config_factory):
     tiny = tiny_config_factory()
     architecture = dict(text_config=tiny.text_config.to_dict(), vision_config=tiny.vision_config.to_dict())
-    config = anomalyclip_config(deep_prompt_depth=3, map_sigma=0.0, **architecture)
+    config = anomalyclip_config(deep_prompt_depth=3, map_sigma=0.0, image_size=64, **architecture)
     assert config.feature_layers == [4] and config.vv_start_layer == 1
     assert config.map_sigma == 0.0 and config.joint_alpha == 1.0
     with pytest.raises(ValueError, match=r"HeadCLIPConfig.vv_start_layer=3 is invalid"):
-        anomalyclip_config(tiny, feature_layers=[2, 4], vv_start_layer=3, deep_prompt_depth=3)
+        anomalyclip_config(tiny, feature_layers=[2, 4], vv_start_layer=3, deep_prompt_depth=3, image_size=64)
+    # AnomalyCLIP's 518 px fit ViT-L/14's patches; on another patch size the preset takes the nearest multiple.
+    assert anomalyclip_config(tiny, deep_prompt_depth=3).image_size == 520
+    with pytest.raises(ValueError, match=r"image_size=60 is invalid: 60 is not a multiple of the patch size 8"):
+        anomalyclip_config(tiny, deep_prompt_depth=3, image_size=60)
 
 
 def save_modified_checkpoint(path: Path, edit) -> Path:
@@ -334,3 +340,82 @@ def test_processor_is_saved_when_the_base_has_one(base_dir, tmp_path, clip_token
     assert processor.image_processor.do_center_crop is False
     pixels = processor(images=Image.new("RGB", (50, 30)))["pixel_values"]
     assert pixels.shape == (1, 3, 32, 32)
+
+
+# The command line with the fixture's sizes.
+FIXTURE_FLAGS = ["--n_ctx", "4", "--depth", "3", "--t_n_ctx", "2", "--vv_start_layer", "2", "--image_size", "32"]
+
+
+def run_convert(capsys, base_dir, checkpoint, out, *extra) -> tuple[int, str]:
+    argv = ["convert", "anomalyclip", str(checkpoint), "--base", str(base_dir), "--output_dir", str(out)]
+    status = main([*argv, *FIXTURE_FLAGS, *map(str, extra)])
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    return status, stderr
+
+
+def user_folder(path: Path) -> Path:
+    """A folder holding the user's files, and a stale `config.json` (a name the model writer owns)."""
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("my notes")
+    (path / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["full_model", "adapter"])
+def test_convert_never_deletes_or_mixes_the_users_files(base_dir, tmp_path, capsys, pixel_values, reference, adapter):
+    out = user_folder(tmp_path / "out")
+    extra = ["--adapter"] if adapter else []
+    kind = "HeadCLIP adapter" if adapter else "HeadCLIP model"
+    status, stderr = run_convert(capsys, base_dir, CHECKPOINT, out, *extra)
+    assert status == 1
+    assert f"headclip: error: {out} holds files that are not part of a {kind} (" in stderr and "notes.txt" in stderr
+    assert sorted(path.name for path in out.iterdir()) == ["config.json", "notes.txt", "sub"]
+    assert (out / "config.json").read_text() == "{}"
+
+    status, _ = run_convert(capsys, base_dir, CHECKPOINT, out, "--overwrite", *extra)
+    assert status == 0
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "sub" / "data.csv").read_text() == "a,b\n1,2\n"
+    # config.json is the model writer's own (replaced), not the adapter writer's (kept).
+    assert ((out / "config.json").read_text() == "{}") == adapter
+    loaded = (load_headclip_model(out) if adapter else HeadCLIPModel.from_pretrained(out)).eval()
+    with torch.no_grad():
+        assert_close(loaded(pixel_values=pixel_values).image_score, reference["image_score"])
+
+    earlier = tmp_path / "earlier"
+    assert run_convert(capsys, base_dir, CHECKPOINT, earlier, *extra)[0] == 0
+    assert run_convert(capsys, base_dir, CHECKPOINT, earlier, *extra)[0] == 0  # an earlier output is replaced
+
+
+def test_headclip_model_output_lists_what_save_pretrained_writes(tiny_model, clip_tokenizer, tmp_path):
+    processor = HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=64)
+    tiny_model.save_pretrained(tmp_path / "whole")
+    processor.save_pretrained(tmp_path / "whole")
+    tiny_model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    whole = {path.name for path in (tmp_path / "whole").iterdir()}
+    sharded = {path.name for path in (tmp_path / "sharded").iterdir()}
+    assert any(name.startswith("model-00001-of-") for name in sharded)
+    assert all(HEADCLIP_MODEL_OUTPUT.owns(name) for name in whole | sharded)
+    assert HEADCLIP_MODEL_OUTPUT.entries == whole | {"model.safetensors.index.json"}
+    assert not HEADCLIP_MODEL_OUTPUT.owns("notes.txt") and not HEADCLIP_MODEL_OUTPUT.owns("model.bin")
+
+
+def test_convert_errors_are_one_line_without_traceback(base_dir, tmp_path, capsys):
+    status, stderr = run_convert(capsys, base_dir, tmp_path / "missing.pth", tmp_path / "out")
+    missing = tmp_path / "missing.pth"
+    assert status == 1 and f"headclip: error: The AnomalyCLIP checkpoint '{missing}' does not exist" in stderr
+
+    wrong_keys = save_modified_checkpoint(tmp_path / "keys.pth", lambda sd: sd.update(meta_net=torch.zeros(3)))
+    status, stderr = run_convert(capsys, base_dir, wrong_keys, tmp_path / "out")
+    assert status == 1 and "headclip: error: The checkpoint does not match" in stderr
+    assert "unexpected tensor 'meta_net' of shape (3,)" in stderr
+
+    status, stderr = run_convert(capsys, base_dir, CHECKPOINT, tmp_path / "out", "--n_ctx", "5")
+    assert status == 1 and "'ctx_pos' has shape (1, 1, 4, 12), expected (1, 1, 5, 12)" in stderr
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    status, stderr = run_convert(capsys, base_dir, CHECKPOINT, a_file / "out")
+    assert status == 1 and f"headclip: error: Cannot write {a_file / 'out'}: {a_file} is a file" in stderr
+    assert not (tmp_path / "out").exists()

@@ -45,12 +45,15 @@ def test_evaluate_model_leaves_unknown_masks_out_and_restores_training_mode(
     assert colon.metrics["pixel_auroc"].value == pytest.approx(pixel_auroc(inputs["masks"].numpy(), maps), abs=1e-9)
 
 
-def test_processor_size_other_than_the_models_is_warned_about(
-    tiny_model, clip_tokenizer, test_data_dir, tmp_path, caplog
+def test_processor_size_other_than_the_models_is_refused_before_any_forward_pass(
+    tiny_model, clip_tokenizer, test_data_dir, tmp_path, monkeypatch
 ):
     processor = HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=32)
     dataset = load_anomaly_dataset(test_data_dir / "mvtec_ad" / "bottle", cache_dir=str(tmp_path)).select(range(2))
-    with caplog.at_level("WARNING", logger="headclip_hf.evaluation"):
-        results = evaluate_model(tiny_model, processor, dataset, batch_size=2, show_progress=False)
-    assert "The processor prepares 32 px images but the model's working size is 64 px" in caplog.text
-    assert list(results.categories) == ["bottle"]
+    monkeypatch.setattr(tiny_model, "forward", lambda **kwargs: pytest.fail("no forward pass"))
+    message = (
+        r"The processor prepares 32 px images but the model's working size \(HeadCLIPConfig.image_size\) is 64 px: "
+        r"load both at one size, e.g. load_headclip_model_and_processor\(..., image_size=32\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        evaluate_model(tiny_model, processor, dataset, batch_size=2, show_progress=False)

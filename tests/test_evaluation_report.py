@@ -136,7 +136,7 @@ def test_per_image_scores_follow_the_data_set(sample_data, tiny_model, clip_toke
         assert image.score == pytest.approx(expected, abs=1e-6)
 
     other = AnomalyMetricsAccumulator(num_bins=16)
-    other.update(category="bottle", labels=[1, 0], scores=[0.2, 0.3])
+    other.update(categories="bottle", labels=[1, 0], scores=[0.2, 0.3])
     with pytest.raises(ValueError, match=r"The results of category 'bottle' \(2 images\) do not come from this data"):
         per_image_scores(dataset, other.compute())
 
@@ -158,7 +158,7 @@ def test_report_thresholds_prefer_calibrated_thresholds(tiny_model):
     masks[2:, :2] = 1
     maps = masks * 0.5 + 0.25
     labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.6, 0.2])
-    accumulator.update(category="c", labels=labels, scores=scores, masks=masks, maps=maps)
+    accumulator.update(categories="c", labels=labels, scores=scores, masks=masks, anomaly_maps=maps)
     category = accumulator.compute().categories["c"]
     thresholds = report_thresholds(category, tiny_model)
     assert thresholds.image_source == thresholds.pixel_source == "F1-optimal on this category"
@@ -175,7 +175,7 @@ def test_report_thresholds_prefer_calibrated_thresholds(tiny_model):
     assert report_thresholds(category, tiny_model).pixel_threshold == 0.3
 
     colon = AnomalyMetricsAccumulator(num_bins=16)
-    colon.update(category="colon", labels=[1], scores=[0.7])  # one class, no masks: no F1-optimal threshold
+    colon.update(categories="colon", labels=[1], scores=[0.7])  # one class, no masks: no F1-optimal threshold
     tiny_model.config.image_threshold = tiny_model.config.pixel_threshold = None  # uncalibrated
     thresholds = report_thresholds(colon.compute().categories["colon"], tiny_model)
     assert (thresholds.image_threshold, thresholds.pixel_threshold) == (0.5, 0.5)

@@ -18,16 +18,19 @@ from PIL import Image
 from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, save_results
 from headclip_hf.cli import main
 from headclip_hf.demo import sample_images
-from headclip_hf.hub import custom_pipeline_declaration
+from headclip_hf.hub import HUB_PIPELINE_TAG, custom_pipeline_declaration
 from headclip_hf.metrics import AnomalyMetricsAccumulator
+from headclip_hf.provenance import evaluation_provenance
 from headclip_hf.space import SPACE_APP, space_model, space_requirements
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "someone/headclip-tiny"
 BASE_MODEL = "openai/clip-vit-large-patch14-336"
-# Every published folder: the card, the processor (with its remote code) and the evaluation run.
+# Every published folder: the card, the processor (with its remote code: it reads the working size from the config)
+# and the evaluation run.
 COMMON_FILES = {
     "README.md",
+    "configuration_headclip.py",
     "processing_headclip.py",
     "image_utils_headclip.py",
     "processor_config.json",
@@ -39,16 +42,25 @@ COMMON_FILES = {
 FULL_MODEL_FILES = COMMON_FILES | {
     "config.json",
     "model.safetensors",
-    "configuration_headclip.py",
     "modeling_headclip.py",
     "pipeline_headclip.py",
 }
 ADAPTER_FILES = COMMON_FILES | {"headclip_adapter.safetensors", "headclip_adapter_config.json"}
 
 
+def provenance_of(checkpoint) -> dict:
+    """The provenance an evaluation of `checkpoint` records (what `headclip push --results` checks)."""
+    model = HeadCLIPModel.from_pretrained(checkpoint)
+    processor = HeadCLIPProcessor.from_pretrained(checkpoint)
+    return evaluation_provenance(model, processor, data_source="synthetic", model_name_or_path=checkpoint)
+
+
 @pytest.fixture
-def results_dir(tmp_path):
-    """An evaluation run written by `save_results`: "bottle" with masks, "screw" without (pixel metrics undefined)."""
+def results_dir(tmp_path, headclip_checkpoint):
+    """
+    An evaluation run of `headclip_checkpoint` written by `save_results`: "bottle" with masks, "screw" without (pixel
+    metrics undefined).
+    """
     rng = np.random.default_rng(0)
     accumulator = AnomalyMetricsAccumulator(num_bins=256)
     labels = torch.tensor([0, 0, 1, 1, 1])
@@ -57,23 +69,23 @@ def results_dir(tmp_path):
     maps = torch.from_numpy(rng.random((5, 8, 8), dtype=np.float32))
     maps[2:, 2:5, 2:5] += 0.5
     accumulator.update(
-        category=["bottle"] * 5,
+        categories=["bottle"] * 5,
         labels=labels,
         scores=torch.tensor([0.1, 0.4, 0.3, 0.8, 0.9]),
         masks=masks,
-        maps=maps.clamp(0, 1),
+        anomaly_maps=maps.clamp(0, 1),
         mask_valid=torch.ones(5, dtype=torch.bool),
     )
     accumulator.update(
-        category=["screw"] * 4,
+        categories=["screw"] * 4,
         labels=torch.tensor([0, 1, 0, 1]),
         scores=torch.tensor([0.2, 0.7, 0.6, 0.5]),
         masks=torch.zeros(4, 8, 8),
-        maps=torch.full((4, 8, 8), 0.5),
+        anomaly_maps=torch.full((4, 8, 8), 0.5),
         mask_valid=torch.zeros(4, dtype=torch.bool),
     )
     path = tmp_path / "eval"
-    save_results(accumulator.compute(), path, plots=False)
+    save_results(accumulator.compute(), path, plots=False, provenance=provenance_of(headclip_checkpoint))
     return path
 
 
@@ -148,7 +160,9 @@ def test_model_card_metadata_and_text(headclip_checkpoint, results_dir, tmp_path
     data = card.data
     assert data.license == "cc-by-nc-sa-4.0"
     assert data.base_model == BASE_MODEL
-    assert data.library_name == "transformers"
+    assert data.library_name == "transformers"  # the full model loads with transformers alone (remote code)
+    assert data.pipeline_tag == HUB_PIPELINE_TAG == "image-segmentation"
+    assert data.datasets is None  # "MVTec AD" is a display name, not a Hub id
     assert {"anomaly-detection", "zero-shot-anomaly-detection", "headclip"} <= set(data.tags)
     assert data.model_name == "headclip-tiny"
 
@@ -194,9 +208,9 @@ def test_model_card_metadata_and_text(headclip_checkpoint, results_dir, tmp_path
 
 def test_card_without_defined_metrics_has_no_model_index(headclip_checkpoint, tmp_path):
     accumulator = AnomalyMetricsAccumulator(num_bins=16)
-    accumulator.update(category=["pcb"], labels=torch.tensor([1]), scores=torch.tensor([0.9]))
+    accumulator.update(categories=["pcb"], labels=torch.tensor([1]), scores=torch.tensor([0.9]))
     results_dir = tmp_path / "eval"
-    save_results(accumulator.compute(), results_dir, plots=False)
+    save_results(accumulator.compute(), results_dir, plots=False, provenance=provenance_of(headclip_checkpoint))
     folder = tmp_path / "repo"
     assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", folder) == 0
     card = ModelCard.load(folder / "README.md")
@@ -260,8 +274,53 @@ def test_dry_run_folder_of_adapter_only(headclip_checkpoint, results_dir, tmp_pa
     assert listing(folder) == ADAPTER_FILES
     adapter_config = json.loads((folder / "headclip_adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == BASE_MODEL
-    text = ModelCard.load(folder / "README.md").text
-    assert "load_headclip_model(adapter)" in text and "trust_remote_code" not in text
+    card = ModelCard.load(folder / "README.md")
+    assert "load_headclip_model(adapter)" in card.text and "trust_remote_code" not in card.text
+    assert card.data.library_name == "headclip_hf"  # an adapter needs this package
+
+
+def test_training_data_given_as_a_hub_id_fills_the_datasets_metadata(headclip_checkpoint, results_dir, tmp_path):
+    folder = tmp_path / "repo"
+    args = ("--train-dataset", "someone/mvtec-ad", "--dry-run", "--output-dir", folder)
+    assert push(headclip_checkpoint, results_dir, *args) == 0
+    assert ModelCard.load(folder / "README.md").data.datasets == ["someone/mvtec-ad"]
+
+
+@pytest.mark.parametrize("repo_id", ["not a valid id!!", "a/b/c", "", "user/na--me"])
+def test_invalid_repo_ids_are_refused_before_the_model_loads(
+    headclip_checkpoint, results_dir, tmp_path, repo_id, monkeypatch, capsys
+):
+    monkeypatch.setattr("headclip_hf.cli.push.load_model_and_processor", lambda *args: pytest.fail("model loaded"))
+    folder = tmp_path / "repo"
+    assert push(headclip_checkpoint, results_dir, "--repo-id", repo_id, "--dry-run", "--output-dir", folder) == 1
+    assert f"headclip: error: {repo_id!r} is not a valid Hub repository id" in capsys.readouterr().err
+    assert not folder.exists()
+
+
+def test_results_of_another_model_are_refused(headclip_checkpoint, results_dir, tmp_path, capsys):
+    other = HeadCLIPModel.from_pretrained(headclip_checkpoint)
+    with torch.no_grad():
+        other.head_weights.mul_(2.0)
+    other.save_pretrained(tmp_path / "other")
+    HeadCLIPProcessor.from_pretrained(headclip_checkpoint).save_pretrained(tmp_path / "other")
+    folder = tmp_path / "repo"
+    assert push(tmp_path / "other", results_dir, "--dry-run", "--output-dir", folder) == 1
+    error = capsys.readouterr().err
+    assert (
+        f"headclip: error: {results_dir / 'results.json'} was computed by another model ({headclip_checkpoint}"
+        in error
+    )
+    assert "than the one being pushed" in error and "headclip evaluate" in error
+    assert not folder.exists()
+    # Results that do not say which model produced them are refused too.
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    payload = json.loads((results_dir / "results.json").read_text())
+    del payload["provenance"]
+    (unknown / "results.json").write_text(json.dumps(payload))
+    (unknown / "results.md").write_text((results_dir / "results.md").read_text())
+    assert push(headclip_checkpoint, unknown, "--dry-run", "--output-dir", folder) == 1
+    assert "does not say which model produced it (no 'provenance')" in capsys.readouterr().err
 
 
 def test_adapter_only_needs_a_hub_base(headclip_checkpoint, results_dir, tmp_path, capsys):
@@ -278,7 +337,8 @@ def test_dry_run_errors(headclip_checkpoint, results_dir, tmp_path, capsys):
     occupied.mkdir()
     (occupied / "old.txt").write_text("old")
     assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", occupied) == 1
-    assert f"{occupied} is not empty" in capsys.readouterr().err
+    assert f"{occupied} holds files that are not part of a Hub repository folder (old.txt)" in capsys.readouterr().err
+    assert [path.name for path in occupied.iterdir()] == ["old.txt"]
     assert push(headclip_checkpoint, tmp_path, "--dry-run", "--output-dir", tmp_path / "repo") == 1
     assert "holds no evaluation results (results.json, results.md)" in capsys.readouterr().err
     lora = tmp_path / "lora"
@@ -296,6 +356,10 @@ class RecordingHfApi:
 
     def __init__(self, token=None):
         self.calls.append(("init", {"token": token}))
+
+    def whoami(self):
+        self.calls.append(("whoami", {}))
+        return {"name": "someone"}
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
@@ -318,7 +382,7 @@ def test_push_creates_the_repository_and_uploads_the_folder(headclip_checkpoint,
     args = ("--private", "--revision", "v1", "--token", "hf_test", "--commit-message", "First HeadCLIP")
     assert push(headclip_checkpoint, results_dir, *args) == 0
     names = [name for name, _ in RecordingHfApi.calls]
-    assert names == ["init", "create_repo", "create_branch", "upload_folder"]
+    assert names == ["init", "whoami", "init", "create_repo", "create_branch", "upload_folder"]  # login checked first
     calls = dict(RecordingHfApi.calls)
     assert calls["init"] == {"token": "hf_test"}
     assert calls["create_repo"] == {"repo_id": REPO_ID, "repo_type": "model", "private": True, "exist_ok": True}
@@ -428,10 +492,10 @@ def test_push_uploads_the_space_after_the_model(headclip_checkpoint, results_dir
     monkeypatch.setattr("headclip_hf.hub.HfApi", RecordingHfApi)
     assert push(headclip_checkpoint, results_dir, "--private", "--token", "hf_test", "--space", SPACE_ID) == 0
     names = [name for name, _ in RecordingHfApi.calls]
-    assert names == ["init", "create_repo", "upload_folder", "init", "create_repo", "upload_folder"]
-    model_upload, space_create, space_upload = (RecordingHfApi.calls[i][1] for i in (2, 4, 5))
+    assert names == ["init", "whoami", "init", "create_repo", "upload_folder", "init", "create_repo", "upload_folder"]
+    model_upload, space_create, space_upload = (RecordingHfApi.calls[i][1] for i in (4, 6, 7))
     assert model_upload["repo_id"] == REPO_ID and model_upload["files"] == FULL_MODEL_FILES
-    assert RecordingHfApi.calls[3][1] == {"token": "hf_test"}
+    assert RecordingHfApi.calls[5][1] == {"token": "hf_test"}
     assert space_create == {
         "repo_id": SPACE_ID,
         "repo_type": "space",

@@ -168,7 +168,7 @@ def test_image_f1_max_threshold_reaches_f1_max(seed):
 def test_pixel_f1_max_threshold_reaches_f1_max(name, masks, maps):
     accumulator = AnomalyMetricsAccumulator()
     accumulator.update(
-        category="c", labels=masks.any(axis=(1, 2)), scores=maps.max(axis=(1, 2)), masks=masks, maps=maps
+        categories="c", labels=masks.any(axis=(1, 2)), scores=maps.max(axis=(1, 2)), masks=masks, anomaly_maps=maps
     )
     category = accumulator.compute().categories["c"]
     threshold = category.f1_max_thresholds["pixel"].value
@@ -228,7 +228,7 @@ def test_kvasir_masks_image_metrics_undefined_pixel_metrics_defined(test_data_di
     maps = structured_maps(masks, np.random.default_rng(0))
     accumulator = AnomalyMetricsAccumulator()
     accumulator.update(
-        category="colon", labels=np.ones(len(masks)), scores=maps.max(axis=(1, 2)), masks=masks, maps=maps
+        categories="colon", labels=np.ones(len(masks)), scores=maps.max(axis=(1, 2)), masks=masks, anomaly_maps=maps
     )
     colon = accumulator.compute().categories["colon"]
 
@@ -283,14 +283,16 @@ def test_undefined_categories_are_reported_as_none_with_reason_and_skipped_by_me
     masks = blob_masks(rng, num_images=4)
     maps = structured_maps(masks, rng)
     accumulator = AnomalyMetricsAccumulator()
-    accumulator.update(category="bottle", labels=[0, 1, 1, 1], scores=[0.1, 0.8, 0.4, 0.9], masks=masks, maps=maps)
-    accumulator.update(category="no_masks", labels=[0, 1], scores=[0.2, 0.7])  # image level only
     accumulator.update(
-        category="unknown_masks",
+        categories="bottle", labels=[0, 1, 1, 1], scores=[0.1, 0.8, 0.4, 0.9], masks=masks, anomaly_maps=maps
+    )
+    accumulator.update(categories="no_masks", labels=[0, 1], scores=[0.2, 0.7])  # image level only
+    accumulator.update(
+        categories="unknown_masks",
         labels=[0, 1],
         scores=[0.2, 0.7],
         masks=masks[:2],
-        maps=maps[:2],
+        anomaly_maps=maps[:2],
         mask_valid=[False, False],
     )
     results = accumulator.compute()
@@ -318,7 +320,7 @@ def test_undefined_categories_are_reported_as_none_with_reason_and_skipped_by_me
 
 def test_metric_undefined_on_every_category_has_undefined_mean():
     accumulator = AnomalyMetricsAccumulator()
-    accumulator.update(category="colon", labels=[1, 1], scores=[0.3, 0.6])
+    accumulator.update(categories="colon", labels=[1, 1], scores=[0.3, 0.6])
     mean = accumulator.compute().mean["image_auroc"]
     assert mean.value is None and mean.num_categories == 0
     assert (
@@ -346,17 +348,17 @@ def two_category_data():
 def test_streaming_batches_and_merge_match_one_shot_and_functions():
     categories, labels, scores, masks, maps = two_category_data()
     one_shot = AnomalyMetricsAccumulator()
-    one_shot.update(category=categories, labels=labels, scores=scores, masks=masks, maps=maps)
+    one_shot.update(categories=categories, labels=labels, scores=scores, masks=masks, anomaly_maps=maps)
     expected = one_shot.compute().to_dict()
 
     first, second = AnomalyMetricsAccumulator(), AnomalyMetricsAccumulator()
     for start, stop, accumulator in ((0, 3, first), (3, 4, first), (4, 10, second)):
         accumulator.update(
-            category=categories[start:stop],
+            categories=categories[start:stop],
             labels=labels[start:stop],
             scores=scores[start:stop],
             masks=masks[start:stop],
-            maps=maps[start:stop],
+            anomaly_maps=maps[start:stop],
         )
     first.merge(AnomalyMetricsAccumulator.from_state_dict(second.state_dict()))
     streamed = first.compute().to_dict()
@@ -376,13 +378,15 @@ def test_torch_inputs_and_mask_valid():
     categories, labels, scores, masks, maps = two_category_data()
     from_numpy, from_torch = AnomalyMetricsAccumulator(), AnomalyMetricsAccumulator()
     valid = np.arange(10) != 3
-    from_numpy.update(category="all", labels=labels[valid], scores=scores[valid], masks=masks[valid], maps=maps[valid])
+    from_numpy.update(
+        categories="all", labels=labels[valid], scores=scores[valid], masks=masks[valid], anomaly_maps=maps[valid]
+    )
     from_torch.update(
-        category="all",
+        categories="all",
         labels=torch.tensor(labels),
         scores=torch.tensor(scores),
         masks=torch.tensor(masks),
-        maps=torch.tensor(maps),
+        anomaly_maps=torch.tensor(maps),
         mask_valid=torch.tensor(valid),
     )
     numpy_metrics = from_numpy.compute().categories["all"].metrics
@@ -395,20 +399,23 @@ def test_torch_inputs_and_mask_valid():
 @pytest.mark.parametrize(
     "kwargs, error",
     [
-        ({"masks": np.zeros((2, 8, 8)), "maps": np.zeros((2, 8, 9))}, r"got masks \(2, 8, 8\) and maps \(2, 8, 9\)"),
-        ({"masks": np.zeros((2, 8, 8)), "maps": np.full((2, 8, 8), 1.5)}, r"must lie in \[0, 1\]"),
-        ({"masks": np.zeros((2, 8, 8)), "maps": np.full((2, 8, 8), np.nan)}, "contains NaN"),
-        ({"masks": np.full((2, 8, 8), 255), "maps": np.zeros((2, 8, 8))}, "must be binary.*divided by 255"),
-        ({"masks": np.zeros((2, 8, 8))}, "`masks` and `maps` go together"),
-        ({"masks": np.zeros((3, 8, 8)), "maps": np.zeros((3, 8, 8))}, r"labels \(2,\) and masks \(3, 8, 8\)"),
+        (
+            {"masks": np.zeros((2, 8, 8)), "anomaly_maps": np.zeros((2, 8, 9))},
+            r"got masks \(2, 8, 8\) and anomaly_maps \(2, 8, 9\)",
+        ),
+        ({"masks": np.zeros((2, 8, 8)), "anomaly_maps": np.full((2, 8, 8), 1.5)}, r"must lie in \[0, 1\]"),
+        ({"masks": np.zeros((2, 8, 8)), "anomaly_maps": np.full((2, 8, 8), np.nan)}, "contains NaN"),
+        ({"masks": np.full((2, 8, 8), 255), "anomaly_maps": np.zeros((2, 8, 8))}, "must be binary.*divided by 255"),
+        ({"masks": np.zeros((2, 8, 8))}, "`masks` and `anomaly_maps` go together"),
+        ({"masks": np.zeros((3, 8, 8)), "anomaly_maps": np.zeros((3, 8, 8))}, r"labels \(2,\) and masks \(3, 8, 8\)"),
         ({"labels": [0, 2]}, "`labels` must be binary"),
         ({"labels": [0, 1, 1]}, r"got labels \(3,\) and scores \(2,\)"),
         ({"scores": [0.1, np.inf]}, "infinite"),
-        ({"category": ["a", "b", "c"]}, "one string or"),
+        ({"categories": ["a", "b", "c"]}, "one string or"),
     ],
 )
 def test_invalid_inputs_raise_clear_errors(kwargs, error):
-    arguments = {"category": "bottle", "labels": [0, 1], "scores": [0.1, 0.9], **kwargs}
+    arguments = {"categories": "bottle", "labels": [0, 1], "scores": [0.1, 0.9], **kwargs}
     with pytest.raises(ValueError, match=error):
         AnomalyMetricsAccumulator().update(**arguments)
 
@@ -423,9 +430,15 @@ def test_markdown_json_and_png_report(tmp_path):
     accumulator = AnomalyMetricsAccumulator()
     perfect_masks = np.stack([np.zeros_like(masks[5]), masks[5]])
     accumulator.update(
-        category="bottle", labels=[0, 1], scores=[0.1, 0.9], masks=perfect_masks, maps=perfect_masks.astype(float)
+        categories="bottle",
+        labels=[0, 1],
+        scores=[0.1, 0.9],
+        masks=perfect_masks,
+        anomaly_maps=perfect_masks.astype(float),
     )
-    accumulator.update(category="colon", labels=[1, 1, 1], scores=scores[5:8], masks=masks[5:8], maps=maps[5:8])
+    accumulator.update(
+        categories="colon", labels=[1, 1, 1], scores=scores[5:8], masks=masks[5:8], anomaly_maps=maps[5:8]
+    )
     results = accumulator.compute()
 
     markdown = results_to_markdown(results)
@@ -450,6 +463,17 @@ def test_markdown_json_and_png_report(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def test_accumulator_and_evaluate_module_take_the_same_keyword_names():
+    import inspect
+
+    import evaluate
+
+    metric = evaluate.load(str(REPO_ROOT / "metrics" / "anomaly_detection"), keep_in_memory=True)
+    accumulator_names = list(inspect.signature(AnomalyMetricsAccumulator.update).parameters)[1:]
+    assert accumulator_names == list(inspect.signature(metric.add_batch).parameters)
+    assert accumulator_names == ["categories", "labels", "scores", "masks", "anomaly_maps", "mask_valid"]
+
+
 def test_evaluate_module_gives_the_same_numbers_as_the_functions():
     import evaluate
 
@@ -468,7 +492,7 @@ def test_evaluate_module_gives_the_same_numbers_as_the_functions():
     results = metric.compute()
 
     accumulator = AnomalyMetricsAccumulator()
-    accumulator.update(category=categories, labels=labels, scores=scores, masks=masks, maps=maps)
+    accumulator.update(categories=categories, labels=labels, scores=scores, masks=masks, anomaly_maps=maps)
     assert results == accumulator.compute().to_dict()
     functions = {"image_auroc": image_auroc, "image_ap": image_ap, "image_f1_max": image_f1_max}
     pixel_functions = {

@@ -1,14 +1,17 @@
 """HeadCLIPModel: exact CLIP equivalence when untrained, head weights, value-value path, maps, scores, loss, cache."""
 
+import logging
 import math
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from scipy.ndimage import gaussian_filter
 from transformers import CLIPModel
 
-from headclip_hf import HeadCLIPModel
+from headclip_hf import HeadCLIPModel, load_headclip_model
+from headclip_hf.adapters import save_headclip_adapter
 from headclip_hf.modeling_headclip import gaussian_blur
 
 
@@ -278,19 +281,36 @@ def test_head_weight_layers_and_switch(tiny_config_factory):
     # Weights of the other layers are fixed at 1 whatever the parameter holds.
     with torch.no_grad():
         model.head_weights[0] = 5.0
-    assert torch.equal(model.effective_head_weights()[0], torch.ones(4))
+    applied = model.attention_head_weights()
+    assert torch.equal(applied[0], torch.ones(4)) and torch.equal(applied[1], model.head_weights[1])
 
     none_trainable = HeadCLIPModel(tiny_config_factory(head_weight_layers=[]))
     assert not none_trainable.attention_head_weights.trainable_layers.any()
 
-    off = HeadCLIPModel(tiny_config_factory(use_head_weights=False))
-    assert not off.head_weights.requires_grad and off.effective_head_weights() is None
+    off = HeadCLIPModel(tiny_config_factory(use_head_weights=False)).eval()
+    assert not off.head_weights.requires_grad
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = off(pixel_values=pixel_values).anomaly_map
+        off.head_weights.fill_(5.0)
+        assert torch.equal(off(pixel_values=pixel_values).anomaly_map, before)  # switched off: never applied
 
 
-def test_prompt_embeddings_cached_in_eval_and_refreshed_on_change(tiny_model, monkeypatch):
+def test_head_weights_are_one_parameter_under_the_checkpoint_name(tiny_model):
+    assert tiny_model.head_weights is tiny_model.attention_head_weights.weight
+    assert tiny_model.state_dict()["attention_head_weights.weight"].data_ptr() == tiny_model.head_weights.data_ptr()
+    assert not hasattr(tiny_model, "effective_head_weights")
+
+
+def count_prompt_encodings(model, monkeypatch) -> list:
     calls = []
-    compute = tiny_model._compute_prompt_embeds
-    monkeypatch.setattr(tiny_model, "_compute_prompt_embeds", lambda: calls.append(1) or compute())
+    compute = model._compute_prompt_embeds
+    monkeypatch.setattr(model, "_compute_prompt_embeds", lambda: calls.append(1) or compute())
+    return calls
+
+
+def test_prompt_embeddings_cached_in_eval_until_invalidated(tiny_model, monkeypatch):
+    calls = count_prompt_encodings(tiny_model, monkeypatch)
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         first = tiny_model(pixel_values=pixel_values).text_embeds
@@ -298,16 +318,58 @@ def test_prompt_embeddings_cached_in_eval_and_refreshed_on_change(tiny_model, mo
     assert len(calls) == 1 and second is first  # one text pass; afterwards one vision pass per image
     with torch.no_grad():
         tiny_model.prompt_learner.abnormal_context.add_(0.5)
+        stale = tiny_model(pixel_values=pixel_values).text_embeds
+        tiny_model.invalidate_prompt_cache()  # the rule for in-place edits in eval mode
         third = tiny_model(pixel_values=pixel_values).text_embeds
-    assert len(calls) == 2 and not torch.equal(third, first)
-    with torch.no_grad():  # any text-side parameter counts, not only the prompts
-        tiny_model.text_model.final_layer_norm.weight.mul_(1.5)
-        fourth = tiny_model(pixel_values=pixel_values).text_embeds
-    assert len(calls) == 3 and not torch.equal(fourth, third)
+    assert stale is first and len(calls) == 2 and not torch.equal(third, first)
+    torch.testing.assert_close(third, tiny_model._compute_prompt_embeds(), rtol=0, atol=0)
     tiny_model.train()
     tiny_model(pixel_values=pixel_values)
     tiny_model(pixel_values=pixel_values)
-    assert len(calls) == 5  # always recomputed in training mode
+    assert len(calls) == 5  # always recomputed in training mode (call 3 was the reference just above)
+
+
+def test_prompt_cache_refreshed_after_training_steps_loading_and_moving(tiny_model, monkeypatch):
+    pixel_values = torch.randn(1, 3, 64, 64)
+
+    def eval_embeds():
+        with torch.no_grad():
+            return tiny_model(pixel_values=pixel_values).text_embeds
+
+    first = eval_embeds()
+    # An optimizer step in training mode, then back to eval mode: the new prompts are used.
+    tiny_model.train()
+    optimizer = torch.optim.SGD([p for p in tiny_model.parameters() if p.requires_grad], lr=1.0)
+    tiny_model(pixel_values=pixel_values, labels=torch.tensor([1])).loss.backward()
+    optimizer.step()
+    tiny_model.eval()
+    after_step = eval_embeds()
+    assert not torch.equal(after_step, first)
+    torch.testing.assert_close(after_step, tiny_model._compute_prompt_embeds(), rtol=0, atol=0)
+    # load_state_dict (e.g. an adapter) in eval mode.
+    state = {name: tensor.clone() for name, tensor in tiny_model.state_dict().items()}
+    state["prompt_learner.normal_context"] += 1.0
+    tiny_model.load_state_dict(state)
+    after_loading = eval_embeds()
+    assert not torch.equal(after_loading, after_step)
+    torch.testing.assert_close(after_loading, tiny_model._compute_prompt_embeds(), rtol=0, atol=0)
+    # Casting (and moving: `to` goes through the same `_apply`).
+    tiny_model.to(torch.float64)
+    assert eval_embeds().dtype == torch.float64
+    calls = count_prompt_encodings(tiny_model, monkeypatch)
+    eval_embeds()
+    tiny_model.to("cpu")
+    eval_embeds()
+    assert len(calls) == 1  # `to` clears the cache even when nothing moves: the rule has no exceptions
+
+
+def test_prompt_cache_filled_in_inference_mode_is_not_reused_with_autograd(tiny_model):
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        tiny_model(pixel_values=pixel_values)
+    with torch.no_grad():
+        embeds = tiny_model(pixel_values=pixel_values).text_embeds
+    assert not embeds.is_inference()
 
 
 def test_given_prompt_embeddings_skip_the_text_encoder(tiny_model, monkeypatch):
@@ -328,7 +390,7 @@ def test_autocast_half_precision(tiny_model, dtype):
     with torch.no_grad():
         with torch.autocast("cpu", dtype=dtype):
             out = tiny_model(pixel_values=pixel_values)  # first call: the prompts are encoded under autocast
-        tiny_model._prompt_embeds_cache = None  # the reference encodes them afresh, without autocast
+        tiny_model.invalidate_prompt_cache()  # the reference encodes them afresh, without autocast
         reference = tiny_model(pixel_values=pixel_values)
     # The prompt embeddings are computed outside autocast: float32 and the same as without autocast.
     assert out.text_embeds.dtype == torch.float32 and torch.equal(out.text_embeds, reference.text_embeds)
@@ -370,3 +432,50 @@ def test_position_embeddings_resized_to_the_input_grid(tiny_config_factory, mode
     torch.testing.assert_close(
         embedded[0, 0], embeddings.class_embedding + embeddings.position_embedding.weight[0], rtol=0, atol=0
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What loading says
+# ---------------------------------------------------------------------------------------------------------------------
+
+TRANSFORMERS_WARNINGS = ("to instantiate a model of type", "LOAD REPORT", "newly initialized", "downstream task")
+
+
+def test_loading_a_clip_checkpoint_says_what_happened_in_one_line(clip_checkpoint, transformers_logs):
+    HeadCLIPModel.from_pretrained(clip_checkpoint, image_size=64)
+    assert not any(warning in transformers_logs.text for warning in TRANSFORMERS_WARNINGS)
+    lines = [record for record in transformers_logs.records if "HeadCLIP parameters" in record.getMessage()]
+    assert [(record.levelname, record.getMessage()) for record in lines] == [
+        ("INFO", f"loaded CLIP weights from {clip_checkpoint}; HeadCLIP parameters initialised (untrained)")
+    ]
+
+
+def test_loading_an_adapter_says_so_in_one_line(clip_checkpoint, transformers_logs, tmp_path):
+    model = HeadCLIPModel.from_pretrained(clip_checkpoint, image_size=64)
+    save_headclip_adapter(model, tmp_path / "adapter")
+    transformers_logs.clear()
+    load_headclip_model(tmp_path / "adapter")
+    assert not any(warning in transformers_logs.text for warning in (*TRANSFORMERS_WARNINGS, "untrained"))
+    assert f"loaded adapter {tmp_path / 'adapter'} onto {clip_checkpoint}" in transformers_logs.text
+
+
+def test_a_headclip_checkpoint_loads_silently(headclip_checkpoint, transformers_logs):
+    HeadCLIPModel.from_pretrained(headclip_checkpoint)
+    assert not [record for record in transformers_logs.records if record.levelno >= logging.WARNING]
+    assert "HeadCLIP parameters" not in transformers_logs.text
+
+
+def test_other_loading_problems_keep_transformers_report(clip_checkpoint, transformers_logs):
+    weights = load_file(clip_checkpoint / "model.safetensors")
+    del weights["visual_projection.weight"]  # a CLIP weight: its absence is a real problem
+    save_file(weights, clip_checkpoint / "model.safetensors", metadata={"format": "pt"})
+    HeadCLIPModel.from_pretrained(clip_checkpoint, image_size=64)
+    reports = [record for record in transformers_logs.records if "LOAD REPORT" in record.getMessage()]
+    assert len(reports) == 1 and reports[0].levelname == "WARNING"
+    assert "visual_projection.weight" in reports[0].getMessage()
+    assert "untrained" not in transformers_logs.text
+
+
+def test_pixel_values_of_a_size_between_patch_multiples_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="pixel_values width 60 is not a multiple of the patch size 8: use 56 or 64"):
+        tiny_model(pixel_values=torch.randn(1, 3, 64, 60))

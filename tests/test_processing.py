@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, CLIPConfig, CLIPTokenizer
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from headclip_hf import HeadCLIPProcessor
+from headclip_hf import HeadCLIPConfig, HeadCLIPProcessor
 from headclip_hf.processing_headclip import to_binary_mask, to_rgb_image
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
@@ -153,3 +154,59 @@ def test_save_load_round_trip_keeps_the_working_size(tmp_path, clip_tokenizer):
     assert loaded.prompt_token_ids("damaged object.") == [13568, 14115, 269]
     image = Image.fromarray(rgb_reference())
     assert torch.equal(loaded(images=image)["pixel_values"], processor(images=image)["pixel_values"])
+
+
+@pytest.fixture
+def clip_folder(tmp_path, clip_tokenizer_dir):
+    """A plain CLIP checkpoint's processing files and config (ViT with patch 16), as on the Hub."""
+    path = tmp_path / "clip"
+    CLIPConfig(vision_config=dict(patch_size=16)).save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(path)
+    CLIPTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(path)
+    return path
+
+
+def test_working_size_comes_from_the_checkpoints_config(clip_folder, tmp_path, clip_tokenizer, tiny_config_factory):
+    processor = HeadCLIPProcessor.from_pretrained(clip_folder)
+    assert processor.image_size == HeadCLIPConfig.from_pretrained(clip_folder).image_size == 512  # patch 16
+    assert processor.patch_size == 16 and processor.image_processor.size == {"height": 512, "width": 512}
+    # A HeadCLIP checkpoint: its config's working size, whatever size the processor was saved at.
+    headclip = tmp_path / "headclip"
+    tiny_config_factory(image_size=96).save_pretrained(headclip)
+    HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=64).save_pretrained(headclip)
+    assert HeadCLIPProcessor.from_pretrained(headclip).image_size == 96
+
+
+@pytest.mark.parametrize("size", [224, {"height": 224, "width": 224}])
+def test_size_keyword_sets_the_working_size(clip_folder, tmp_path, size):
+    HeadCLIPProcessor.from_pretrained(clip_folder).save_pretrained(tmp_path / "headclip")
+    for processor in (
+        HeadCLIPProcessor.from_pretrained(clip_folder, size=size),
+        AutoProcessor.from_pretrained(tmp_path / "headclip", size=size),
+    ):
+        assert isinstance(processor, HeadCLIPProcessor) and processor.image_size == 224
+        pixel_values = processor(images=Image.fromarray(rgb_reference()))["pixel_values"]
+        assert pixel_values.shape == (1, 3, 224, 224)
+    assert HeadCLIPProcessor.from_pretrained(clip_folder, image_size=224).image_size == 224
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(size=225), "image_size=225 is invalid: 225 is not a multiple of the patch size 16: use 224 or 240"),
+        (dict(image_size=31), "image_size=31 is invalid: 31 is not a multiple of the patch size 16: use 16 or 32"),
+        (dict(size={"shortest_edge": 224}), "is not a HeadCLIP working size: images are resized to a square"),
+        (dict(size={"height": 224, "width": 320}), "is not a HeadCLIP working size"),
+        (dict(size=224, image_size=256), "size=224 and image_size=256 disagree"),
+        (dict(crop_size=224), r"unknown keyword arguments \['crop_size'\]: it takes size, image_size, cache_dir"),
+    ],
+)
+def test_sizes_and_keywords_that_would_be_ignored_are_refused(clip_folder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HeadCLIPProcessor.from_pretrained(clip_folder, **kwargs)
+
+
+def test_processor_built_for_a_patch_size_checks_its_size(clip_tokenizer):
+    with pytest.raises(ValueError, match="image_size=60 is invalid: 60 is not a multiple of the patch size 8"):
+        HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=60, patch_size=8)
+    assert HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=60).image_size == 60  # patch size unknown

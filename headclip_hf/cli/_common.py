@@ -4,17 +4,19 @@
 import argparse
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 from accelerate import PartialState
+from PIL import Image
 
 from ..adapters import load_headclip_model_and_processor
-from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
-from ..data import IMAGE_EXTENSIONS, LAYOUTS, load_anomaly_dataset
+from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
+from ..data import IMAGE_EXTENSIONS, LAYOUTS, image_files, load_anomaly_dataset
 from ..inference import INFERENCE_DTYPES, prepare_for_inference
 from ..modeling_headclip import HeadCLIPModel
 from ..processing_headclip import HeadCLIPProcessor
@@ -107,8 +109,9 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
     """
     Expand `patterns` (image files, folders, glob patterns with `*`, `?`, `[...]` and `**`) into image files.
 
-    A folder contributes its image files (by extension, not recursive); a glob its matching files. Files keep the
-    order of the patterns, sorted within a folder or glob, without duplicates.
+    A folder contributes its image files (`headclip_hf.data.image_files`: by extension, not recursive, hidden files
+    skipped); a glob its matching files. Broken symbolic links are kept, so that reading them fails and they are
+    reported. Files keep the order of the patterns, sorted within a folder or glob, without duplicates.
 
     Returns:
         The files, and `(pattern, reason)` for each pattern that gives no image (missing path, empty folder, no match).
@@ -118,12 +121,12 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
     for pattern in patterns:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = image_files(path)
             reason = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"
-        elif path.is_file():
+        elif path.exists() or path.is_symlink():
             found, reason = [path], ""
         elif glob.has_magic(pattern):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if not Path(p).is_dir())
             reason = "no file matches this pattern"
         else:
             found, reason = [], "no such file or folder"
@@ -148,7 +151,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) ->
     )
     group.add_argument("--adapter", help="HeadCLIP adapter folder to load on top of --model, e.g. runs/mvtec/adapter")
     group.add_argument(
-        "--image_size", type=positive_int, help="working input size in pixels (default: the model's, 518)"
+        "--image_size",
+        type=positive_int,
+        help=f"working input size in pixels, a multiple of the patch size (default: the model's, {DEFAULT_IMAGE_SIZE} "
+        "for ViT-L/14)",
     )
     if device:
         group.add_argument(
@@ -248,13 +254,18 @@ def load_data(args: argparse.Namespace) -> datasets.Dataset | datasets.IterableD
         raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
 
 
-def add_output_dir_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
-    """`--output_dir` (also `--out`) and `--overwrite` for a command that writes a folder."""
+def add_output_dir_argument(
+    parser: argparse.ArgumentParser, default: str | None, what: str, required: bool | None = None
+) -> None:
+    """
+    `--output_dir` (also `--out`) and `--overwrite` for a command that writes a folder; `--output_dir` is required
+    when there is no `default`, unless `required=False`.
+    """
     parser.add_argument(
         "--output_dir",
         "--out",
         default=default,
-        required=default is None,
+        required=default is None if required is None else required,
         help=f"output folder for {what}" + (f" (default: {default})" if default else ""),
     )
     parser.add_argument(
@@ -273,6 +284,77 @@ def process_state(device: str | torch.device | None = None) -> PartialState:
     on_cpu = device is not None and torch.device(device).type == "cpu"
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return PartialState(cpu=on_cpu or (launched and not (torch.cuda.is_available() or torch.xpu.is_available())))
+
+
+def add_max_image_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    """`--max_image_pixels`, for the commands that read image files (see [`image_pixel_limit`])."""
+    parser.add_argument(
+        "--max_image_pixels",
+        type=positive_int,
+        help="largest image, in pixels, that is read (PIL.Image.MAX_IMAGE_PIXELS; default PIL's, "
+        f"{Image.MAX_IMAGE_PIXELS}: PIL refuses images of more than twice this as decompression bombs, and such files "
+        "are reported as unreadable); raise it for huge images you trust",
+    )
+
+
+@contextmanager
+def image_pixel_limit(max_image_pixels: int | None) -> Iterator[None]:
+    """Set `PIL.Image.MAX_IMAGE_PIXELS` to `max_image_pixels` (unless `None`) for the block, then restore it."""
+    previous = Image.MAX_IMAGE_PIXELS
+    if max_image_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _available_devices() -> list[str]:
+    devices = ["cpu"]
+    for device_type in ("cuda", "mps", "xpu"):
+        backend = getattr(torch, device_type, None)
+        if backend is not None and backend.is_available():
+            count = backend.device_count()
+            devices += [device_type] if count <= 1 else [f"{device_type}:{index}" for index in range(count)]
+    return devices
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """
+    The device `--device name` names, checked before any model is loaded; by default the first accelerator, else the
+    CPU (accelerate's choice, which `accelerate launch` sets per process; see [`process_state`]).
+
+    Raises:
+        `CommandError`: `name` is not a device, or names one this machine does not have (e.g. `cuda` without CUDA);
+            the message lists the devices there are.
+    """
+    if name is None:
+        return process_state().device
+    available = ", ".join(_available_devices())
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CommandError(
+            f"--device {name!r} is not a device: use cpu, cuda, cuda:N, mps or xpu. This machine has: {available}."
+        ) from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available"):
+        raise CommandError(
+            f"--device {name!r}: {device.type} devices cannot run a model here; this machine has: {available}."
+        )
+    if not backend.is_available():
+        raise CommandError(
+            f"--device {name!r}: {device.type} is not available on this machine (this PyTorch {torch.__version__} "
+            f"build or its drivers do not provide it). This machine has: {available}."
+        )
+    if device.index is not None and device.index >= backend.device_count():
+        raise CommandError(
+            f"--device {name!r}: there are {backend.device_count()} {device.type} devices, numbered from 0. This "
+            f"machine has: {available}."
+        )
+    return device
 
 
 def add_output_file_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
@@ -302,12 +384,15 @@ def load_model_and_processor(
     """
     Load a HeadCLIP (`load_headclip_model`: a checkpoint, an adapter folder, or a checkpoint plus `adapter`) in eval
     mode on `device` with its weights in `dtype`, optionally compiled (`prepare_for_inference`), and the processor of
-    the checkpoint it came from, at the model's working size.
+    the checkpoint it came from, at the model's working size. A device name (`--device`) is checked with
+    [`resolve_device`] before anything loads; commands that do other work first check it earlier themselves.
 
     Raises:
-        `CommandError`: the model or processor cannot be loaded (no network and no local copy, a wrong path, ...); the
-            message says how to work offline.
+        `CommandError`: the device is not available, or the model or processor cannot be loaded (no network and no
+            local copy, a wrong path, ...); the message says how to work offline.
     """
+    if not isinstance(device, torch.device):
+        device = resolve_device(device)
     try:
         model, processor = load_headclip_model_and_processor(model_name_or_path, adapter, image_size)
     except ValueError as error:  # e.g. a malformed adapter folder
@@ -320,4 +405,4 @@ def load_model_and_processor(
             "with `hf download` on a connected machine): --model /path/to/local/folder. HF_HUB_OFFLINE=1 is "
             "honoured: the Hub is then not contacted and only local folders and the local Hugging Face cache are used."
         ) from error
-    return prepare_for_inference(model, device or process_state(device).device, dtype, compile), processor
+    return prepare_for_inference(model, device, dtype, compile), processor

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..adapters import ADAPTER_OUTPUT, is_headclip_adapter, save_headclip_adapter
 from ..calibration import DEFAULT_TARGET_FPR, METHODS, CalibrationResult, calibrate, check_calibration_data
+from ..conversion import HEADCLIP_MODEL_OUTPUT
 from ..data import LAYOUTS, load_anomaly_dataset
 from ..files import OutputKind, check_output_folder, output_folder
 from ._common import (
@@ -20,28 +21,9 @@ from ._common import (
 
 CALIBRATION_JSON = "calibration.json"
 CALIBRATED_ADAPTER_OUTPUT = OutputKind("calibrated HeadCLIP adapter", ADAPTER_OUTPUT.entries | {CALIBRATION_JSON})
-# What `save_pretrained` of the model and of its processor write (remote code included), and the calibration record.
+# A HeadCLIP model folder (`save_pretrained` of the model and of its processor) and the calibration record.
 CALIBRATED_MODEL_OUTPUT = OutputKind(
-    "calibrated HeadCLIP model",
-    frozenset(
-        {
-            "config.json",
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "configuration_headclip.py",
-            "modeling_headclip.py",
-            "processing_headclip.py",
-            "image_utils_headclip.py",
-            "processor_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "vocab.json",
-            "merges.txt",
-            CALIBRATION_JSON,
-        }
-    ),
-    patterns=("model-*-of-*.safetensors",),
+    "calibrated HeadCLIP model", HEADCLIP_MODEL_OUTPUT.entries | {CALIBRATION_JSON}, HEADCLIP_MODEL_OUTPUT.patterns
 )
 
 EPILOG = f"""examples:

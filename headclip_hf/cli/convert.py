@@ -6,6 +6,7 @@ import logging
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from ..conversion import ANOMALYCLIP_SETTINGS, convert_anomalyclip_checkpoint
+from ._common import add_output_dir_argument
 
 logger = logging.getLogger(__name__)
 
@@ -14,7 +15,9 @@ EPILOG = """examples:
   headclip convert anomalyclip epoch_15.pth --base /models/clip-vit-large-patch14-336 --output_dir adapter/ --adapter
 
 Writes a HeadCLIP save_pretrained folder (or, with --adapter, a HeadCLIP adapter of --base) that computes what
-AnomalyCLIP computes; use it with --model in the other commands. AnomalyCLIP's own flag names (--n_ctx, --depth,
+AnomalyCLIP computes; use it with --model in the other commands. The output folder is checked before anything loads;
+an earlier output there is replaced, a folder with other files is refused unless --overwrite. The checkpoint is read
+with torch.load(weights_only=True): tensors only, nothing is unpickled. AnomalyCLIP's own flag names (--n_ctx, --depth,
 --t_n_ctx) are accepted too."""
 
 
@@ -37,8 +40,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     anomalyclip.add_argument(
         "--base", default=DEFAULT_CLIP_CHECKPOINT, help="the CLIP the checkpoint was trained on (%(default)s)"
     )
-    anomalyclip.add_argument(
-        "--output_dir", "--out", required=True, help="output folder: a complete HeadCLIP save_pretrained folder"
+    add_output_dir_argument(
+        anomalyclip, None, "a complete HeadCLIP save_pretrained folder (with --adapter: an adapter)"
     )
     anomalyclip.add_argument(
         "--adapter", action="store_true", help="write only the HeadCLIP parameters, as a HeadCLIP adapter of --base"
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         deep_prompt_length=args.deep_prompt_length,
         image_size=args.image_size,
         adapter=args.adapter,
+        overwrite=args.overwrite,
     )
     logger.info("Converted %s (base %s) to %s", args.checkpoint, args.base, args.output_dir)
     return 0

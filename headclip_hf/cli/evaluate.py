@@ -13,6 +13,7 @@ from ..evaluation_report import (
     write_evaluation_report,
 )
 from ..files import OutputKind, check_output_folder, output_folder
+from ..provenance import evaluation_provenance
 from ..reporting import (
     K_SHOT_JSON,
     K_SHOT_MARKDOWN,
@@ -27,13 +28,16 @@ from ..reporting import (
 from ._common import (
     CommandError,
     add_data_arguments,
+    add_max_image_pixels_argument,
     add_model_arguments,
     add_output_dir_argument,
     add_speed_arguments,
+    image_pixel_limit,
     load_data,
     load_model_and_processor,
     positive_int,
     process_state,
+    resolve_device,
 )
 
 EVALUATE_OUTPUT = OutputKind(
@@ -43,6 +47,12 @@ EVALUATE_OUTPUT = OutputKind(
 K_SHOT_OUTPUT = OutputKind(
     "headclip evaluate --k_shot output", frozenset({K_SHOT_JSON, K_SHOT_MARKDOWN}), patterns=("seed_*",)
 )
+
+
+def evaluate_output_kind(k_shot: int | None) -> OutputKind:
+    """What `headclip evaluate` writes in its output folder: zero-shot results, or with `--k_shot` k-shot ones."""
+    return EVALUATE_OUTPUT if k_shot is None else K_SHOT_OUTPUT
+
 
 EPILOG = f"""examples:
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec
@@ -80,6 +90,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
     parser.add_argument("--no_plots", action="store_true", help="write the table and JSON only")
+    add_max_image_pixels_argument(parser)
     parser.add_argument(
         "--report",
         action="store_true",
@@ -104,6 +115,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `headclip evaluate`: check the inputs, load the data and the model, evaluate, write the results."""
     if args.k_shot_seeds is not None and args.k_shot is None:
         raise CommandError("--k_shot_seeds draws few-shot references: pass --k_shot K too")
     if args.report and args.k_shot is not None:
@@ -113,36 +125,43 @@ def run(args: argparse.Namespace) -> int:
     if args.report and args.streaming:
         raise CommandError("--report shows the gallery images again, which a stream cannot: leave out --streaming")
     seeds = args.k_shot_seeds or [0]
-    output_kind = EVALUATE_OUTPUT if args.k_shot is None else K_SHOT_OUTPUT
+    output_kind = evaluate_output_kind(args.k_shot)
     state = process_state(args.device)
     if state.is_main_process:
         check_output_folder(args.output_dir, output_kind, args.overwrite)
-    dataset = load_data(args)
-    training_normals = None
-    if args.k_shot is not None:  # the references are drawn (and checked) before the model loads
-        training_normals = load_training_normals(args.data, layout=args.layout)
-        draw_k_shot_references(dataset, args.k_shot, seeds, training_normals)
-    model, processor = load_model_and_processor(
-        args.model, args.adapter, args.image_size, args.device, args.dtype, args.compile
-    )
-    if args.k_shot is None:
-        results = evaluate_model(model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers)
-        save, to_markdown = save_results, results_to_markdown
-    else:
-        results = evaluate_k_shot(
-            model,
-            processor,
-            dataset,
-            k_shot=args.k_shot,
-            seeds=seeds,
-            reference_dataset=training_normals,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
+    device = resolve_device(args.device)
+    with image_pixel_limit(args.max_image_pixels):
+        dataset = load_data(args)
+        training_normals = None
+        if args.k_shot is not None:  # the references are drawn (and checked) before the model loads
+            training_normals = load_training_normals(args.data, layout=args.layout)
+            draw_k_shot_references(dataset, args.k_shot, seeds, training_normals)
+        model, processor = load_model_and_processor(
+            args.model, args.adapter, args.image_size, device, args.dtype, args.compile
         )
-        save, to_markdown = save_k_shot_results, k_shot_results_to_markdown
+        if args.k_shot is None:
+            results = evaluate_model(
+                model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers
+            )
+            save, to_markdown = save_results, results_to_markdown
+        else:
+            results = evaluate_k_shot(
+                model,
+                processor,
+                dataset,
+                k_shot=args.k_shot,
+                seeds=seeds,
+                reference_dataset=training_normals,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+            )
+            save, to_markdown = save_k_shot_results, k_shot_results_to_markdown
     if state.is_main_process:  # under `accelerate launch` every process holds the gathered results
+        provenance = evaluation_provenance(
+            model, processor, data_source=args.data, model_name_or_path=args.model, adapter=args.adapter
+        )
         with output_folder(args.output_dir, output_kind, args.overwrite) as staging:
-            written = save(results, staging, plots=not args.no_plots)
+            written = save(results, staging, plots=not args.no_plots, provenance=provenance)
             if args.report:
                 written |= write_evaluation_report(
                     staging,

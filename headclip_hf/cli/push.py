@@ -5,12 +5,31 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import torch
+from huggingface_hub import ModelCard
+
 from ..adapters import is_peft_adapter
 from ..files import check_output_folder
-from ..hub import DEFAULT_LICENSE, render_model_card, save_hub_folder, upload_hub_folder
+from ..hub import (
+    DEFAULT_LICENSE,
+    HUB_FOLDER_OUTPUT,
+    check_repo_id,
+    check_upload_access,
+    render_model_card,
+    save_hub_folder,
+    upload_hub_folder,
+)
+from ..modeling_headclip import HeadCLIPModel
+from ..provenance import check_results_provenance
 from ..reporting import RESULTS_JSON, RESULTS_MARKDOWN
 from ..space import SPACE_OUTPUT, publish_space
-from ._common import CommandError, add_model_arguments, load_model_and_processor
+from ._common import (
+    CommandError,
+    add_model_arguments,
+    add_output_dir_argument,
+    load_model_and_processor,
+    resolve_device,
+)
 
 EPILOG = """examples:
   headclip push --model runs/mvtec/adapter --results eval/visa --train_dataset "MVTec AD" --eval_dataset VisA \\
@@ -24,7 +43,8 @@ AutoModel/pipeline(..., trust_remote_code=True) without headclip_hf), or with --
 plus the processor, the model card (README.md, metrics in its table and model-index metadata) and the evaluation
 run under evaluation/. With --space, a Gradio Space (the `headclip demo` app, the package's source, the sample images)
 that loads the model is uploaded after it; with --dry_run it is only written, to --space_dir. Log in first
-(`hf auth login`) or pass --token."""
+(`hf auth login`) or pass --token. The repository ids, the output folders and (unless --dry_run) the Hub login are
+checked before the model loads."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -50,8 +70,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dry_run", action="store_true", help="write the repository folder to --output_dir, no upload"
     )
-    parser.add_argument(
-        "--output_dir", "--out", help="where to write the repository folder (default: a temporary folder)"
+    add_output_dir_argument(
+        parser, None, "the repository folder (default: a temporary folder; --dry_run needs it)", required=False
     )
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--revision", help="branch to push to (created if missing; default: main)")
@@ -68,8 +88,52 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `headclip push`: check the inputs, load the model, write the repository folder, upload it."""
+    device = _check_inputs(args)
+    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, device)
+    check_results_provenance(Path(args.results) / RESULTS_JSON, model)  # the numbers published must be this model's
+    base_model = _base_model(args, model)
+    card = _model_card(args, model, base_model)
+    with tempfile.TemporaryDirectory(prefix="headclip-push-") as temporary:
+        folder = Path(args.output_dir or Path(temporary) / "repo")
+        save_hub_folder(
+            model,
+            processor,
+            folder,
+            card,
+            args.results,
+            adapter_only=args.adapter_only,
+            base_model=base_model,
+            overwrite=args.overwrite,
+        )
+        if args.dry_run:
+            print(f"Dry run: wrote the repository folder for {args.repo_id} to {folder}; nothing was uploaded.")
+            _publish_space(args)
+            return 0
+        url = upload_hub_folder(
+            folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            token=args.token,
+            commit_message=args.commit_message,
+            output_kind=HUB_FOLDER_OUTPUT,
+        )
+    print(f"Uploaded {args.repo_id}: {url}")
+    _publish_space(args)
+    return 0
+
+
+def _check_inputs(args: argparse.Namespace) -> torch.device:
+    """
+    Everything that can be refused before the model loads: the repository id, the evaluation results, the kind of
+    adapter, the output folder, the device and (for an upload) the Hub login. Returns the device.
+    """
     if args.dry_run and args.output_dir is None:
         raise CommandError("--dry_run writes the repository folder to --output_dir: pass --output_dir DIR.")
+    for repo_id in (args.repo_id, args.space):
+        if repo_id is not None:
+            check_repo_id(repo_id)
     if args.space is not None and args.dry_run and args.space_dir is None:
         raise CommandError("--dry_run writes the Space folder to --space_dir: pass --space_dir DIR.")
     if args.space is not None and args.space_dir is not None:
@@ -85,16 +149,29 @@ def run(args: argparse.Namespace) -> int:
             "A LoRA (PEFT) adapter changes the CLIP backbone, which a HeadCLIP adapter does not hold: publish the "
             "full model (without --adapter_only)."
         )
-    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, "cpu")
+    if args.output_dir is not None:
+        check_output_folder(args.output_dir, HUB_FOLDER_OUTPUT, args.overwrite)
+    device = resolve_device(args.device or "cpu")
+    if not args.dry_run:
+        check_upload_access(args.token)
+    return device
+
+
+def _base_model(args: argparse.Namespace, model: HeadCLIPModel) -> str | None:
+    """The Hub id of the base CLIP the card and an adapter-only repository name (`--base_model`, else the origin)."""
     base_model = args.base_model or _hub_id_or_none(model.config._name_or_path)
     if args.adapter_only and base_model is None:
         raise CommandError(
             f"The model came from the local folder {model.config._name_or_path}: an adapter-only repository must name "
             "its base on the Hub, pass --base_model (e.g. openai/clip-vit-large-patch14-336)."
         )
-    card = render_model_card(
+    return base_model
+
+
+def _model_card(args: argparse.Namespace, model: HeadCLIPModel, base_model: str | None) -> ModelCard:
+    return render_model_card(
         model,
-        results_dir,
+        args.results,
         repo_id=args.repo_id,
         train_dataset=args.train_dataset,
         eval_dataset=args.eval_dataset,
@@ -102,29 +179,6 @@ def run(args: argparse.Namespace) -> int:
         base_model=base_model,
         adapter_only=args.adapter_only,
     )
-    with tempfile.TemporaryDirectory(prefix="headclip-push-") as staging:
-        folder = Path(args.output_dir or Path(staging) / "repo")
-        try:
-            save_hub_folder(
-                model, processor, folder, card, results_dir, adapter_only=args.adapter_only, base_model=base_model
-            )
-        except FileExistsError as error:
-            raise CommandError(str(error)) from error
-        if args.dry_run:
-            print(f"Dry run: wrote the repository folder for {args.repo_id} to {folder}; nothing was uploaded.")
-            _publish_space(args)
-            return 0
-        url = upload_hub_folder(
-            folder,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            token=args.token,
-            commit_message=args.commit_message,
-        )
-    print(f"Uploaded {args.repo_id}: {url}")
-    _publish_space(args)
-    return 0
 
 
 def _publish_space(args: argparse.Namespace) -> None:

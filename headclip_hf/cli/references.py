@@ -16,10 +16,10 @@ from ._common import (
     CommandError,
     add_model_arguments,
     add_output_file_argument,
+    collect_images,
     load_model_and_processor,
     positive_int,
 )
-from .detect import collect_images
 
 DEFAULT_OUTPUT_FILE = "references.safetensors"
 

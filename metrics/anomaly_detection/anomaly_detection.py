@@ -117,7 +117,12 @@ class AnomalyDetection(evaluate.Metric):
     def add_batch(self, *, categories, labels, scores, masks=None, anomaly_maps=None, mask_valid=None):
         """Add a batch of B images (arguments below); only fixed-size per-category statistics are kept."""
         self._accumulator.update(
-            category=categories, labels=labels, scores=scores, masks=masks, maps=anomaly_maps, mask_valid=mask_valid
+            categories=categories,
+            labels=labels,
+            scores=scores,
+            masks=masks,
+            anomaly_maps=anomaly_maps,
+            mask_valid=mask_valid,
         )
 
     def add(self, *, category, label, score, mask=None, anomaly_map=None):

@@ -1,0 +1,120 @@
+# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
+"""Provenance of evaluation results: which model produced them, on which data, at which size, with which version.
+
+`headclip evaluate` writes `evaluation_provenance(...)` into `results.json` under "provenance". Its key is
+`headclip_parameters_hash(model)`, the SHA-256 of the HeadCLIP parameters (the prompt learner and the head weights,
+what training changes): `headclip push --results` publishes a run only when this hash equals the pushed model's
+(`check_results_provenance`), so that numbers on the Hub are the model's own. During LoRA training the model is a PEFT
+model whose HeadCLIP modules are trained copies (`modules_to_save`): the hash reads those copies, so it equals the
+hash of the merged model that is published. LoRA weights of the backbone are not part of the hash.
+"""
+
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .modeling_headclip import HEADCLIP_MODULES, HeadCLIPModel
+from .reporting import PROVENANCE_KEY
+
+
+def headclip_parameters_hash(model: nn.Module) -> str:
+    """
+    The SHA-256 hex digest of the HeadCLIP parameters of `model` (a `HeadCLIPModel`, or a PEFT model wrapping one):
+    each tensor's name (as in `headclip_hf.adapters.headclip_state_dict`), shape and float32 values, in name order.
+    It does not depend on the device, nor on the dtype of a float32 model cast back to float32.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tensors = {}
+    for module_name in HEADCLIP_MODULES:
+        module = _module_in_use(getattr(base, module_name))
+        tensors.update({f"{module_name}.{name}": tensor for name, tensor in module.state_dict().items()})
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        digest.update(f"{name}:{tuple(values.shape)}\n".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def _module_in_use(module: nn.Module) -> nn.Module:
+    """The module that computes: the active trained copy of a PEFT `ModulesToSaveWrapper`, else `module` itself."""
+    copies = getattr(module, "modules_to_save", None)
+    if copies is None:
+        return module
+    active = module.active_adapter
+    return copies[active if isinstance(active, str) else active[0]]
+
+
+def evaluation_provenance(
+    model: nn.Module,
+    processor: Any,
+    *,
+    data_source: str | os.PathLike,
+    model_name_or_path: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """
+    The provenance record of an evaluation run of `model`.
+
+    Args:
+        model (`HeadCLIPModel`):
+            The evaluated model (or a PEFT model wrapping one, during LoRA training).
+        processor (`HeadCLIPProcessor`):
+            The processor that prepared the images; its size is the run's image size.
+        data_source (`str` or `os.PathLike`):
+            Where the data came from: a folder, a file or a Hub id.
+        model_name_or_path (`str` or `os.PathLike`, *optional*):
+            The checkpoint or adapter folder as the user named it; by default the one `model` was loaded from.
+        adapter (`str` or `os.PathLike`, *optional*):
+            The adapter loaded on top of `model_name_or_path`, if any.
+
+    Returns:
+        `dict`: `{"model": {"name_or_path", "adapter", "headclip_parameters_sha256"}, "image_size", "data_source",
+        "headclip_hf_version", "date"}` (the date in UTC, ISO 8601).
+    """
+    from . import __version__
+
+    return {
+        "model": {
+            "name_or_path": str(model_name_or_path or model.config.name_or_path),
+            "adapter": None if adapter is None else str(adapter),
+            "headclip_parameters_sha256": headclip_parameters_hash(model),
+        },
+        "image_size": processor.image_size,
+        "data_source": str(data_source),
+        "headclip_hf_version": __version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def check_results_provenance(results_file: str | os.PathLike, model: HeadCLIPModel) -> None:
+    """
+    Check that the evaluation run in `results_file` (a `results.json`) was computed with the HeadCLIP parameters of
+    `model`.
+
+    Raises:
+        `ValueError`: naming the file, when it records no provenance or another parameter hash than `model`'s.
+    """
+    results_file = Path(results_file)
+    provenance = json.loads(results_file.read_text()).get(PROVENANCE_KEY)
+    rerun = "evaluate this model (`headclip evaluate DATA --model ... --output_dir DIR`) and pass that DIR instead."
+    if not isinstance(provenance, dict) or "headclip_parameters_sha256" not in provenance.get("model", {}):
+        raise ValueError(f"{results_file} does not say which model produced it (no {PROVENANCE_KEY!r}): {rerun}")
+    recorded = provenance["model"]
+    expected = headclip_parameters_hash(model)
+    if recorded["headclip_parameters_sha256"] != expected:
+        adapter = f" with adapter {recorded['adapter']}" if recorded.get("adapter") else ""
+        raise ValueError(
+            f"{results_file} was computed by another model ({recorded.get('name_or_path')}{adapter}, HeadCLIP "
+            f"parameters sha256 {recorded['headclip_parameters_sha256'][:12]}...) than the one being pushed (sha256 "
+            f"{expected[:12]}...): {rerun}"
+        )
+
+
+__all__ = ["check_results_provenance", "evaluation_provenance", "headclip_parameters_hash"]
