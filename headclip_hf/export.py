@@ -103,14 +103,14 @@ def check_export_arguments(
     if format not in EXPORT_FORMATS:
         raise ValueError(f"Unknown export format {format!r}: use one of {', '.join(EXPORT_FORMATS)}.")
     if patch_size is not None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch_size:
-            raise ValueError(f"image_size must be a positive multiple of the patch size {patch_size}: {image_size!r}.")
-        if image_size % patch_size:
-            lower, upper = image_size // patch_size * patch_size, (image_size // patch_size + 1) * patch_size
-            raise ValueError(
-                f"image_size {image_size} is not a multiple of the model's patch size {patch_size}: use e.g. "
-                f"{lower or upper} or {upper}."
-            )
+        from .configuration_headclip import check_image_size
+
+        if isinstance(image_size, bool) or not isinstance(image_size, int):
+            raise ValueError(f"image_size must be an integer, got {image_size!r}.")
+        try:
+            check_image_size(image_size, patch_size)
+        except ValueError as error:
+            raise ValueError(f"image_size {error}.") from error
     extra = FORMAT_EXTRAS[format]
     if extra is not None:
         # OpenVINO IR is converted from the ONNX graph, so both need torch's ONNX exporter (onnx, onnxscript).

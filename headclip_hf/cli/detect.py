@@ -150,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
     process would run, so the numbers do not depend on the process count) and saves its pictures in the main
     process's staging folder; the main process merges the scores and moves the folder into place.
     """
-    state = process_state(args.device)
     with image_pixel_limit(args.max_image_pixels):
         files, failures, few_shot, device = _check_inputs(args)
+        state = process_state(device)
         detector, batch_size, thresholds = _load_detector(args, few_shot, device)
         writing = (
             output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) if state.is_main_process else nullcontext()

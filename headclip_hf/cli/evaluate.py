@@ -126,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--report shows the gallery images again, which a stream cannot: leave out --streaming")
     seeds = args.k_shot_seeds or [0]
     output_kind = evaluate_output_kind(args.k_shot)
-    state = process_state(args.device)
+    device = resolve_device(args.device)
+    state = process_state(device)
     if state.is_main_process:
         check_output_folder(args.output_dir, output_kind, args.overwrite)
-    device = resolve_device(args.device)
     with image_pixel_limit(args.max_image_pixels):
         dataset = load_data(args)
         training_normals = None
