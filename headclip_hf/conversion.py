@@ -77,6 +77,7 @@ HEADCLIP_MODEL_OUTPUT = OutputKind(
             "configuration_headclip.py",
             "modeling_headclip.py",
             "processing_headclip.py",
+            "image_utils_headclip.py",
             "processor_config.json",
             "tokenizer.json",
             "tokenizer_config.json",

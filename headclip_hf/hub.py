@@ -4,8 +4,9 @@
 Two kinds of repository (`save_hub_folder`):
 
 - **Full model** (default): the weights saved by `save_pretrained` (backbone included: `AutoModel` needs them all),
-  the processor, the remote code (`configuration_headclip.py`, `modeling_headclip.py`, `processing_headclip.py`,
-  `pipeline_headclip.py`) and the `custom_pipelines` declaration in `config.json`. It loads without this package:
+  the processor, the remote code (`configuration_headclip.py`, `modeling_headclip.py`, `processing_headclip.py` with
+  `image_utils_headclip.py`, `pipeline_headclip.py`) and the `custom_pipelines` declaration in `config.json`. It
+  loads without this package:
   `AutoModel.from_pretrained(repo, trust_remote_code=True)` or
   `pipeline("zero-shot-anomaly-detection", model=repo, trust_remote_code=True)`.
 - **Adapter only** (`adapter_only=True`): the HeadCLIP parameters alone (`headclip_adapter.safetensors`, ~170 KB for

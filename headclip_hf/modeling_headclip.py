@@ -486,6 +486,7 @@ class HeadCLIPModel(CLIPModel):
         """Every parameter the prompt embeddings depend on (prompt learner, text encoder, text projection)."""
         return [*self.prompt_learner.parameters(), *self.text_model.parameters(), self.text_projection.weight]
 
+    @torch.compiler.disable
     def get_prompt_embeds(self) -> torch.Tensor:
         """
         The L2-normalised (normal, abnormal) prompt embeddings, `(2, P)`, computed outside autocast.
@@ -493,7 +494,8 @@ class HeadCLIPModel(CLIPModel):
         In eval mode, when no gradient can flow to a text-side parameter, they are cached (see the class docstring for
         what clears the cache); a cache filled under `torch.inference_mode` is only reused there, as its tensors
         cannot enter autograd. Otherwise (training mode, or gradients flowing to the prompts) they are computed on
-        every call.
+        every call. A compiled model (`torch.compile`) runs this method eagerly: the cache is Python state, which
+        compiled graphs would otherwise guard on.
         """
         if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self._text_side_parameters())):
             return self._compute_prompt_embeds()
@@ -778,6 +780,7 @@ class HeadCLIPModel(CLIPModel):
         labels: torch.Tensor | None = None,
         mask_valid: torch.Tensor | None = None,
         reference_embeds: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> HeadCLIPOutput | tuple:
         r"""
@@ -797,6 +800,9 @@ class HeadCLIPModel(CLIPModel):
                 map`, the image score follows the joint rule on it, and the output gains `zero_shot_map` and
                 `few_shot_map`. Without them every output is the zero-shot model's. The loss uses the zero-shot
                 `layer_maps` only.
+            prompt_embeds (`torch.FloatTensor` of shape `(2, P)`, *optional*):
+                The (normal, abnormal) prompt embeddings to use instead of `get_prompt_embeds()`; the text encoder is
+                then not run. An exported graph holds them as constants (`headclip_hf.export`).
 
         Returns:
             [`HeadCLIPOutput`].
@@ -820,7 +826,8 @@ class HeadCLIPModel(CLIPModel):
             self.check_reference_embeds(reference_embeds)
         image_size = tuple(pixel_values.shape[-2:])
         class_token, patch_tokens = self.encode_image(pixel_values)
-        prompt_embeds = self.get_prompt_embeds()
+        if prompt_embeds is None:
+            prompt_embeds = self.get_prompt_embeds()
 
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):
             patch_embeds = self.project_patch_tokens(patch_tokens)

@@ -131,31 +131,6 @@ def _first_threshold(
     return fallback, fallback_source
 
 
-def jet_colormap(values: np.ndarray) -> np.ndarray:
-    """
-    The "jet" colour map: values in [0, 1] (clipped) -> uint8 RGB, shape `values.shape + (3,)`. 0 is dark blue
-    (0, 0, 128), 0.5 light green (128, 255, 128), 1 dark red (128, 0, 0); each channel is
-    `clip(1.5 - |4 v - c|, 0, 1)` with c = 3 (red), 2 (green), 1 (blue).
-    """
-    values = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
-    channels = np.clip(1.5 - np.abs(4.0 * values[..., None] - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
-    return np.round(channels * 255.0).astype(np.uint8)
-
-
-def anomaly_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = DEFAULT_HEATMAP_ALPHA) -> Image.Image:
-    """
-    Overlay `anomaly_map` (H, W) in [0, 1] on the RGB `image` of the same size: `(1 - alpha) * image + alpha *
-    jet(map)`, an RGB PIL image (`alpha` 0 gives the image, 1 the coloured map alone).
-    """
-    if anomaly_map.shape != (image.height, image.width):
-        raise ValueError(
-            f"The anomaly map has shape {anomaly_map.shape}, the image is {image.width}x{image.height} (width x "
-            "height): the map must have the image's size (H, W)."
-        )
-    alpha = _check_unit_interval("heatmap_alpha", alpha)
-    return Image.blend(image.convert("RGB"), Image.fromarray(jet_colormap(anomaly_map)), alpha)
-
-
 class ZeroShotAnomalyDetectionPipeline(Pipeline):
     """
     Zero-shot anomaly detection with a HeadCLIP model: per image an anomaly score and label, a pixel anomaly map at the
@@ -374,7 +349,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             "label": LABELS[int(score >= thresholds["threshold"])],
             "anomaly_map": anomaly_map,
             "mask": mask,
-            "heatmap": anomaly_heatmap(image, anomaly_map, heatmap_alpha),
+            "heatmap": self.processor.anomaly_heatmap(image, anomaly_map, heatmap_alpha),
         }
 
 
@@ -392,8 +367,6 @@ __all__ = [
     "TASK",
     "NonFiniteOutputError",
     "ZeroShotAnomalyDetectionPipeline",
-    "anomaly_heatmap",
-    "jet_colormap",
     "register_pipeline",
     "resolve_thresholds",
 ]

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .configuration_headclip import DEFAULT_IMAGE_SIZE, HeadCLIPConfig, check_image_size
+from .image_utils_headclip import ImageLike, anomaly_heatmap, open_image, to_rgb_image
 
-ImageLike = Image.Image | np.ndarray | str | Path
 # Keyword arguments of `HeadCLIPProcessor.from_pretrained` that say where and how to fetch the files (the Hub's and
 # transformers' own, including those `AutoProcessor` and `pipeline` add).
 LOADING_KWARGS = (
@@ -31,79 +31,6 @@ LOADING_KWARGS = (
 )
 
 
-def _open_image(path: str | Path) -> Image.Image:
-    """
-    Read the image file `path` completely. Raises `ValueError` naming the file when it is missing (or a broken
-    symbolic link), not an image, truncated, or larger than PIL's decompression-bomb limit (twice
-    `PIL.Image.MAX_IMAGE_PIXELS` pixels; the commands' `--max_image_pixels`).
-    """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except Image.DecompressionBombError as error:
-        raise ValueError(
-            f"Cannot read image file {str(path)!r}: {error} For a file you trust, raise the limit "
-            f"(--max_image_pixels, PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})."
-        ) from error
-    except (OSError, UnidentifiedImageError) as error:
-        reason = error
-        if Path(path).is_symlink() and not Path(path).exists():
-            reason = f"it is a broken symbolic link (its target {Path(path).readlink()} does not exist)"
-        raise ValueError(f"Cannot read image file {str(path)!r}: {reason}") from error
-
-
-def _image_array_to_unit_range(array: np.ndarray) -> np.ndarray:
-    """
-    Scale image content to float64 in [0, 1]: uint8 by 255, uint16 by 65535, wider integers (PIL mode "I") by 255 or
-    65535 from their content, floats as [0, 1] when they fit, else as [0, 255].
-    """
-    if array.dtype == bool:
-        return array.astype(np.float64)
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ValueError("The image array contains NaN or infinite values.")
-        return np.clip(array / (1.0 if array.max(initial=0.0) <= 1.0 else 255.0), 0.0, 1.0)
-    if array.dtype == np.uint8:
-        return array / 255.0
-    if array.dtype == np.uint16:
-        return array / 65535.0
-    if np.issubdtype(array.dtype, np.integer):
-        return np.clip(array / (255.0 if array.max(initial=0) <= 255 else 65535.0), 0.0, 1.0)
-    raise ValueError(f"Unsupported image array dtype {array.dtype}: use bool, uint8, uint16 or float.")
-
-
-def to_rgb_image(image: ImageLike) -> Image.Image:
-    """
-    Convert an image in any PIL mode (RGB, L, LA, P, RGBA, CMYK, I;16, I, F, ...), a numpy array (HxW, HxWx1, HxWx3,
-    HxWx4; uint8, uint16 or float in [0, 1] or [0, 255]) or an image file path to an 8-bit RGB PIL image. Alpha is
-    dropped; 16-bit and float content is scaled to 8 bits.
-    """
-    if isinstance(image, (str, Path)):
-        image = _open_image(image)
-    if isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            image = np.asarray(image)
-        else:
-            return image.convert("RGB")
-    if not isinstance(image, np.ndarray):
-        raise TypeError(
-            f"Expected a PIL image, a numpy array or a file path, got {type(image).__name__}. "
-            "Convert tensors with `.numpy()` (HxWxC) first."
-        )
-    array = image
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-        raise ValueError(
-            f"Image array of shape {array.shape} is not supported: use HxW, HxWx1, HxWx3 or HxWx4 (channels last)."
-        )
-    if array.ndim == 3:
-        array = array[..., :3]
-    array8 = np.round(_image_array_to_unit_range(array) * 255.0).astype(np.uint8)
-    return Image.fromarray(array8).convert("RGB")
-
-
 def to_binary_mask(mask: ImageLike) -> np.ndarray:
     """
     Convert a ground-truth mask (PIL in any mode: 1, L, P, RGB, I;16, ...; a numpy array; or a file path) to a bool
@@ -117,7 +44,7 @@ def to_binary_mask(mask: ImageLike) -> np.ndarray:
     For colour masks any channel counts.
     """
     if isinstance(mask, (str, Path)):
-        mask = _open_image(mask)
+        mask = open_image(mask)
     array = np.asarray(mask)
     if array.ndim == 3:
         array = array[..., :3].max(axis=-1) if array.shape[-1] in (3, 4) else array[..., 0]
@@ -317,6 +244,14 @@ class HeadCLIPProcessor(ProcessorMixin):
         """
         return to_rgb_image(image)
 
+    @staticmethod
+    def anomaly_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float) -> Image.Image:
+        """
+        The heatmap of an anomaly map `(H, W)` over its RGB `image` ([`anomaly_heatmap`]), for the anomaly-detection
+        pipeline (whose file imports nothing from this package).
+        """
+        return anomaly_heatmap(image, anomaly_map, alpha)
+
     def preprocess_mask(self, mask: ImageLike | None, image_size: tuple[int, int]) -> torch.Tensor:
         """
         A mask for an image of `image_size` (width, height) -> float tensor `(S, S)` in {0, 1}; `None` -> zeros.
@@ -326,7 +261,7 @@ class HeadCLIPProcessor(ProcessorMixin):
         if mask is None:
             return torch.zeros(size, size)
         if isinstance(mask, (str, Path)):
-            mask = _open_image(mask)
+            mask = open_image(mask)
         if _image_size(mask) != tuple(image_size):
             raise ValueError(
                 f"Mask size {_image_size(mask)[0]}x{_image_size(mask)[1]} (width x height) differs from its image's "

@@ -116,39 +116,59 @@ def headclip_checkpoint(tmp_path, tiny_model, clip_tokenizer):
     return path
 
 
-# Prepended to the scripts of `run_without_headclip`: `import headclip_hf` fails there, as on a machine without it.
-_BLOCK_HEADCLIP_IMPORT = textwrap.dedent(
+@pytest.fixture
+def image_folder(tmp_path, test_data_dir):
+    """A folder of three real images of different sizes and formats, one corrupt PNG and a text file."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    bottle = test_data_dir / "mvtec_ad" / "bottle"
+    shutil.copy(bottle / "broken_small" / "000.png", folder / "bottle_broken.png")
+    shutil.copy(bottle / "good" / "000.png", folder / "bottle_good.png")
+    polyp = sorted((test_data_dir / "kvasir_seg" / "colon" / "polyp").iterdir())[0]
+    shutil.copy(polyp, folder / "polyp.jpg")
+    (folder / "corrupt.png").write_bytes((bottle / "good" / "001.png").read_bytes()[:2000])  # truncated
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+# Prepended to the scripts of `run_without_headclip` and `run_without_torch`: importing the module BLOCKED (or one of
+# its submodules) fails there, as on a machine without it.
+_BLOCK_IMPORT = textwrap.dedent(
     """
     import sys
 
-    class BlockHeadCLIP:
+    BLOCKED = {blocked!r}
+
+    class BlockImport:
         def find_spec(self, name, path=None, target=None):
-            if name == "headclip_hf" or name.startswith("headclip_hf."):
-                raise ImportError("headclip_hf is blocked in this test")
+            if name == BLOCKED or name.startswith(BLOCKED + "."):
+                raise ImportError(BLOCKED + " is blocked in this test")
             return None
 
-    sys.meta_path.insert(0, BlockHeadCLIP())
+    sys.meta_path.insert(0, BlockImport())
     try:
-        import headclip_hf  # noqa: F401
+        import {blocked}  # noqa: F401
     except ImportError:
         pass
     else:
-        raise SystemExit("headclip_hf should not be importable here")
+        raise SystemExit(BLOCKED + " should not be importable here")
     """
 )
 
 
-@pytest.fixture
-def run_without_headclip(tmp_path):
-    """
-    `run(script, *args)`: run the Python `script` in a subprocess that cannot import headclip_hf (offline, its own
-    remote-code module cache, cwd `tmp_path`), assert it succeeds, and return the `CompletedProcess`.
-    """
+def _script_runner(tmp_path: Path, blocked: str, pythonpath: str):
+    """`run(script, *args)`: run `script` in a subprocess where `blocked` cannot be imported (offline, its own
+    remote-code module cache, cwd `tmp_path`, `PYTHONPATH` `pythonpath`); assert it succeeds; return the result."""
 
     def run(script: str, *args) -> subprocess.CompletedProcess:
-        path = tmp_path / "without_headclip.py"
-        path.write_text(_BLOCK_HEADCLIP_IMPORT + textwrap.dedent(script))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+        path = tmp_path / f"without_{blocked}.py"
+        path.write_text(_BLOCK_IMPORT.format(blocked=blocked) + textwrap.dedent(script))
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_MODULES_CACHE": str(tmp_path / "modules"),
+            "PYTHONPATH": pythonpath,
+        }
         result = subprocess.run(
             [sys.executable, str(path), *map(str, args)],
             cwd=tmp_path,
@@ -161,6 +181,24 @@ def run_without_headclip(tmp_path):
         return result
 
     return run
+
+
+@pytest.fixture
+def run_without_headclip(tmp_path):
+    """
+    `run(script, *args)`: run the Python `script` in a subprocess that cannot import headclip_hf (offline, its own
+    remote-code module cache, cwd `tmp_path`), assert it succeeds, and return the `CompletedProcess`.
+    """
+    return _script_runner(tmp_path, "headclip_hf", pythonpath="")
+
+
+@pytest.fixture
+def run_without_torch(tmp_path):
+    """
+    `run(script, *args)`: as `run_without_headclip`, but `import torch` fails and this tree's headclip_hf imports (a
+    deployment machine that runs exported graphs).
+    """
+    return _script_runner(tmp_path, "torch", pythonpath=str(REPO_ROOT))
 
 
 # Headless Chromium on a machine without a screen or network (the flags of this machine's environment notes): no

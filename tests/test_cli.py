@@ -20,21 +20,6 @@ from headclip_hf.cli.detect import collect_images
 from headclip_hf.configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 
 
-@pytest.fixture
-def image_folder(tmp_path, test_data_dir):
-    """Three real images of different sizes and formats, and one corrupt PNG."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    bottle = test_data_dir / "mvtec_ad" / "bottle"
-    shutil.copy(bottle / "broken_small" / "000.png", folder / "bottle_broken.png")
-    shutil.copy(bottle / "good" / "000.png", folder / "bottle_good.png")
-    polyp = sorted((test_data_dir / "kvasir_seg" / "colon" / "polyp").iterdir())[0]
-    shutil.copy(polyp, folder / "polyp.jpg")
-    (folder / "corrupt.png").write_bytes((bottle / "good" / "001.png").read_bytes()[:2000])  # truncated
-    (folder / "notes.txt").write_text("not an image")
-    return folder
-
-
 def run(capsys, *argv):
     status = main([str(arg) for arg in argv])
     captured = capsys.readouterr()

@@ -32,6 +32,7 @@ COMMON_FILES = {
     "README.md",
     "configuration_headclip.py",
     "processing_headclip.py",
+    "image_utils_headclip.py",
     "processor_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -138,6 +139,7 @@ def test_dry_run_folder_of_full_model(headclip_checkpoint, results_dir, tmp_path
         "configuration_headclip.py",
         "modeling_headclip.py",
         "processing_headclip.py",
+        "image_utils_headclip.py",
         "pipeline_headclip.py",
     ):
         assert (folder / name).read_text() == (package / name).read_text()

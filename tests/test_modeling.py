@@ -372,6 +372,18 @@ def test_prompt_cache_filled_in_inference_mode_is_not_reused_with_autograd(tiny_
     assert not embeds.is_inference()
 
 
+def test_given_prompt_embeddings_skip_the_text_encoder(tiny_model, monkeypatch):
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = tiny_model(pixel_values=pixel_values)
+        prompt_embeds = tiny_model.get_prompt_embeds().clone()
+        monkeypatch.setattr(tiny_model, "get_prompt_embeds", lambda: pytest.fail("the text side ran"))
+        outputs = tiny_model(pixel_values=pixel_values, prompt_embeds=prompt_embeds)
+    for name in ("anomaly_map", "image_score", "global_score", "layer_maps"):
+        assert torch.equal(outputs[name], expected[name]), name
+    assert outputs.text_embeds is prompt_embeds
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_half_precision(tiny_model, dtype):
     pixel_values = torch.randn(2, 3, 64, 64)

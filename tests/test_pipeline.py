@@ -10,7 +10,8 @@ from transformers import CLIPModel, pipeline
 
 from headclip_hf import HeadCLIPModel, HeadCLIPProcessor
 from headclip_hf.adapters import load_headclip_model, save_headclip_adapter
-from headclip_hf.pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline, anomaly_heatmap, jet_colormap
+from headclip_hf.image_utils_headclip import anomaly_heatmap, jet_colormap
+from headclip_hf.pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@
     headclip convert anomalyclip ...
     headclip dataset export data/mvtec_ad --output_dir exports/mvtec_ad --push_to_hub user/mvtec-ad
     headclip demo --model runs/mvtec/adapter                             # try it in the browser
+    headclip export --model runs/mvtec/adapter --format onnx --output_dir exports/headclip-onnx
 
 `headclip <command> --help` documents each command. Conventions shared by every command:
 
@@ -31,10 +32,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import calibrate, convert, dataset, demo, detect, evaluate, push, references, train
+from . import calibrate, convert, dataset, demo, detect, evaluate, export, push, references, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
 
-COMMANDS = (detect, evaluate, calibrate, references, train, push, convert, dataset, demo)
+COMMANDS = (detect, evaluate, calibrate, references, train, push, convert, dataset, demo, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 
 import argparse
 import glob
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 from ..adapters import load_headclip_model_and_processor
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from ..data import IMAGE_EXTENSIONS, LAYOUTS, image_files, load_anomaly_dataset
+from ..inference import INFERENCE_DTYPES, prepare_for_inference
 from ..modeling_headclip import HeadCLIPModel
 from ..processing_headclip import HeadCLIPProcessor
 
@@ -134,8 +136,11 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
     return list(files), problems
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--adapter`, `--image_size` and `--device`, shared by the commands that run a model."""
+def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> argparse._ArgumentGroup:
+    """
+    `--model`, `--adapter`, `--image_size` and (with `device`) `--device`, shared by the commands that run a model.
+    Returns the argument group, for a command's own model options.
+    """
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -151,8 +156,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"working input size in pixels, a multiple of the patch size (default: the model's, {DEFAULT_IMAGE_SIZE} "
         "for ViT-L/14)",
     )
+    if device:
+        group.add_argument(
+            "--device", help="device, e.g. cpu, cuda, cuda:1, mps (default: the first accelerator, else the CPU)"
+        )
+    return group
+
+
+def add_speed_arguments(group: argparse._ArgumentGroup) -> None:
+    """`--dtype` and `--compile` (`headclip_hf.inference.prepare_for_inference`) for the commands that run a model."""
     group.add_argument(
-        "--device", help="device, e.g. cpu, cuda, cuda:1, mps (default: the first accelerator, else the CPU)"
+        "--dtype",
+        choices=INFERENCE_DTYPES,
+        default="float32",
+        help="dtype of the weights and the vision encoder's computation; maps and scores stay float32 "
+        "(default: float32)",
+    )
+    group.add_argument(
+        "--compile", action="store_true", help="compile the model with torch.compile (the first batch compiles)"
     )
 
 
@@ -254,6 +275,17 @@ def add_output_dir_argument(
     )
 
 
+def process_state(device: str | torch.device | None = None) -> PartialState:
+    """
+    accelerate's state of this process (the first call creates it). Under a multi-process launch (`accelerate launch
+    --multi_gpu --num_processes N ...`, torchrun) the processes form a CPU (gloo) group when `device` is the CPU or
+    the machine has no CUDA or XPU device, as `--use_cpu` does for `headclip train`; otherwise accelerate decides.
+    """
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=on_cpu or (launched and not (torch.cuda.is_available() or torch.xpu.is_available())))
+
+
 def add_max_image_pixels_argument(parser: argparse.ArgumentParser) -> None:
     """`--max_image_pixels`, for the commands that read image files (see [`image_pixel_limit`])."""
     parser.add_argument(
@@ -290,14 +322,14 @@ def _available_devices() -> list[str]:
 def resolve_device(name: str | None) -> torch.device:
     """
     The device `--device name` names, checked before any model is loaded; by default the first accelerator, else the
-    CPU (accelerate's choice, which `accelerate launch` sets per process).
+    CPU (accelerate's choice, which `accelerate launch` sets per process; see [`process_state`]).
 
     Raises:
         `CommandError`: `name` is not a device, or names one this machine does not have (e.g. `cuda` without CUDA);
             the message lists the devices there are.
     """
     if name is None:
-        return PartialState().device
+        return process_state().device
     available = ", ".join(_available_devices())
     try:
         device = torch.device(name)
@@ -346,12 +378,14 @@ def load_model_and_processor(
     adapter: str | None = None,
     image_size: int | None = None,
     device: str | torch.device | None = None,
+    dtype: str = "float32",
+    compile: bool = False,
 ) -> tuple[HeadCLIPModel, HeadCLIPProcessor]:
     """
     Load a HeadCLIP (`load_headclip_model`: a checkpoint, an adapter folder, or a checkpoint plus `adapter`) in eval
-    mode on `device`, and the processor of the checkpoint it came from, at the model's working size. A device name
-    (`--device`) is checked with [`resolve_device`] before anything loads; commands that do other work first check it
-    earlier themselves.
+    mode on `device` with its weights in `dtype`, optionally compiled (`prepare_for_inference`), and the processor of
+    the checkpoint it came from, at the model's working size. A device name (`--device`) is checked with
+    [`resolve_device`] before anything loads; commands that do other work first check it earlier themselves.
 
     Raises:
         `CommandError`: the device is not available, or the model or processor cannot be loaded (no network and no
@@ -371,4 +405,4 @@ def load_model_and_processor(
             "with `hf download` on a connected machine): --model /path/to/local/folder. HF_HUB_OFFLINE=1 is "
             "honoured: the Hub is then not contacted and only local folders and the local Hugging Face cache are used."
         ) from error
-    return model.to(device).eval(), processor
+    return prepare_for_inference(model, device, dtype, compile), processor

@@ -7,14 +7,21 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
+from ..export import ExportedDetector, is_export_folder
+from ..export import NonFiniteOutputError as ExportNonFiniteOutputError
 from ..files import OutputKind, check_output_folder, output_folder
+from ..image_utils_headclip import to_rgb_image
 from ..pipeline_headclip import (
     DEFAULT_THRESHOLD,
     TASK,
@@ -28,11 +35,13 @@ from ._common import (
     add_max_image_pixels_argument,
     add_model_arguments,
     add_output_dir_argument,
+    add_speed_arguments,
     collect_images,
     image_pixel_limit,
     load_model_and_processor,
     positive_int,
     probability,
+    process_state,
     resolve_device,
 )
 from .references import add_k_shot_arguments, select_reference_files
@@ -42,6 +51,18 @@ SCORES_JSON = "scores.json"
 HEATMAPS_DIR = "heatmaps"
 MASKS_DIR = "masks"
 DETECT_OUTPUT = OutputKind("headclip detect output", frozenset({SCORES_CSV, SCORES_JSON, HEATMAPS_DIR, MASKS_DIR}))
+# A NaN or infinite score or map, from the pipeline or from an export's runtime.
+NON_FINITE_ERRORS = (NonFiniteOutputError, ExportNonFiniteOutputError)
+# Options that an export folder fixes when it is made (`headclip export`; zero-shot), with their defaults.
+EXPORT_FIXED_OPTIONS = {
+    "adapter": None,
+    "image_size": None,
+    "device": None,
+    "dtype": "float32",
+    "compile": False,
+    "reference_images": None,
+    "references": None,
+}
 
 EPILOG = f"""examples:
   headclip detect bottle.png                                   # default model ({DEFAULT_CLIP_CHECKPOINT})
@@ -49,6 +70,9 @@ EPILOG = f"""examples:
   HF_HUB_OFFLINE=1 headclip detect images/ --model /models/headclip-mvtec --threshold 0.6
   headclip detect images/ --model runs/mvtec/adapter --reference_images good/ --k_shot 4   # few-shot
   headclip detect images/ --model runs/mvtec/adapter --references refs.safetensors         # see headclip references
+  headclip detect images/ --model runs/mvtec/adapter --dtype bfloat16 --compile    # PyTorch speed options
+  headclip detect images/ --model exports/headclip-onnx     # an export folder (headclip export): ONNX Runtime
+  accelerate launch -m headclip_hf.cli detect images/ --model runs/mvtec/adapter   # images shared by processes
 
 Labels and masks use the model's calibrated thresholds (`headclip calibrate`; with --category, that category's where
 calibrated), else {DEFAULT_THRESHOLD}; --threshold / --pixel_threshold override them. Writes OUTPUT_DIR/{SCORES_CSV}
@@ -59,7 +83,9 @@ path below the images' common folder. With --reference_images (normal images of 
 file of `headclip references`), the few-shot mode compares each image with them as well. The outputs appear together
 when the run ends (an earlier detect output there is replaced; a folder with other files is refused unless
 --overwrite). Unreadable files (corrupt, broken links, images above --max_image_pixels) and images whose score is not
-finite are reported and skipped; the exit status is 1 when any image failed."""
+finite are reported and skipped; the exit status is 1 when any image failed. Under `accelerate launch` each process
+detects its share of the batches and the main process writes the scores: the outputs are those of a single
+process."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -85,7 +111,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--category", help="the images' category: use its calibrated thresholds where the model has them"
     )
-    parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=8,
+        help="images per forward pass (default: 8; an export without a dynamic batch runs one at a time)",
+    )
     add_max_image_pixels_argument(parser)
     few_shot = parser.add_argument_group("few-shot mode (normal reference images of the same object)")
     sources = few_shot.add_mutually_exclusive_group()
@@ -94,7 +125,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     sources.add_argument("--references", metavar="FILE", help="a references file written by `headclip references`")
     add_k_shot_arguments(few_shot)
-    add_model_arguments(parser)
+    add_speed_arguments(add_model_arguments(parser))
     parser.set_defaults(handler=run)
 
 
@@ -113,21 +144,37 @@ def _output_names(files: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `headclip detect`: check the inputs, load the model, detect batch by batch, write the outputs together."""
+    """
+    Run `headclip detect`: check the inputs, load the model (or the export), detect batch by batch, write the outputs
+    together. Under `accelerate launch` each process detects a contiguous share of the batches (the batches one
+    process would run, so the numbers do not depend on the process count) and saves its pictures in the main
+    process's staging folder; the main process merges the scores and moves the folder into place.
+    """
     with image_pixel_limit(args.max_image_pixels):
         files, failures, few_shot, device = _check_inputs(args)
-        detector = _load_detector(args, few_shot, device)
-        thresholds = resolve_thresholds(detector.model.config, args.threshold, args.pixel_threshold, args.category)
-        with output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) as staging:
-            rows = _detect_all(detector, files, staging, failures, args.batch_size, thresholds)
-            _write_scores(staging, rows, failures, args, thresholds, few_shot)
+        state = process_state(device)
+        detector, batch_size, thresholds = _load_detector(args, few_shot, device)
+        writing = (
+            output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite) if state.is_main_process else nullcontext()
+        )
+        with writing as staging:
+            staging = Path(broadcast_object_list([staging and str(staging)])[0])
+            shard = _detect_all(detector, files, staging, batch_size, thresholds, state)
+            shards = gather_object([shard])  # in process order: the files' order
+            rows = [row for shard_rows, _ in shards for row in shard_rows]
+            failures += [failure for _, shard_failures in shards for failure in shard_failures]
+            if state.is_main_process:
+                _write_scores(staging, rows, failures, args, thresholds, few_shot)
+    if not state.is_main_process:
+        return 1 if failures else 0
     return _report(rows, failures, Path(args.output_dir))
 
 
 def _check_inputs(args: argparse.Namespace) -> tuple[list[Path], list[tuple[str, str]], dict, torch.device]:
     """
-    Everything that can be refused before the model loads: the images (at least one), the few-shot references, the
-    output folder, the device.
+    Everything that can be refused before the model loads: the images (at least one), the options an export folder
+    fixes, the few-shot references, the output folder (checked by every process, so that a refusal stops them all),
+    the device.
 
     Returns:
         The image files, `(pattern, reason)` for the patterns that gave none, the few-shot settings
@@ -137,18 +184,39 @@ def _check_inputs(args: argparse.Namespace) -> tuple[list[Path], list[tuple[str,
     if not files:
         problems = "; ".join(f"{pattern}: {reason}" for pattern, reason in failures)
         raise CommandError(f"no images to process ({problems})")
+    if is_export_folder(args.model):
+        fixed = [f"--{name}" for name, default in EXPORT_FIXED_OPTIONS.items() if getattr(args, name) != default]
+        if fixed:
+            raise CommandError(
+                f"{', '.join(fixed)} cannot be used with the export folder {args.model}: an export runs the zero-shot "
+                "model it was made from (headclip export) at its image size and precision, on the CPU. Leave them "
+                "out, or export again with other settings."
+            )
     few_shot = _few_shot_settings(args)
     check_output_folder(args.output_dir, DETECT_OUTPUT, args.overwrite)
     return files, failures, few_shot, resolve_device(args.device)
 
 
-def _load_detector(args: argparse.Namespace, few_shot: dict, device: torch.device) -> ZeroShotAnomalyDetectionPipeline:
-    """The model, its processor and the few-shot references (if any) as a pipeline on `device`."""
-    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, device)
+def _load_detector(args: argparse.Namespace, few_shot: dict, device: torch.device) -> tuple[Callable, int, dict]:
+    """
+    The detector for `--model`: `ExportedDetector` for an export folder, else the model, its processor and the
+    few-shot references (if any) as a pipeline on `device`; with the batch size it runs (1 for an export without a
+    dynamic batch) and the thresholds with their sources ([`resolve_thresholds`]: the calibrated ones by default).
+    """
+    if is_export_folder(args.model):
+        try:
+            detector = ExportedDetector(args.model)
+        except ImportError as error:  # the runtime's extra is not installed
+            raise CommandError(str(error)) from error
+        thresholds = detector.decision_thresholds(args.threshold, args.pixel_threshold, args.category)
+        return detector, args.batch_size if detector.config["dynamic_batch"] else 1, thresholds
+    model, processor = load_model_and_processor(
+        args.model, args.adapter, args.image_size, device, args.dtype, args.compile
+    )
     reference_embeds = None
     if args.references is not None:
         reference_embeds = load_reference_embeds(args.references, model, image_size=processor.image_size)
-    return ZeroShotAnomalyDetectionPipeline(
+    detector = ZeroShotAnomalyDetectionPipeline(
         model=model,
         processor=processor,
         task=TASK,
@@ -156,42 +224,45 @@ def _load_detector(args: argparse.Namespace, few_shot: dict, device: torch.devic
         reference_images=few_shot.get("reference_images"),
         reference_embeds=reference_embeds,
     )
+    thresholds = resolve_thresholds(model.config, args.threshold, args.pixel_threshold, args.category)
+    return detector, args.batch_size, thresholds
 
 
 def _detect_all(
-    detector: ZeroShotAnomalyDetectionPipeline,
+    detector: Callable,
     files: list[Path],
     staging: Path,
-    failures: list[tuple[str, str]],
     batch_size: int,
     thresholds: dict,
-) -> list[dict]:
+    state: PartialState,
+) -> tuple[list[dict], list[tuple[str, str]]]:
     """
-    Detect on `files` batch by batch at `thresholds` ([`resolve_thresholds`]), saving each image's heatmap and mask in
-    `staging`. Returns a row per image; images that fail (unreadable, non-finite score) are appended to `failures` as
-    `(path, reason)`.
+    Detect on this process's share of the batches of `files` at `thresholds` ([`resolve_thresholds`]), saving each
+    image's heatmap and mask in `staging`. Returns a row per image, and `(path, reason)` for the images that failed
+    (unreadable, non-finite score).
     """
-    rows = []
+    rows, failures = [], []
     names = _output_names(files)
-    with tqdm(total=len(files), desc="Detecting", unit="image") as progress:
-        for start in range(0, len(files), batch_size):
-            batch = list(zip(files[start : start + batch_size], names[start : start + batch_size], strict=True))
-            images, readable = _read_images(batch, detector, failures)
-            results = _detect_batch(detector, images, readable, failures, thresholds)
-            for (file, name), result in results:
-                rows.append(_save_pictures(staging, file, name, result))
-            progress.update(len(batch))
-    return rows
+    batches = [range(start, min(start + batch_size, len(files))) for start in range(0, len(files), batch_size)]
+    with state.split_between_processes(batches) as shard:
+        total = sum(map(len, shard))
+        with tqdm(total=total, desc="Detecting", unit="image", disable=not state.is_main_process) as progress:
+            for batch in shard:
+                images, readable = _read_images([(files[index], names[index]) for index in batch], failures)
+                results = _detect_batch(detector, images, readable, failures, batch_size, thresholds)
+                rows += [_save_pictures(staging, file, name, result) for (file, name), result in results]
+                progress.update(len(batch))
+    return rows, failures
 
 
 def _read_images(
-    batch: list[tuple[Path, Path]], detector: ZeroShotAnomalyDetectionPipeline, failures: list[tuple[str, str]]
+    batch: list[tuple[Path, Path]], failures: list[tuple[str, str]]
 ) -> tuple[list[Image.Image], list[tuple[Path, Path]]]:
     """The RGB images of the readable files of `batch` and their `(file, name)`; the others go to `failures`."""
     images, readable = [], []
     for file, name in batch:
         try:
-            images.append(detector.processor.to_rgb_image(file))
+            images.append(to_rgb_image(file))
             readable.append((file, name))
         except (OSError, ValueError) as error:
             failures.append((str(file), str(error)))
@@ -199,25 +270,26 @@ def _read_images(
 
 
 def _detect_batch(
-    detector: ZeroShotAnomalyDetectionPipeline,
+    detector: Callable,
     images: list[Image.Image],
     readable: list[tuple[Path, Path]],
     failures: list[tuple[str, str]],
+    batch_size: int,
     thresholds: dict,
 ) -> list[tuple[tuple[Path, Path], dict]]:
     """
-    The pipeline's results for one batch, paired with their `(file, name)`. When an image's score or map is not
+    The detector's results for one batch, paired with their `(file, name)`. When an image's score or map is not
     finite the batch runs again image by image, so that only that image fails (appended to `failures`).
     """
     thresholds = {"threshold": thresholds["threshold"], "pixel_threshold": thresholds["pixel_threshold"]}
     try:
-        return list(zip(readable, detector(images, batch_size=max(1, len(images)), **thresholds), strict=True))
-    except NonFiniteOutputError:
+        return list(zip(readable, detector(images, batch_size=batch_size, **thresholds), strict=True))
+    except NON_FINITE_ERRORS:
         results = []
         for (file, name), image in zip(readable, images, strict=True):
             try:
                 results.append(((file, name), detector(image, **thresholds)))
-            except NonFiniteOutputError as error:
+            except NON_FINITE_ERRORS as error:
                 failures.append((str(file), str(error)))
         return results
 

@@ -4,8 +4,6 @@
 import argparse
 from pathlib import Path
 
-from accelerate import PartialState
-
 from ..evaluation import draw_k_shot_references, evaluate_k_shot, evaluate_model, load_training_normals
 from ..evaluation_report import (
     DEFAULT_GALLERY_SIZE,
@@ -33,10 +31,12 @@ from ._common import (
     add_max_image_pixels_argument,
     add_model_arguments,
     add_output_dir_argument,
+    add_speed_arguments,
     image_pixel_limit,
     load_data,
     load_model_and_processor,
     positive_int,
+    process_state,
     resolve_device,
 )
 
@@ -110,7 +110,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     few_shot.add_argument(
         "--k_shot_seeds", type=int, nargs="+", help="one evaluation per seed, drawing other references (default: 0)"
     )
-    add_model_arguments(parser)
+    add_speed_arguments(add_model_arguments(parser))
     parser.set_defaults(handler=run)
 
 
@@ -126,17 +126,19 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--report shows the gallery images again, which a stream cannot: leave out --streaming")
     seeds = args.k_shot_seeds or [0]
     output_kind = evaluate_output_kind(args.k_shot)
-    state = PartialState()
+    device = resolve_device(args.device)
+    state = process_state(device)
     if state.is_main_process:
         check_output_folder(args.output_dir, output_kind, args.overwrite)
-    device = resolve_device(args.device)
     with image_pixel_limit(args.max_image_pixels):
         dataset = load_data(args)
         training_normals = None
         if args.k_shot is not None:  # the references are drawn (and checked) before the model loads
             training_normals = load_training_normals(args.data, layout=args.layout)
             draw_k_shot_references(dataset, args.k_shot, seeds, training_normals)
-        model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, device)
+        model, processor = load_model_and_processor(
+            args.model, args.adapter, args.image_size, device, args.dtype, args.compile
+        )
         if args.k_shot is None:
             results = evaluate_model(
                 model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers
