@@ -130,7 +130,8 @@ def upload_anomaly_dataset(
 ) -> str:
     """
     Upload an [`export_anomaly_dataset`] folder to the Hub data set repository `repo_id` (created when missing,
-    `private` then), as `HfApi.upload_folder`. Returns the URL of the commit.
+    `private` then), as `HfApi.upload_folder`: only the export's own files (`README.md`, `data/`), never other files
+    of the folder. Returns the URL of the commit.
     """
     validate_repo_id(repo_id)
     return upload_hub_folder(
@@ -141,6 +142,7 @@ def upload_anomaly_dataset(
         token=token,
         commit_message=commit_message,
         repo_type="dataset",
+        output_kind=DATASET_EXPORT_OUTPUT,
     )
 
 

@@ -246,6 +246,23 @@ def test_export_and_push_to_hub(tmp_path, monkeypatch, capsys):
     assert "commit/abc" in captured.out
 
 
+def test_push_to_hub_uploads_only_the_export_of_a_shared_folder(tmp_path, monkeypatch, capsys):
+    RecordingHfApi.calls = []
+    monkeypatch.setattr("headclip_hf.hub.HfApi", RecordingHfApi)
+    root = make_generic_tree(tmp_path / "widgets")
+    out = tmp_path / "project"
+    (out / "private").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "private" / "secrets.csv").write_text("a,b")
+
+    status = main(["dataset", "export", str(root), "--output_dir", str(out), "--overwrite", "--push_to_hub", "a/b"])
+
+    assert status == 0, capsys.readouterr().err
+    upload = dict(RecordingHfApi.calls)["upload_folder"]
+    assert upload["files"] == {"README.md", "data/test-00000-of-00001.parquet"}  # not the user's other files
+    assert (out / "notes.txt").read_text() == "mine" and (out / "private" / "secrets.csv").read_text() == "a,b"
+
+
 def test_export_errors_come_before_any_work(tmp_path, capsys):
     root = make_generic_tree(tmp_path / "widgets")
     out = tmp_path / "export"

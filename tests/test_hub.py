@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard, SpaceCard
+from huggingface_hub.utils import filter_repo_objects
 from packaging.requirements import Requirement
 from PIL import Image
 
@@ -368,7 +369,13 @@ class RecordingHfApi:
         self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
 
     def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", {**kwargs, "files": listing(Path(kwargs["folder_path"]))}))
+        # The files `HfApi.upload_folder` would send: the folder's files filtered by its patterns, as it filters them.
+        files = filter_repo_objects(
+            sorted(listing(Path(kwargs["folder_path"]))),
+            allow_patterns=kwargs.get("allow_patterns"),
+            ignore_patterns=kwargs.get("ignore_patterns"),
+        )
+        self.calls.append(("upload_folder", {**kwargs, "files": set(files)}))
 
         class Commit:
             commit_url = "https://huggingface.co/someone/headclip-tiny/commit/abc"
