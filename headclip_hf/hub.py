@@ -38,7 +38,7 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from .adapters import ADAPTER_OUTPUT, write_headclip_adapter
 from .conversion import HEADCLIP_MODEL_OUTPUT
-from .files import OutputKind, output_folder
+from .files import OUTPUT_MARKER, OutputKind, output_folder
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
@@ -325,23 +325,26 @@ def upload_hub_folder(
     folder: str | os.PathLike,
     repo_id: str,
     *,
+    output_kind: OutputKind,
     private: bool = False,
     revision: str | None = None,
     token: str | None = None,
     commit_message: str = "Upload HeadCLIP",
     repo_type: str = "model",
-    output_kind: OutputKind | None = None,
 ) -> str:
     """
     Upload `folder` to the repository `repo_id` (a model; with `repo_type="dataset"` a data set, with "space" a Gradio
-    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing. With
-    `output_kind`, only that kind's files are uploaded: other files there stay local.
+    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing. Only the entries of
+    `output_kind` are uploaded: other files there, and the output markers of `headclip_hf.files`, stay local.
 
     Args:
         folder (`str` or `os.PathLike`):
             The folder to upload (`save_hub_folder`'s, an exported data set or a Space folder).
         repo_id (`str`):
             The Hub repository, `user/name`.
+        output_kind (`OutputKind`):
+            What the folder holds (`HUB_FOLDER_OUTPUT` for a folder `save_hub_folder` wrote): only its entries are
+            uploaded.
         private (`bool`, *optional*, defaults to `False`):
             Create the repository as private (applies when it is created).
         revision (`str`, *optional*):
@@ -352,8 +355,6 @@ def upload_hub_folder(
             The commit message.
         repo_type (`str`, *optional*, defaults to `"model"`):
             `"model"`, `"dataset"` or `"space"`.
-        output_kind (`OutputKind`, *optional*):
-            Upload only the entries of this kind (`HUB_FOLDER_OUTPUT` for a folder `save_hub_folder` wrote).
 
     Returns:
         `str`: the URL of the commit.
@@ -367,17 +368,15 @@ def upload_hub_folder(
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **space_options)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-    allow_patterns = None
-    if output_kind is not None:
-        own_entries = [pattern for entry in sorted(output_kind.entries) for pattern in (entry, f"{entry}/*")]
-        allow_patterns = own_entries + list(output_kind.patterns)
+    own_entries = [pattern for entry in sorted(output_kind.entries) for pattern in (entry, f"{entry}/*")]
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=folder,
         repo_type=repo_type,
         revision=revision,
         commit_message=commit_message,
-        allow_patterns=allow_patterns,
+        allow_patterns=own_entries + list(output_kind.patterns),
+        ignore_patterns=[OUTPUT_MARKER, f"*/{OUTPUT_MARKER}"],
     )
     return commit.commit_url
 

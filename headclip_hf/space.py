@@ -205,6 +205,7 @@ def publish_space(
             token=token,
             commit_message="Upload the HeadCLIP demo",
             repo_type="space",
+            output_kind=SPACE_OUTPUT,
         )
 
 

@@ -18,6 +18,7 @@ from headclip_hf.calibration import calibrate
 from headclip_hf.cli import main
 from headclip_hf.cli.calibrate import CALIBRATED_ADAPTER_OUTPUT, CALIBRATED_MODEL_OUTPUT
 from headclip_hf.data import AnomalyCollator
+from headclip_hf.files import OUTPUT_MARKER
 from headclip_hf.hub import render_model_card, save_hub_folder
 from headclip_hf.pipeline_headclip import TASK, resolve_thresholds
 
@@ -129,7 +130,7 @@ def test_f1_thresholds_are_the_operating_points_of_evaluates_f1_max(
     assert main(["calibrate", str(data), "--method", "f1", "--out", str(calibrated), *common]) == 0
     printed = capsys.readouterr().out
     record = json.loads((calibrated / "calibration.json").read_text())
-    assert {path.name for path in calibrated.iterdir()} <= CALIBRATED_MODEL_OUTPUT.entries
+    assert {path.name for path in calibrated.iterdir()} <= CALIBRATED_MODEL_OUTPUT.entries | {OUTPUT_MARKER}
     assert {"config.json", "model.safetensors", "processor_config.json", "calibration.json"} <= {
         path.name for path in calibrated.iterdir()
     }
@@ -351,7 +352,7 @@ def test_calibrate_writes_an_adapter_for_an_adapter(headclip_checkpoint, test_da
     good = test_data_dir / "mvtec_ad" / "bottle"
     arguments = ["calibrate", str(good), "--model", str(adapter), "--out", str(out), "--device", "cpu"]
     assert main([*arguments, "--method", "normal_quantile", "--target_fpr", "0.1", "--per_category"]) == 0
-    assert {path.name for path in out.iterdir()} == CALIBRATED_ADAPTER_OUTPUT.entries
+    assert {path.name for path in out.iterdir()} == CALIBRATED_ADAPTER_OUTPUT.entries | {OUTPUT_MARKER}
     record = json.loads((out / "calibration.json").read_text())
     assert record["model"] == str(adapter) and record["calibration"]["target_fpr"] == 0.1
     loaded = load_headclip_model(out)

@@ -19,6 +19,7 @@ from PIL import Image
 from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, save_results
 from headclip_hf.cli import main
 from headclip_hf.demo import sample_images
+from headclip_hf.files import OUTPUT_MARKER
 from headclip_hf.hub import HUB_PIPELINE_TAG, custom_pipeline_declaration
 from headclip_hf.metrics import AnomalyMetricsAccumulator
 from headclip_hf.provenance import evaluation_provenance
@@ -118,7 +119,7 @@ def listing(folder: Path) -> set[str]:
 def test_dry_run_folder_of_full_model(headclip_checkpoint, results_dir, tmp_path):
     folder = tmp_path / "repo"
     assert push(headclip_checkpoint, results_dir, "--base-model", BASE_MODEL, "--dry-run", "--output-dir", folder) == 0
-    assert listing(folder) == FULL_MODEL_FILES
+    assert listing(folder) == FULL_MODEL_FILES | {OUTPUT_MARKER}  # the marker is never uploaded (see below)
     config = json.loads((folder / "config.json").read_text())
     assert config["custom_pipelines"] == {
         "zero-shot-anomaly-detection": {
@@ -272,7 +273,7 @@ def test_dry_run_folder_of_adapter_only(headclip_checkpoint, results_dir, tmp_pa
     folder = tmp_path / "repo"
     args = ("--adapter-only", "--base-model", BASE_MODEL, "--dry-run", "--output-dir", folder)
     assert push(headclip_checkpoint, results_dir, *args) == 0
-    assert listing(folder) == ADAPTER_FILES
+    assert listing(folder) == ADAPTER_FILES | {OUTPUT_MARKER}
     adapter_config = json.loads((folder / "headclip_adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == BASE_MODEL
     card = ModelCard.load(folder / "README.md")
@@ -422,7 +423,7 @@ def test_dry_run_space_folder(headclip_checkpoint, results_dir, tmp_path, capsys
     args = ("--dry-run", "--output-dir", tmp_path / "repo", "--space", SPACE_ID, "--space-dir", space)
     assert push(headclip_checkpoint, results_dir, *args) == 0
     assert f"wrote the Space folder for {SPACE_ID} to {space}; nothing was uploaded" in capsys.readouterr().out
-    assert listing(tmp_path / "repo") == FULL_MODEL_FILES  # the model's folder holds nothing of the Space
+    assert listing(tmp_path / "repo") == FULL_MODEL_FILES | {OUTPUT_MARKER}  # the model's folder: nothing of the Space
     files = listing(space)
     assert {"app.py", "README.md", "requirements.txt", "examples/README.md"} <= files
     assert not any("__pycache__" in name for name in files)
