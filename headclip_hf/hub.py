@@ -15,7 +15,9 @@ Two kinds of repository (`save_hub_folder`):
 
 Both carry the model card (`README.md`, rendered from the `model_card.md` template with the metrics of an evaluation
 run in its table and in the `model-index` metadata, and the model's calibrated thresholds when it has them) and that
-run's `results.json`, `results.md` and plots under `evaluation/`. `headclip push --dry_run` writes exactly the folder
+run's `results.json`, `results.md` and plots under `evaluation/` (only these: not the run's HTML report, its pictures
+of the evaluation images, its per-image table of local paths, or other files of the folder).
+`headclip push --dry_run` writes exactly the folder
 that `upload_hub_folder` would upload.
 
 Card metadata: `pipeline_tag` (the Hub task, `HUB_PIPELINE_TAG`), `library_name` true for the published form
@@ -43,7 +45,7 @@ from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
 from .processing_headclip import HeadCLIPProcessor
-from .reporting import METRIC_TITLES, RESULTS_JSON, RESULTS_MARKDOWN
+from .reporting import METRIC_TITLES, PLOTS_DIR, RESULTS_JSON, RESULTS_MARKDOWN
 
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 EVALUATION_FOLDER = "evaluation"
@@ -273,7 +275,8 @@ def save_hub_folder(
         card (`ModelCard`):
             The model card (`render_model_card`), saved as `README.md`.
         results_dir (`str` or `os.PathLike`):
-            The evaluation run, copied to `evaluation/`.
+            The evaluation run, whose `results.json`, `results.md` and `plots/` are copied to `evaluation/`
+            ([`copy_published_results`]).
         adapter_only (`bool`, *optional*, defaults to `False`):
             Publish the HeadCLIP parameters only.
         base_model (`str`, *optional*):
@@ -296,8 +299,27 @@ def save_hub_folder(
             custom_object_save(ZeroShotAnomalyDetectionPipeline, staging)
         processor.save_pretrained(staging)
         card.save(staging / MODEL_CARD_NAME)
-        shutil.copytree(results_dir, staging / EVALUATION_FOLDER)
+        copy_published_results(results_dir, staging / EVALUATION_FOLDER)
     return folder
+
+
+def copy_published_results(results_dir: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """
+    Copy what is published of the evaluation run `results_dir` (`save_results`' folder) into the new folder
+    `destination`: `results.json`, `results.md` and the curve plots `plots/*.png`, those it has. Nothing else of the
+    folder is published: not `headclip evaluate --report`'s HTML report and its pictures of the evaluation images, not
+    its per-image table of local paths, not the user's other files.
+    """
+    results_dir, destination = Path(results_dir), Path(destination)
+    destination.mkdir()
+    for name in (RESULTS_JSON, RESULTS_MARKDOWN):
+        if (results_dir / name).is_file():
+            shutil.copyfile(results_dir / name, destination / name)
+    plots = sorted(path for path in (results_dir / PLOTS_DIR).glob("*.png") if path.is_file())
+    if plots:
+        (destination / PLOTS_DIR).mkdir()
+        for path in plots:
+            shutil.copyfile(path, destination / PLOTS_DIR / path.name)
 
 
 def check_upload_access(token: str | None = None) -> str:
@@ -388,6 +410,7 @@ __all__ = [
     "calibration_table",
     "check_repo_id",
     "check_upload_access",
+    "copy_published_results",
     "custom_pipeline_declaration",
     "eval_results_from_json",
     "hub_dataset_id",

@@ -155,6 +155,22 @@ def test_dry_run_folder_of_full_model(headclip_checkpoint, results_dir, tmp_path
     assert torch.equal(loaded.head_weights, original.head_weights)
 
 
+def test_only_the_results_and_plots_of_the_evaluation_are_published(headclip_checkpoint, results_dir, tmp_path):
+    (results_dir / "plots").mkdir()
+    Image.new("RGB", (4, 4)).save(results_dir / "plots" / "bottle.png")
+    (results_dir / "report.html").write_text("<html>the evaluation images</html>")
+    (results_dir / "report_files").mkdir()
+    Image.new("RGB", (4, 4)).save(results_dir / "report_files" / "bottle_000.png")
+    (results_dir / "per_image.csv").write_text("path\n/home/someone/private/bottle/000.png\n")
+    (results_dir / "notes.txt").write_text("mine")
+    folder = tmp_path / "repo"
+    assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", folder) == 0
+    assert listing(folder / "evaluation") == {"results.json", "results.md", "plots/bottle.png"}
+    assert (folder / "evaluation" / "plots" / "bottle.png").read_bytes() == (
+        results_dir / "plots" / "bottle.png"
+    ).read_bytes()
+
+
 def test_model_card_metadata_and_text(headclip_checkpoint, results_dir, tmp_path):
     folder = tmp_path / "repo"
     assert push(headclip_checkpoint, results_dir, "--base-model", BASE_MODEL, "--dry-run", "--output-dir", folder) == 0
