@@ -322,10 +322,17 @@ def copy_published_results(results_dir: str | os.PathLike, destination: str | os
             shutil.copyfile(path, destination / PLOTS_DIR / path.name)
 
 
-def check_upload_access(token: str | None = None) -> str:
+def check_upload_access(
+    token: str | None = None, token_flag: str = "--token", without_upload: str = "use --dry_run --output_dir DIR"
+) -> str:
     """
     Check, before any work, that an upload can happen: the Hub is reachable (not `HF_HUB_OFFLINE=1`) and the token
     (`token`, else the one of `hf auth login` or `HF_TOKEN`) is valid.
+
+    Args:
+        token (`str`, *optional*): The token given on the command line.
+        token_flag (`str`, *optional*, defaults to `"--token"`): The command's flag for the token, for the message.
+        without_upload (`str`, *optional*): How to run the command without uploading, for the message.
 
     Returns:
         The name of the account the token belongs to.
@@ -337,9 +344,9 @@ def check_upload_access(token: str | None = None) -> str:
         return HfApi(token=token).whoami()["name"]
     except OSError as error:  # huggingface_hub's offline, missing-token and HTTP errors are OSErrors
         raise OSError(
-            f"Cannot upload to the Hugging Face Hub: {error}\nUploading needs the network (HF_HUB_OFFLINE unset) and "
-            "a token with write access: log in with `hf auth login` or pass --token. To look at the folder without "
-            "uploading, use --dry_run --output_dir DIR."
+            f"Cannot upload to the Hugging Face Hub: {str(error).rstrip('.')}. Uploading needs the network "
+            "(HF_HUB_OFFLINE unset) and a token with write access: log in with `hf auth login` or pass "
+            f"{token_flag}. To work without uploading, {without_upload}."
         ) from error
 
 

@@ -66,7 +66,7 @@ from .adapters import (
 from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from .data import AnomalyCollator
 from .evaluation import check_working_size, evaluate_model
-from .files import output_file, output_folder, replace_directory
+from .files import check_writable_folder, output_file, output_folder, replace_directory
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
@@ -439,9 +439,10 @@ def check_training_inputs(
     args: HeadCLIPTrainingArguments,
 ) -> Path | None:
     """
-    Check everything about a run that can be checked before a model is loaded: the data, what needs evaluation data,
-    the run's length against the warmup, the output folder and the checkpoint to resume from. [`train`] calls it
-    first; `headclip train` calls it before loading the model.
+    Check everything about a run that can be checked before a model is loaded: the output folder (a folder that can be
+    written), the data, what needs evaluation data, the run's length against the warmup, a previous run in the output
+    folder and the checkpoint to resume from. [`train`] calls it first; `headclip train` calls it before loading the
+    model.
 
     Returns:
         The checkpoint to resume from, or `None`.
@@ -452,7 +453,10 @@ def check_training_inputs(
             the run, or a checkpoint that cannot be resumed (see [`read_checkpoint`]).
         `FileExistsError`: `output_dir` holds a previous run (and neither resuming nor `overwrite_output_dir`).
         `FileNotFoundError`: no checkpoint to resume from.
+        `NotADirectoryError`, `PermissionError`: `output_dir` is a file or cannot be written
+            ([`headclip_hf.files.check_writable_folder`]).
     """
+    check_writable_folder(args.output_dir, "the training run (checkpoints, evaluations, the adapter)")
     eval_datasets = eval_datasets or {}
     if len(train_dataset) == 0:
         raise ValueError("The training data set is empty.")

@@ -229,8 +229,8 @@ def test_export_and_push_to_hub(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert status == 0, captured.err
     calls = dict(RecordingHfApi.calls)
-    assert [name for name, _ in RecordingHfApi.calls] == ["init", "create_repo", "upload_folder"]
-    assert calls["init"] == {"token": "hf_test"}
+    assert [name for name, _ in RecordingHfApi.calls] == ["init", "whoami", "init", "create_repo", "upload_folder"]
+    assert calls["init"] == {"token": "hf_test"}  # the login is checked first
     assert calls["create_repo"] == {
         "repo_id": "someone/widgets",
         "repo_type": "dataset",
@@ -275,6 +275,8 @@ def test_export_errors_come_before_any_work(tmp_path, capsys):
     assert status == 1 and "headclip: error: --push_to_hub 'not a valid id!!' is not a Hub repository id" in err
     status, err = export("--max_shard_size", "lots")
     assert status == 1 and "max_shard_size 'lots' is not a size" in err
+    status, err = export("--push_to_hub", "someone/widgets")  # HF_HUB_OFFLINE=1
+    assert status == 1 and "Cannot upload to the Hugging Face Hub" in err and "leave out --push_to_hub" in err
     status, err = export("--image_column", "picture")
     assert status == 1 and "image_column name columns of a table" in err
     assert not out.exists()

@@ -575,6 +575,26 @@ def test_train_command_user_errors_before_the_model_loads(base_dir, tmp_path, ca
             "Repo id must use alphanumeric chars",
         ),
     ]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases += [
+        ((*common, "--output_dir", a_file), f"{a_file} is a file, not a folder: choose a folder for the training run"),
+        ((*common, "--output_dir", a_file / "run"), f"Cannot write {a_file / 'run'}: {a_file} is a file"),
+        (
+            (*common, "--output_dir", tmp_path / "new", "--eval_data", data, "--push_to_hub", "--hub_model_id", "a/b"),
+            "headclip: error: Cannot upload to the Hugging Face Hub: no token. Uploading needs the network .* log in "
+            "with `hf auth login` or pass --hub_token. To work without uploading, leave out --push_to_hub.",
+        ),
+    ]
+
+    class NotLoggedIn:
+        def __init__(self, token=None):
+            pass
+
+        def whoami(self):
+            raise OSError("no token")
+
+    cli_environment.setattr("headclip_hf.hub.HfApi", NotLoggedIn)
     (run / "checkpoints" / "step_2" / "optimizer.pt").unlink()
     cases.append(
         (

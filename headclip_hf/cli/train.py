@@ -15,6 +15,7 @@ from transformers import HfArgumentParser
 
 from ..adapters import is_peft_adapter, load_headclip_model_and_processor
 from ..data import load_anomaly_dataset
+from ..hub import check_upload_access
 from ..reporting import safe_file_name
 from ..training import (
     ALL_RESULTS_NAME,
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if training_args.push_to_hub:  # the login, before hours of training
+        check_upload_access(training_args.hub_token, "--hub_token", "leave out --push_to_hub")
     if is_peft_adapter(model_args.model_name_or_path):
         raise ValueError(
             f"{model_args.model_name_or_path} is a LoRA (PEFT) adapter: training cannot continue from it (the new "
