@@ -153,6 +153,46 @@ def test_demo_command_checks_the_model_before_serving(monkeypatch, tmp_path, hea
     assert f"--examples {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
 
 
+def test_demo_port_is_checked_before_the_model_loads(monkeypatch, headclip_checkpoint, capsys):
+    import_gradio()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr("headclip_hf.cli.demo.load_model_and_processor", no_model)
+    for port, shown in (("99999", "99999"), ("0", "0"), ("http", "'http'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--model", str(headclip_checkpoint), "--port", port])
+        assert exit_info.value.code == 2
+        assert f"argument --port: {shown} is not a port number (1 to 65535)" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["demo", "--model", str(headclip_checkpoint), "--port", str(port)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"headclip: error: Cannot serve on 127.0.0.1:{port}: Address already in use.")
+    assert f"choose another with --port (e.g. --port {port + 1})" in captured.err and "Serving" not in captured.out
+
+
+def test_demo_says_serving_only_once_the_server_is_up(monkeypatch, headclip_checkpoint, capsys):
+    gradio = import_gradio()
+    events = []
+
+    def launch(self, **kwargs):
+        events.append(("launch", kwargs["prevent_thread_lock"], capsys.readouterr().out))
+        raise OSError("Cannot find empty port")  # what Gradio raises when the server cannot start
+
+    monkeypatch.setattr(gradio.Blocks, "launch", launch)
+    monkeypatch.setattr(gradio.Blocks, "block_thread", lambda self: events.append(("block_thread",)))
+    port = str(_free_port())
+    assert main(["demo", "--model", str(headclip_checkpoint), "--port", port, "--device", "cpu"]) == 1
+    assert events == [("launch", True, "")] and "Serving" not in capsys.readouterr().out
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: events.append(("launch",)))
+    assert main(["demo", "--model", str(headclip_checkpoint), "--port", port, "--device", "cpu"]) == 0
+    assert events[1:] == [("launch",), ("block_thread",)] and "Serving the HeadCLIP demo" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # In a real browser
 # ---------------------------------------------------------------------------------------------------------------------
