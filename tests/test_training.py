@@ -794,3 +794,29 @@ def test_reproduce_zero_shot_script(clip_checkpoint, clip_tokenizer, tmp_path, t
     markdown = (output_dir / "reproduction.md").read_text()
     assert markdown == table
     assert "| headclip |" in markdown and "Trained on MVTec AD, evaluated on VisA" in markdown
+
+
+def test_reproduce_zero_shot_errors_before_any_work(clip_checkpoint, tmp_path, test_data_dir):
+    """User errors are one `reproduce_zero_shot.py: error:` line; the table files of the user are never replaced."""
+    script_path = REPO_ROOT / "examples" / "reproduce_zero_shot.py"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    data = ["--mvtec", tmp_path / "missing", "--visa", test_data_dir / "kvasir_seg" / "colon"]
+    argv = [*data, "--model_name_or_path", clip_checkpoint, "--output_dir", tmp_path / "out"]
+    result = subprocess.run(
+        [sys.executable, str(script_path), *map(str, argv)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"reproduce_zero_shot.py: error: Data set root {tmp_path / 'missing'} does not exist" in result.stderr
+
+    script = runpy.run_path(str(script_path))
+    output_dir = tmp_path / "reproduction"
+    output_dir.mkdir()
+    (output_dir / "reproduction.md").write_text("my notes on the reproduction\n")
+    with pytest.raises(FileExistsError, match="reproduction.md already exists and was not written by this command"):
+        script["main"](list(map(str, argv[:-1] + [output_dir])))  # refused before the (missing) data is read
+    assert (output_dir / "reproduction.md").read_text() == "my notes on the reproduction\n"
+    assert script["is_earlier_table"](output_dir / "reproduction.md") is False
+    (output_dir / "reproduction.md").write_text(script["MARKDOWN_TITLE"] + "\n\n| variant |\n")
+    (output_dir / "reproduction.json").write_text(json.dumps({"settings": {}, "results": {}}))
+    assert script["is_earlier_table"](output_dir / "reproduction.md")
+    assert script["is_earlier_table"](output_dir / "reproduction.json")
