@@ -148,7 +148,7 @@ def test_demo_command_checks_the_model_before_serving(monkeypatch, tmp_path, hea
     assert main(["demo", "--model", str(broken)]) == 1
     assert capsys.readouterr().err.startswith(f"headclip: error: Cannot load the model or processor from '{broken}'")
     assert main(["demo", "--model", str(tmp_path / "missing")]) == 1
-    assert "headclip: error: Cannot load the model" in capsys.readouterr().err
+    assert f"headclip: error: --model {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
     assert main(["demo", "--model", str(headclip_checkpoint), "--examples", str(tmp_path / "nowhere")]) == 1
     assert f"--examples {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
 

@@ -174,6 +174,25 @@ def test_folders_of_user_files_named_like_an_output_are_not_replaced(headclip_ch
     assert run(capsys, *again)[0] == 0 and run(capsys, *again)[0] == 0
 
 
+@pytest.mark.parametrize("spelling", ["runs/mvtec/adapter", "./adapter", "~/no-such-headclip-folder", "runs/x"])
+def test_a_missing_model_folder_is_named_before_anything_loads(images, tmp_path, capsys, monkeypatch, spelling):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr("headclip_hf.cli._common.load_headclip_model_and_processor", lambda *a: pytest.fail("loaded"))
+    for flag in ("--model", "--adapter"):
+        status, _, stderr = run(capsys, "detect", images, flag, spelling, "--output_dir", tmp_path / "out")
+        missing = Path(spelling).expanduser().resolve()
+        assert status == 1 and stderr.startswith(f"headclip: error: {flag} {spelling}: no such folder ({missing} ")
+        if spelling.startswith("runs/"):
+            assert f"runs exists, but holds no {spelling.removeprefix('runs/')})" in stderr
+        assert "Repo id" not in stderr and "HF_HUB_OFFLINE" not in stderr
+    status, _, stderr = run(
+        capsys, "train", "--model_name_or_path", spelling, "--train_data", images, "--output_dir", "o"
+    )
+    assert status == 1 and f"--model_name_or_path {spelling}: no such folder" in stderr
+    assert not (tmp_path / "out").exists()
+
+
 # 3. Non-finite weights are refused when loading; non-finite outputs are errors, never labels.
 
 

@@ -373,6 +373,35 @@ def add_output_file_argument(parser: argparse.ArgumentParser, default: str | Non
     )
 
 
+def check_model_location(name: str | None, flag: str = "--model") -> None:
+    """
+    Refuse a `--model` / `--adapter` value that names a local path which does not exist, before anything loads (else
+    it would be taken for a Hub id and fail with the Hub's id rules and offline advice). A value is a local path when
+    it starts with `.`, `/` or `~`, holds a backslash or more than one `/`, or a folder on its way exists (`runs/x`
+    with `runs/` here).
+
+    Raises:
+        `CommandError`: naming the flag, the path and the part of it that exists.
+    """
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        return
+    existing_parent = next((parent for parent in path.parents if parent != Path(".") and parent.is_dir()), None)
+    looks_local = (
+        name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or existing_parent is not None
+    )
+    if looks_local:
+        found = ""
+        if existing_parent is not None:
+            found = f"; {existing_parent} exists, but holds no {path.relative_to(existing_parent)}"
+        raise CommandError(
+            f"{flag} {name}: no such folder ({path.resolve()} does not exist{found}). Pass an existing model or "
+            "adapter folder, or a Hub repository id (user/name)."
+        )
+
+
 def load_model_and_processor(
     model_name_or_path: str,
     adapter: str | None = None,
@@ -388,9 +417,12 @@ def load_model_and_processor(
     [`resolve_device`] before anything loads; commands that do other work first check it earlier themselves.
 
     Raises:
-        `CommandError`: the device is not available, or the model or processor cannot be loaded (no network and no
-            local copy, a wrong path, ...); the message says how to work offline.
+        `CommandError`: a local path that does not exist ([`check_model_location`]), the device is not available, or
+            the model or processor cannot be loaded (no network and no local copy, ...); the message says how to work
+            offline.
     """
+    check_model_location(model_name_or_path, "--model")
+    check_model_location(adapter, "--adapter")
     if not isinstance(device, torch.device):
         device = resolve_device(device)
     try:

@@ -26,7 +26,7 @@ from ..training import (
     check_training_inputs,
     train,
 )
-from ._common import HelpFormatter
+from ._common import HelpFormatter, check_model_location
 
 
 def parse_config_overrides(overrides: str | None) -> dict:
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_model_location(model_args.model_name_or_path, "--model_name_or_path")
     if training_args.push_to_hub:  # the login, before hours of training
         check_upload_access(training_args.hub_token, "--hub_token", "leave out --push_to_hub")
     if is_peft_adapter(model_args.model_name_or_path):
