@@ -16,6 +16,7 @@ from headclip_hf import HeadCLIPConfig, HeadCLIPModel, HeadCLIPProcessor
 from headclip_hf.adapters import load_headclip_model
 from headclip_hf.cli import build_parser, main
 from headclip_hf.cli import convert as convert_command
+from headclip_hf.configuration_headclip import nearest_image_size
 from headclip_hf.conversion import (
     HEADCLIP_MODEL_OUTPUT,
     anomalyclip_config,
@@ -322,6 +323,18 @@ def test_convert_command_adapter(base_dir, tmp_path, pixel_values, reference):
         output = loaded(pixel_values=pixel_values)
     assert_close(output.layer_maps, reference["features_2_3_4.layer_maps"])
     assert_close(output.image_score, reference["image_score"])
+
+
+def test_convert_command_takes_the_nearest_working_size_of_the_base_by_default(base_dir, tmp_path):
+    """518 px on the base's patch grid: 516 on the patch-4 fixture (518 itself is no multiple of 4)."""
+    out = tmp_path / "converted"
+    args = parse_convert_args(
+        [str(CHECKPOINT), "--base", str(base_dir), "--out", str(out), "--n_ctx", "4", "--depth", "3", "--t_n_ctx", "2"]
+    )
+    assert args.image_size is None
+    convert_command.run(args)
+    config = HeadCLIPModel.from_pretrained(out).config
+    assert config.vision_config.patch_size == 4 and config.image_size == 516 == nearest_image_size(518, 4)
 
 
 def test_processor_is_saved_when_the_base_has_one(base_dir, tmp_path, clip_tokenizer_dir):

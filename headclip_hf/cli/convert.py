@@ -6,7 +6,7 @@ import logging
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from ..conversion import ANOMALYCLIP_SETTINGS, convert_anomalyclip_checkpoint
-from ._common import add_output_dir_argument
+from ._common import add_output_dir_argument, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +60,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         (("--prompt_length", "--n_ctx"), "prompt_length", "context vectors per prompt"),
         (("--deep_prompt_depth", "--depth"), "deep_prompt_depth", "deep prompts at text layers 2..depth"),
         (("--deep_prompt_length", "--t_n_ctx"), "deep_prompt_length", "tokens per deep prompt"),
-        (("--image_size",), "image_size", "working image size in pixels"),
     ):
         anomalyclip.add_argument(
             *flags, type=int, default=ANOMALYCLIP_SETTINGS[field], help=f"{meaning} (default: %(default)s)"
         )
+    anomalyclip.add_argument(
+        "--image_size",
+        type=positive_int,
+        help=f"working image size in pixels, a multiple of the patch size (default: AnomalyCLIP's "
+        f"{ANOMALYCLIP_SETTINGS['image_size']} on the base's patch grid: {ANOMALYCLIP_SETTINGS['image_size']} on "
+        "ViT-L/14, the nearest multiple of the patch size on other bases, e.g. 512 on ViT-B/16)",
+    )
     anomalyclip.set_defaults(handler=run)
 
 
