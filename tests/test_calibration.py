@@ -5,6 +5,7 @@ import json
 import logging
 import types
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -439,3 +440,19 @@ def test_calibrate_command_checks_the_data_before_loading_the_model(test_data_di
     with pytest.raises(SystemExit) as exit_info:
         main(["calibrate", str(polyps), "--out", str(out), "--target_fpr", "1"])
     assert exit_info.value.code == 2 and "1 is not strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_calibrate_takes_the_shared_data_flags(test_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("headclip_hf.cli.calibrate.load_model_and_processor", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    bottle = test_data_dir / "mvtec_ad" / "bottle"
+
+    def calibrate_error(*flags) -> str:
+        assert main(["calibrate", str(bottle), "--out", str(tmp_path / "out"), *map(str, flags)]) == 1
+        return capsys.readouterr().err
+
+    error = calibrate_error("--image_column", "picture")
+    assert f"headclip: error: Cannot load the data set {bottle}: image_column name columns of a table" in error
+    assert "has only a test split, not 'validation'" in calibrate_error("--split", "validation")
+    assert "could be decompression bomb" in calibrate_error("--max_image_pixels", 100)  # the images are larger
+    assert not (tmp_path / "out").exists()

@@ -610,6 +610,42 @@ def test_train_command_user_errors_before_the_model_loads(base_dir, tmp_path, ca
     assert not (tmp_path / "new").exists() and not (tmp_path / "empty").exists()
 
 
+def test_train_command_shares_the_flags_of_the_other_commands(base_dir, tmp_path, capsys, cli_environment):
+    """`--out`, the data flags of every command taking data (applied to --train_data), usage errors named `headclip
+    train`."""
+    data = write_generic_folder(tmp_path / "data")
+    table = tmp_path / "rows.parquet"
+    datasets.Dataset.from_dict({"picture": [str(data / "good" / "000.png")], "anomalous": [0]}).to_parquet(table)
+    model = ("--model_name_or_path", base_dir, "--image_size", 64)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        ((*model, "--train_data", data, "--out", a_file), f"{a_file} is a file, not a folder"),
+        ((*model, "--train_data", data, "--out", tmp_path / "new", "--split", "train"), "has only a test split"),
+        ((*model, "--train_data", data, "--out", tmp_path / "new", "--categories", "nuts"), "nuts"),
+        (
+            (*model, "--train_data", data, "--out", tmp_path / "new", "--image_column", "picture"),
+            f"Cannot load the data set {data}: image_column name columns of a table",
+        ),
+        (
+            (*model, "--train_data", table, "--out", tmp_path / "new", "--image_column", "img"),
+            r"image_column='img' is not a column of .*\['picture', 'anomalous'\]",
+        ),
+        (
+            (*model, "--train_data", data, "--eval_data", data, "--eval_split", "train", "--out", tmp_path / "new"),
+            "has only a test split",
+        ),
+    ]
+    for argv, message in cases:
+        code, err, _ = headclip_train(capsys, *argv)
+        assert code == 1 and re.search(message, err), (argv, err)
+    with pytest.raises(SystemExit) as exit_info:
+        headclip_main(["train", "--train_data", str(data)])  # no --output_dir
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: headclip train" in err and "headclip train: error:" in err
+    assert "__main__" not in err and not (tmp_path / "new").exists()
+
+
 def test_train_command_errors_after_the_model_loads(base_dir, tmp_path, capsys, tiny_config_factory, monkeypatch):
     """A checkpoint of another shape or configuration: refused after loading the model, before training."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))

@@ -66,9 +66,15 @@ def apply_flag_convention(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         for option in list(action.option_strings):
             dashed = dash_spelling(option)
             if dashed is not None and dashed not in parser._option_string_actions:
-                action.option_strings.append(dashed)
-                parser._option_string_actions[dashed] = action
+                add_option_alias(parser, option, dashed)
     return parser
+
+
+def add_option_alias(parser: argparse.ArgumentParser, option: str, alias: str) -> None:
+    """Let `parser` accept `alias` for its existing `option` (e.g. `--out` for `--output_dir`); help shows `option`."""
+    action = parser._option_string_actions[option]
+    action.option_strings.append(alias)
+    parser._option_string_actions[alias] = action
 
 
 def _number(text: str) -> float:
@@ -248,10 +254,20 @@ def load_data(args: argparse.Namespace) -> datasets.Dataset | datasets.IterableD
     Raises:
         `CommandError`: the data set cannot be loaded; the message names it and says why.
     """
+    return load_data_set(args.data, split=args.split, **data_arguments(args))
+
+
+def load_data_set(source: str, **load_arguments: Any) -> datasets.Dataset | datasets.IterableDataset:
+    """
+    `load_anomaly_dataset(source, **load_arguments)` for a command: its errors become one `CommandError`.
+
+    Raises:
+        `CommandError`: the data set cannot be loaded; the message names it and says why.
+    """
     try:
-        return load_anomaly_dataset(args.data, split=args.split, **data_arguments(args))
+        return load_anomaly_dataset(source, **load_arguments)
     except (OSError, ValueError) as error:
-        raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
+        raise CommandError(f"Cannot load the data set {source}: {error}") from error
 
 
 def add_output_dir_argument(
