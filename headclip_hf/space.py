@@ -139,19 +139,22 @@ def save_space_folder(
     *,
     model_revision: str | None = None,
     license: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """
     Write the Space folder (see the module docstring) through `headclip_hf.files.output_folder`: an earlier Space
-    folder there is replaced, a folder with other files is refused.
+    folder there is replaced, a folder with other files is refused unless `overwrite`.
 
     Args:
         folder (`str` or `os.PathLike`): Where to write it.
         space_id, model_repo_id, model_revision, license: as for [`render_space_card`].
+        overwrite (`bool`, *optional*, defaults to `False`): Replace the Space's files in a folder that also holds
+            other files (those stay, and are not uploaded).
 
     Returns:
         `Path`: The folder.
     """
-    with output_folder(folder, SPACE_OUTPUT) as staging:
+    with output_folder(folder, SPACE_OUTPUT, overwrite) as staging:
         (staging / SPACE_APP_FILE).write_text(SPACE_APP)
         (staging / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
         card = render_space_card(space_id, model_repo_id, model_revision=model_revision, license=license)
@@ -172,6 +175,7 @@ def publish_space(
     license: str | None = None,
     private: bool = False,
     token: str | None = None,
+    overwrite: bool = False,
 ) -> str | None:
     """
     Write the Space folder of `model_repo_id` ([`save_space_folder`]) and upload it to the Gradio Space `space_id`,
@@ -184,6 +188,7 @@ def publish_space(
         upload (`bool`, *optional*, defaults to `True`): Upload it; `False` only writes it (a dry run).
         private (`bool`, *optional*, defaults to `False`): Create the Space as private.
         token (`str`, *optional*): A Hub token (default: the one of `hf auth login`).
+        overwrite (`bool`, *optional*, defaults to `False`): As for [`save_space_folder`].
 
     Returns:
         The URL of the upload's commit, `None` without `upload`.
@@ -195,6 +200,7 @@ def publish_space(
             model_repo_id,
             model_revision=model_revision,
             license=license,
+            overwrite=overwrite,
         )
         if not upload:
             return None

@@ -509,6 +509,8 @@ def test_space_errors(headclip_checkpoint, results_dir, tmp_path, capsys):
     assert "holds files that are not part of a HeadCLIP Space folder (notes.txt)" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()  # refused before anything was written
     assert listing(occupied) == {"notes.txt"}
+    assert push(headclip_checkpoint, results_dir, *args, "--overwrite") == 0  # --overwrite applies to it too
+    assert (occupied / "notes.txt").read_text() == "mine" and (occupied / "app.py").is_file()
 
 
 def test_push_uploads_the_space_after_the_model(headclip_checkpoint, results_dir, monkeypatch, capsys):
