@@ -630,14 +630,19 @@ def _validate_files(entries: list[_Entry], skip_unreadable: bool) -> tuple[list[
             continue
         _check_mask_size(mask_size, image_size, f"Mask {entry.mask}", f"image {entry.image}")
         kept.append(entry)
+    _warn_skipped(skipped, len(entries))
+    return kept, skipped
+
+
+def _warn_skipped(skipped: list[str], num_rows: int) -> None:
+    """Log the rows left out with `skip_unreadable`: their count of `num_rows` and why each (nothing when none)."""
     if skipped:
         logger.warning(
             "Skipped %d of %d rows with unreadable files (skip_unreadable=True):\n  %s",
             len(skipped),
-            len(entries),
+            num_rows,
             "\n  ".join(skipped),
         )
-    return kept, skipped
 
 
 def _unreadable_error(error: OSError) -> OSError:
@@ -1075,13 +1080,7 @@ def _convert_rows(
     if options.skip_unreadable:
         skipped = [reason for reason in converted[_UNREADABLE] if reason]
         converted = converted.filter(_is_readable, input_columns=_UNREADABLE).remove_columns(_UNREADABLE)
-        if skipped:
-            logger.warning(
-                "Skipped %d of %d rows with unreadable files (skip_unreadable=True):\n  %s",
-                len(skipped),
-                len(table),
-                "\n  ".join(skipped),
-            )
+        _warn_skipped(skipped, len(table))
     return converted, skipped
 
 

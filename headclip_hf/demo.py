@@ -4,7 +4,7 @@
 One app, two ways to run it:
 
 - locally, `headclip demo --model M` (`headclip_hf.cli.demo`), which works offline on a local model folder;
-- as a Hugging Face Space, `headclip push ... --space user/name` (`headclip_hf.space`), whose `app.py` (`hub/app.py`)
+- as a Hugging Face Space, `headclip push ... --space user/name` (`headclip_hf.space`), whose `app.py` (`space_app.py`)
   loads the published model and calls [`build_demo`].
 
 The page: upload an image (or pick a sample image); it shows the image, the heatmap (the anomaly map in jet colours

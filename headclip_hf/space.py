@@ -3,7 +3,8 @@
 
 The Space folder (`save_space_folder`):
 
-- `app.py`: the Space's entry, the repository's `hub/app.py` (`SPACE_APP`): `build_space_demo` and `launch`.
+- `app.py`: the Space's entry, a copy of `headclip_hf/space_app.py` (`SPACE_APP_SOURCE`): `build_space_demo` and
+  `launch`.
 - `README.md`: the Space card; its metadata says `sdk: gradio`, `app_file: app.py`, the Gradio version
   (`sdk_version`, when Gradio is installed where the folder is written) and `models: [<model repository>]`, which
   both links the Space to the model on the Hub and tells the app which model to load (`headclip_model_revision` names
@@ -47,25 +48,8 @@ SPACE_OUTPUT = OutputKind(
 MODEL_ENVIRONMENT_VARIABLE = "HEADCLIP_MODEL"
 REVISION_METADATA = "headclip_model_revision"
 
-# The Space's app.py; the repository keeps the same file as hub/app.py.
-SPACE_APP = '''# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
-"""
-Hugging Face Space entry: the HeadCLIP demo (`headclip_hf.demo`) over the model listed under `models:` in this
-Space's README.md. `headclip push --space` writes the Space folder around it.
-
-Run it on your own machine with a model of your own (in the project's repository this file is hub/app.py):
-HEADCLIP_MODEL=runs/mvtec/adapter python app.py
-"""
-
-from pathlib import Path
-
-from headclip_hf.space import build_space_demo
-
-demo = build_space_demo(Path(__file__).resolve().parent)
-
-if __name__ == "__main__":
-    demo.launch()
-'''
+# The Space's app.py, shipped as it is.
+SPACE_APP_SOURCE = PACKAGE_DIR / "space_app.py"
 
 
 def space_requirements() -> list[str]:
@@ -155,7 +139,7 @@ def save_space_folder(
         `Path`: The folder.
     """
     with output_folder(folder, SPACE_OUTPUT, overwrite) as staging:
-        (staging / SPACE_APP_FILE).write_text(SPACE_APP)
+        shutil.copyfile(SPACE_APP_SOURCE, staging / SPACE_APP_FILE)
         (staging / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
         card = render_space_card(space_id, model_repo_id, model_revision=model_revision, license=license)
         card.save(staging / "README.md")
@@ -241,9 +225,9 @@ def space_model(app_dir: str | os.PathLike) -> tuple[str, str | None]:
 
 def build_space_demo(app_dir: str | os.PathLike) -> gradio.Blocks:
     """
-    The demo of a Space (or of `hub/app.py` run locally): the model of [`space_model`] (a Hub repository is
-    downloaded whole, so that full models and adapter-only repositories load alike), on the first accelerator if
-    any, with the images of `app_dir/examples` (else the repository's sample images) as examples.
+    The demo of a Space (or of `python -m headclip_hf.space_app` run locally): the model of [`space_model`] (a Hub
+    repository is downloaded whole, so that full models and adapter-only repositories load alike), on the first
+    accelerator if any, with the images of `app_dir/examples` (else the repository's sample images) as examples.
     """
     model_name, revision = space_model(app_dir)
     local = model_name if Path(model_name).exists() else snapshot_download(model_name, revision=revision)
@@ -256,7 +240,7 @@ def build_space_demo(app_dir: str | os.PathLike) -> gradio.Blocks:
 
 __all__ = [
     "MODEL_ENVIRONMENT_VARIABLE",
-    "SPACE_APP",
+    "SPACE_APP_SOURCE",
     "SPACE_OUTPUT",
     "build_space_demo",
     "publish_space",

@@ -48,7 +48,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed
 from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -67,6 +66,7 @@ from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from .data import AnomalyCollator
 from .evaluation import check_working_size, evaluate_model
 from .files import check_writable_folder, output_file, output_folder, replace_directory
+from .hub import check_repo_id
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor
@@ -391,7 +391,7 @@ class HeadCLIPTrainingArguments:
             return
         if not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id, the repository to push to (user/name).")
-        validate_repo_id(self.hub_model_id)  # a ValueError naming the id and what is allowed
+        check_repo_id(self.hub_model_id)
 
     @property
     def trackers(self) -> list[str] | None:

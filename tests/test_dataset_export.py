@@ -272,7 +272,7 @@ def test_export_errors_come_before_any_work(tmp_path, capsys):
         return status, capsys.readouterr().err
 
     status, err = export("--push_to_hub", "not a valid id!!")
-    assert status == 1 and "headclip: error: --push_to_hub 'not a valid id!!' is not a Hub repository id" in err
+    assert status == 1 and "headclip: error: 'not a valid id!!' is not a valid Hub repository id" in err
     status, err = export("--max_shard_size", "lots")
     assert status == 1 and "max_shard_size 'lots' is not a size" in err
     status, err = export("--push_to_hub", "someone/widgets")  # HF_HUB_OFFLINE=1

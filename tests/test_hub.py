@@ -23,7 +23,7 @@ from headclip_hf.files import OUTPUT_MARKER
 from headclip_hf.hub import HUB_PIPELINE_TAG, custom_pipeline_declaration
 from headclip_hf.metrics import AnomalyMetricsAccumulator
 from headclip_hf.provenance import evaluation_provenance
-from headclip_hf.space import SPACE_APP, space_model, space_requirements
+from headclip_hf.space import SPACE_APP_SOURCE, space_model, space_requirements
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "someone/headclip-tiny"
@@ -443,9 +443,10 @@ def test_dry_run_space_folder(headclip_checkpoint, results_dir, tmp_path, capsys
     files = listing(space)
     assert {"app.py", "README.md", "requirements.txt", "examples/README.md"} <= files
     assert not any("__pycache__" in name for name in files)
-    # The app is the repository's hub/app.py; the package's source travels with it, unchanged.
-    assert (space / "app.py").read_text() == SPACE_APP == (REPO_ROOT / "hub" / "app.py").read_text()
+    # The app is the package's space_app.py; the package's source travels with it, unchanged.
     package = Path(sys.modules["headclip_hf"].__file__).parent
+    assert SPACE_APP_SOURCE == package / "space_app.py"
+    assert (space / "app.py").read_text() == SPACE_APP_SOURCE.read_text()
     sources = {path.relative_to(package).as_posix() for path in package.rglob("*.py")}
     assert {f"headclip_hf/{name}" for name in sources} <= files
     for name in ("demo.py", "space.py", "pipeline_headclip.py", "cli/demo.py"):

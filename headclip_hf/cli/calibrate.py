@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..adapters import ADAPTER_OUTPUT, is_headclip_adapter, save_headclip_adapter
+from ..adapters import ADAPTER_OUTPUT, is_headclip_adapter, write_headclip_adapter
 from ..calibration import DEFAULT_TARGET_FPR, METHODS, CalibrationResult, calibrate, check_calibration_data
 from ..conversion import HEADCLIP_MODEL_OUTPUT
 from ..files import OutputKind, check_output_folder, output_folder
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     result.apply(model)
     with output_folder(args.output_dir, kind, args.overwrite) as staging:
         if as_adapter:
-            save_headclip_adapter(model, staging)
+            write_headclip_adapter(model, staging)
         else:
             model.save_pretrained(staging)
             processor.save_pretrained(staging)

@@ -3,9 +3,6 @@
 
 import argparse
 
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-
 from ..dataset_export import (
     DATA_FOLDER,
     DATASET_CARD,
@@ -14,7 +11,7 @@ from ..dataset_export import (
     parse_shard_size,
     upload_anomaly_dataset,
 )
-from ..hub import check_upload_access
+from ..hub import check_repo_id, check_upload_access
 from ._common import CommandError, add_data_arguments, add_output_dir_argument, data_arguments
 
 EXPORT_EPILOG = f"""examples:
@@ -62,10 +59,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     if args.push_to_hub is not None:
-        try:
-            validate_repo_id(args.push_to_hub)
-        except HFValidationError as error:
-            raise CommandError(f"--push_to_hub {args.push_to_hub!r} is not a Hub repository id: {error}") from error
+        check_repo_id(args.push_to_hub)
     try:
         parse_shard_size(args.max_shard_size)
     except ValueError as error:
