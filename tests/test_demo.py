@@ -24,14 +24,12 @@ from headclip_hf.demo import (
     model_thresholds,
     render,
     sample_images,
-    supports_few_shot,
 )
 from headclip_hf.pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANOMALOUS_SAMPLE = SAMPLE_IMAGES_DIR / "bottle_broken_large_000.png"
 NORMAL_SAMPLE = SAMPLE_IMAGES_DIR / "bottle_good_000.png"
-FEW_SHOT_MISSING = "few-shot mode (model.encode_references) is not in this version of the model"
 
 
 @pytest.fixture
@@ -93,13 +91,6 @@ def test_detect_refuses_files_that_are_not_images(detector, tmp_path):
         detect(detector, ANOMALOUS_SAMPLE, [NORMAL_SAMPLE, notes])
 
 
-@pytest.mark.skipif(supports_few_shot(HeadCLIPModel), reason="this model has a few-shot mode")
-def test_references_need_a_few_shot_model(detector):
-    with pytest.raises(ValueError, match="This model has no few-shot mode: remove the reference images"):
-        detect(detector, ANOMALOUS_SAMPLE, [NORMAL_SAMPLE])
-
-
-@pytest.mark.skipif(not supports_few_shot(HeadCLIPModel), reason=FEW_SHOT_MISSING)
 def test_detect_with_references_is_the_few_shot_pipeline(detector):
     references = [NORMAL_SAMPLE, SAMPLE_IMAGES_DIR / "bottle_good_001.png"]
     detection = detect(detector, ANOMALOUS_SAMPLE, references)
@@ -119,7 +110,7 @@ def test_build_demo_sets_the_sliders_and_the_reference_input(detector):
     demo = build_demo(model, processor, examples=[ANOMALOUS_SAMPLE])
     assert _component(demo, "image-threshold").value == 0.62
     assert _component(demo, "pixel-threshold").value == 0.41
-    assert _component(demo, "reference-files").visible is supports_few_shot(model)
+    assert _component(demo, "reference-files").visible is True
 
 
 def test_without_gradio_the_message_names_the_extra(monkeypatch, headclip_checkpoint, capsys):
@@ -329,7 +320,6 @@ def test_demo_in_a_browser(demo_url, browser, detector, tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not supports_few_shot(HeadCLIPModel), reason=FEW_SHOT_MISSING)
 def test_demo_few_shot_in_a_browser(demo_url, browser, detector, tmp_path):
     from selenium.webdriver.common.by import By
 
