@@ -100,12 +100,24 @@ def rate(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An argument type: an integer >= 1."""
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def non_negative_int(text: str) -> int:
+    """An argument type: an integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: give 0 or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argument type: an integer >= 1."""
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
@@ -142,10 +154,18 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
     return list(files), problems
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> argparse._ArgumentGroup:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, device: bool = True, cpu_default: str | None = None
+) -> argparse._ArgumentGroup:
     """
     `--model`, `--adapter`, `--image_size` and (with `device`) `--device`, shared by the commands that run a model.
     Returns the argument group, for a command's own model options.
+
+    Args:
+        parser (`argparse.ArgumentParser`): The command's parser.
+        device (`bool`, defaults to `True`): Offer `--device`.
+        cpu_default (`str`, *optional*): For a command that needs no accelerator, why: `--device` then defaults to
+            the CPU and its help says so (by default: the first accelerator, else the CPU).
     """
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -163,8 +183,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) ->
         "for ViT-L/14)",
     )
     if device:
+        default = "the first accelerator, else the CPU" if cpu_default is None else f"cpu: {cpu_default}"
         group.add_argument(
-            "--device", help="device, e.g. cpu, cuda, cuda:1, mps (default: the first accelerator, else the CPU)"
+            "--device",
+            default=None if cpu_default is None else "cpu",
+            help=f"device, e.g. cpu, cuda, cuda:1, mps (default: {default})",
         )
     return group
 
@@ -267,7 +290,10 @@ def load_data_set(source: str, **load_arguments: Any) -> datasets.Dataset | data
     try:
         return load_anomaly_dataset(source, **load_arguments)
     except (OSError, ValueError) as error:
-        raise CommandError(f"Cannot load the data set {source}: {error}") from error
+        message = str(error)  # named once: some messages already say "Cannot load <the source>: ..."
+        raise CommandError(
+            message if message.startswith("Cannot load") else f"Cannot load the data set {source}: {message}"
+        ) from error
 
 
 def add_output_dir_argument(

@@ -17,6 +17,7 @@ from ._common import (
     image_pixel_limit,
     load_data,
     load_model_and_processor,
+    non_negative_int,
     positive_int,
     rate,
 )
@@ -69,7 +70,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--per_category", action="store_true", help="also calibrate each category on its own images")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
-    parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="data loading processes (default: 0)")
     add_max_image_pixels_argument(parser)
     add_model_arguments(parser)
     parser.set_defaults(handler=run)

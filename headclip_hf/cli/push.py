@@ -85,7 +85,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="where to write the Space folder (needed with --dry_run; default: a temporary folder); --overwrite "
         "applies to it too",
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, cpu_default="publishing only loads and saves the model, no accelerator needed")
     parser.set_defaults(handler=run)
 
 
@@ -153,7 +153,7 @@ def _check_inputs(args: argparse.Namespace) -> torch.device:
         )
     if args.output_dir is not None:
         check_output_folder(args.output_dir, HUB_FOLDER_OUTPUT, args.overwrite)
-    device = resolve_device(args.device or "cpu")
+    device = resolve_device(args.device)
     if not args.dry_run:
         check_upload_access(args.token)
     return device
