@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     import gradio
 
 DEMO_INSTALL_HINT = 'pip install "headclip_hf[demo]"'
-# The sample images of a clone of the repository (examples/images), the demo's default examples.
-SAMPLE_IMAGES_DIR = Path(__file__).resolve().parent.parent / "examples" / "images"
+# The sample images, package data (with their licences in README.md): the demo's default examples.
+SAMPLE_IMAGES_DIR = Path(__file__).resolve().parent / "sample_images"
 # Scores are shown with this many decimals.
 SCORE_DECIMALS = 4
 

@@ -11,9 +11,7 @@ The Space folder (`save_space_folder`):
   a branch other than main).
 - `requirements.txt`: this package's dependencies (the Space installs Gradio itself, from `sdk_version`).
 - `headclip_hf/`: this package's source, so the Space runs exactly the code that published it, without a package
-  index.
-- `examples/`: the sample images and their licences (`examples/images` of a clone of the repository), offered as
-  examples on the page.
+  index, with its sample images and their licences (`headclip_hf/sample_images/`), offered as examples on the page.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from huggingface_hub import SpaceCard, SpaceCardData, snapshot_download
 from packaging.requirements import Requirement
 
 from .adapters import load_headclip_model_and_processor
-from .demo import SAMPLE_IMAGES_DIR, build_demo, sample_images
+from .demo import build_demo
 from .files import OutputKind, output_folder
 from .hub import upload_hub_folder
 
@@ -39,10 +37,9 @@ if TYPE_CHECKING:
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SPACE_APP_FILE = "app.py"
-SPACE_EXAMPLES_DIR = "examples"
 SPACE_OUTPUT = OutputKind(
     "HeadCLIP Space folder",
-    frozenset({SPACE_APP_FILE, "README.md", "requirements.txt", PACKAGE_DIR.name, SPACE_EXAMPLES_DIR}),
+    frozenset({SPACE_APP_FILE, "README.md", "requirements.txt", PACKAGE_DIR.name}),
 )
 # Overrides the model of the Space card, e.g. to run the app locally: HEADCLIP_MODEL=runs/mvtec/adapter python app.py
 MODEL_ENVIRONMENT_VARIABLE = "HEADCLIP_MODEL"
@@ -110,8 +107,9 @@ This Space runs the `headclip_hf` package (its source is in `headclip_hf/`) and 
 `headclip push --space`. To run the same app on your own machine: `pip install "headclip_hf[demo]"` in a clone of
 the project, then `headclip demo --model {model_repo_id}`.
 
-The sample images in `examples/` keep their own licences (MVTec AD: CC BY-NC-SA 4.0; Kvasir-SEG: research and
-education); `examples/README.md` gives their sources, the changes made and the citations.
+The sample images in `headclip_hf/sample_images/` keep their own licences (MVTec AD: CC BY-NC-SA 4.0; Kvasir-SEG:
+research and education); `headclip_hf/sample_images/README.md` gives their sources, the changes made and the
+citations.
 """
     return SpaceCard(f"---\n{card_data.to_yaml()}\n---\n{text}")
 
@@ -144,8 +142,6 @@ def save_space_folder(
         card = render_space_card(space_id, model_repo_id, model_revision=model_revision, license=license)
         card.save(staging / "README.md")
         shutil.copytree(PACKAGE_DIR, staging / PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__"))
-        if SAMPLE_IMAGES_DIR.is_dir():
-            shutil.copytree(SAMPLE_IMAGES_DIR, staging / SPACE_EXAMPLES_DIR)
     return Path(folder)
 
 
@@ -227,15 +223,13 @@ def build_space_demo(app_dir: str | os.PathLike) -> gradio.Blocks:
     """
     The demo of a Space (or of `python -m headclip_hf.space_app` run locally): the model of [`space_model`] (a Hub
     repository is downloaded whole, so that full models and adapter-only repositories load alike), on the first
-    accelerator if any, with the images of `app_dir/examples` (else the repository's sample images) as examples.
+    accelerator if any, with the package's sample images as examples.
     """
     model_name, revision = space_model(app_dir)
     local = model_name if Path(model_name).exists() else snapshot_download(model_name, revision=revision)
     model, processor = load_headclip_model_and_processor(local)
     model = model.to(PartialState().device).eval()
-    examples_dir = Path(app_dir) / SPACE_EXAMPLES_DIR
-    examples = sample_images(examples_dir) if examples_dir.is_dir() else None
-    return build_demo(model, processor, examples=examples, model_name=model_name)
+    return build_demo(model, processor, model_name=model_name)
 
 
 __all__ = [

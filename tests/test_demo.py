@@ -59,6 +59,18 @@ def test_sample_images_are_real_images_with_masks_and_small():
     assert "CC BY-NC-SA 4.0" in readme and "Kvasir-SEG" in readme and "Changes made" in readme
 
 
+def test_sample_images_are_package_data():
+    """pyproject's package-data globs (as setuptools expands them) cover every sample file: a wheel ships them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(REPO_ROOT / "pyproject.toml", "rb") as file:
+        patterns = tomllib.load(file)["tool"]["setuptools"]["package-data"]["headclip_hf"]
+    package = SAMPLE_IMAGES_DIR.parent
+    assert package == Path(sys.modules["headclip_hf"].__file__).parent
+    shipped = {path for pattern in patterns for path in package.glob(pattern) if path.is_file()}
+    files = {path for path in SAMPLE_IMAGES_DIR.rglob("*") if path.is_file()}
+    assert len(files) == 9 and files <= shipped
+
+
 def test_thresholds_start_at_the_calibrated_values(tiny_model):
     assert model_thresholds(tiny_model) == (0.5, 0.5, False)
     tiny_model.config.image_threshold = 0.7

@@ -441,7 +441,7 @@ def test_dry_run_space_folder(headclip_checkpoint, results_dir, tmp_path, capsys
     assert f"wrote the Space folder for {SPACE_ID} to {space}; nothing was uploaded" in capsys.readouterr().out
     assert listing(tmp_path / "repo") == FULL_MODEL_FILES | {OUTPUT_MARKER}  # the model's folder: nothing of the Space
     files = listing(space)
-    assert {"app.py", "README.md", "requirements.txt", "examples/README.md"} <= files
+    assert {"app.py", "README.md", "requirements.txt", "headclip_hf/sample_images/README.md"} <= files
     assert not any("__pycache__" in name for name in files)
     # The app is the package's space_app.py; the package's source travels with it, unchanged.
     package = Path(sys.modules["headclip_hf"].__file__).parent
@@ -451,7 +451,7 @@ def test_dry_run_space_folder(headclip_checkpoint, results_dir, tmp_path, capsys
     assert {f"headclip_hf/{name}" for name in sources} <= files
     for name in ("demo.py", "space.py", "pipeline_headclip.py", "cli/demo.py"):
         assert (space / "headclip_hf" / name).read_text() == (package / name).read_text()
-    examples = sorted(path.name for path in sample_images(space / "examples"))
+    examples = sorted(path.name for path in sample_images(space / "headclip_hf" / "sample_images"))
     assert examples == sorted(path.name for path in sample_images()) and examples
     # Space metadata: Gradio, the app file, the model it shows.
     card = SpaceCard.load(space / "README.md")

@@ -33,7 +33,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument(
         "--examples",
-        help="folder of example images offered on the page (default: the repository's examples/images, if present)",
+        help="folder of example images offered on the page (default: the package's sample images)",
     )
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
