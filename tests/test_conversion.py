@@ -312,20 +312,9 @@ def test_convert_command_writes_a_loadable_model_folder(base_dir, tmp_path, pixe
 def test_convert_command_adapter(base_dir, tmp_path, pixel_values, reference):
     out = tmp_path / "adapter"
     args = parse_convert_args(
-        [
-            str(CHECKPOINT),
-            "--model",
-            str(base_dir),
-            "--out",
-            str(out),
-            "--adapter-only",
-            "--feature-layers",
-            "2",
-            "3",
-            "4",
-        ]
-        + ["--prompt-length", "4", "--deep-prompt-depth", "3", "--deep-prompt-length", "2"]
-        + ["--vv-start-layer", "2", "--image_size", "32"]
+        [str(CHECKPOINT), "--model", str(base_dir), "--out", str(out), "--adapter-only"]
+        + ["--feature-layers", "2", "3", "4", "--prompt-length", "4", "--deep-prompt-depth", "3"]
+        + ["--deep-prompt-length", "2", "--vv-start-layer", "2", "--image_size", "32"]
     )
     convert_command.run(args)
     assert not (out / "model.safetensors").exists()
@@ -339,21 +328,8 @@ def test_convert_command_adapter(base_dir, tmp_path, pixel_values, reference):
 def test_convert_command_takes_the_nearest_working_size_of_the_base_by_default(base_dir, tmp_path):
     """518 px on the base's patch grid: 516 on the patch-4 fixture (518 itself is no multiple of 4)."""
     out = tmp_path / "converted"
-    args = parse_convert_args(
-        [
-            str(CHECKPOINT),
-            "--model",
-            str(base_dir),
-            "--out",
-            str(out),
-            "--n_ctx",
-            "4",
-            "--depth",
-            "3",
-            "--t_n_ctx",
-            "2",
-        ]
-    )
+    flags = ["--n_ctx", "4", "--depth", "3", "--t_n_ctx", "2"]
+    args = parse_convert_args([str(CHECKPOINT), "--model", str(base_dir), "--out", str(out), *flags])
     assert args.image_size is None
     convert_command.run(args)
     config = HeadCLIPModel.from_pretrained(out).config
