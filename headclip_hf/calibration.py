@@ -34,7 +34,7 @@ import datasets
 import numpy as np
 import torch
 
-from .evaluation import check_working_size, gather_accumulator, iterate_model_outputs
+from .evaluation import gather_accumulator, iterate_model_outputs
 from .metrics import (
     DEFAULT_NUM_BINS,
     AnomalyMetricsAccumulator,
@@ -45,6 +45,7 @@ from .metrics import (
     threshold_between,
 )
 from .modeling_headclip import HeadCLIPModel
+from .processing_headclip import check_working_size
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 # Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
 """HeadCLIP model configuration.
 
-This file imports only `transformers` (and the standard library) so that `save_pretrained` can ship it as Hub remote
-code next to `modeling_headclip.py`.
+This file imports only `transformers`, `huggingface_hub` (its `@strict` dataclass validation, which transformers'
+configs use; transformers requires huggingface_hub) and the standard library, so that `save_pretrained` can ship it as
+Hub remote code next to `modeling_headclip.py`.
 """
 
 import dataclasses

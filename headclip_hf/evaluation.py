@@ -37,25 +37,10 @@ from tqdm.auto import tqdm
 from .data import AnomalyCollator, load_anomaly_dataset
 from .metrics import DEFAULT_NUM_BINS, METRIC_NAMES, AnomalyDetectionResults, AnomalyMetricsAccumulator
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
+from .processing_headclip import check_working_size
 from .references import encode_reference_images, select_k_shot
 
 logger = logging.getLogger(__name__)
-
-
-def check_working_size(model: HeadCLIPModel, processor: Any) -> None:
-    """
-    The one rule for the working size: evaluation and training run at the model's `config.image_size`.
-
-    Raises:
-        `ValueError`: when the processor prepares images at another size, saying how to load both at one size.
-    """
-    if processor.image_size != model.config.image_size:
-        raise ValueError(
-            f"The processor prepares {processor.image_size} px images but the model's working size "
-            f"(HeadCLIPConfig.image_size) is {model.config.image_size} px: load both at one size, e.g. "
-            f"load_headclip_model_and_processor(..., image_size={processor.image_size}) or "
-            f"HeadCLIPProcessor.from_pretrained(..., size={model.config.image_size})."
-        )
 
 
 def _collate_with_categories(collator: AnomalyCollator):
@@ -417,7 +402,6 @@ def _category_normals(dataset: datasets.Dataset) -> dict[str, list[str]]:
 
 __all__ = [
     "KShotResults",
-    "check_working_size",
     "draw_k_shot_references",
     "evaluate_k_shot",
     "evaluate_model",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import BatchFeature, ProcessorMixin
+from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .configuration_headclip import DEFAULT_IMAGE_SIZE, HeadCLIPConfig, check_image_size
@@ -276,4 +276,24 @@ class HeadCLIPProcessor(ProcessorMixin):
         return self.tokenizer(phrase, add_special_tokens=False)["input_ids"]
 
 
-__all__ = ["HeadCLIPProcessor", "to_binary_mask", "to_rgb_image"]
+def check_working_size(model: PreTrainedModel, processor: "HeadCLIPProcessor") -> None:
+    """
+    The one rule for the working size: evaluation, calibration and training run at the model's `config.image_size`.
+
+    Args:
+        model (`HeadCLIPModel`): The model; its `config.image_size` is the working size.
+        processor (`HeadCLIPProcessor`): The processor that prepares the images and masks.
+
+    Raises:
+        `ValueError`: when the processor prepares images at another size, saying how to load both at one size.
+    """
+    if processor.image_size != model.config.image_size:
+        raise ValueError(
+            f"The processor prepares {processor.image_size} px images but the model's working size "
+            f"(HeadCLIPConfig.image_size) is {model.config.image_size} px: load both at one size, e.g. "
+            f"load_headclip_model_and_processor(..., image_size={processor.image_size}) or "
+            f"HeadCLIPProcessor.from_pretrained(..., size={model.config.image_size})."
+        )
+
+
+__all__ = ["HeadCLIPProcessor", "check_working_size", "to_binary_mask", "to_rgb_image"]
