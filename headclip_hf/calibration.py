@@ -27,6 +27,7 @@ per category `image_thresholds` / `pixel_thresholds`, and `calibration`: how the
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,7 @@ def check_calibration_data(
     if method not in METHODS:
         raise ValueError(f"Unknown calibration method {method!r}: choose one of {', '.join(METHODS)}.")
     for name, value in (("target_fpr", target_fpr), ("pixel_target_fpr", pixel_target_fpr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
             raise ValueError(
                 f"{name}={value!r} is invalid: it is a false-positive rate and must lie strictly between 0 and 1 "
                 "(e.g. 0.01 to flag at most 1% of normal images)."
@@ -211,6 +212,7 @@ def calibrate(
 
     check_calibration_data(dataset, method, target_fpr, pixel_target_fpr, per_category)
     check_working_size(model, processor)
+    target_fpr, pixel_target_fpr = float(target_fpr), float(pixel_target_fpr)  # e.g. numpy scalars, for the record
     # Everything with ground truth (as `evaluate_model`, plus normal images whose masks are unknown), and the normal
     # images alone (the `normal_quantile` statistics).
     accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)

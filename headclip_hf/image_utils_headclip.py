@@ -7,6 +7,7 @@ pipeline (through the processor) and for `headclip_hf.export.ExportedDetector`, 
 PyTorch cannot be imported.
 """
 
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def to_rgb_image(image: ImageLike) -> Image.Image:
 
 def check_unit_interval(name: str, value: Any) -> float:
     """`value` as a float; `ValueError` naming `name` unless it is a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
     return float(value)
 

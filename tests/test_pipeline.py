@@ -103,8 +103,16 @@ def test_thresholds(detector, real_images):
         mask = np.asarray(detector(image, **kwargs)["mask"])
         np.testing.assert_array_equal(mask, np.where(anomaly_map >= pixel_threshold, 255, 0))
     assert 0 < (anomaly_map >= pixel_threshold).sum() < anomaly_map.size
+    # numpy scalars are numbers too: decisions at np.float32 thresholds as at the same Python floats.
+    assert detector(image, threshold=np.float32(1.0))["label"] == "normal"
+    mask = np.asarray(
+        detector(image, pixel_threshold=np.float32(pixel_threshold), heatmap_alpha=np.float64(0.5))["mask"]
+    )
+    np.testing.assert_array_equal(mask, np.where(anomaly_map >= np.float32(pixel_threshold), 255, 0))
     with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\], got 1.5"):
         detector(image, threshold=1.5)
+    with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\], got np.float32\(nan\)"):
+        detector(image, threshold=np.float32("nan"))
     with pytest.raises(ValueError, match="pixel_threshold must be a number"):
         detector(image, pixel_threshold=-0.1)
 
