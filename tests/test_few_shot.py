@@ -1,6 +1,7 @@
 """Few-shot mode: the model's reference search and maps, references files, the pipeline and the k-shot protocol."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,21 +150,56 @@ def test_results_do_not_depend_on_batch_composition(tiny_model, processor, good_
         assert torch.equal(tiny_model.encode_references(pixel_values), one_by_one)
 
 
-def test_without_references_outputs_are_the_zero_shot_models(tiny_config_factory):
-    pixel_values = torch.randn(2, 3, SIZE, SIZE)
-    masks, labels = (torch.rand(2, SIZE, SIZE) > 0.9).float(), torch.tensor([0, 1])
-    outputs = []
-    for weight in (0.5, 0.0, 1.0):  # the weight has no effect without references
-        torch.manual_seed(0)
-        model = HeadCLIPModel(tiny_config_factory(few_shot_weight=weight)).eval()
+GOLDEN = Path(__file__).resolve().parent / "fixtures" / "zero_shot_golden"
+# The config variants of the golden fixture (its make_fixture.py).
+GOLDEN_VARIANTS = {
+    "default": {},
+    "variant": dict(
+        joint_pooling="topk_mean",
+        joint_topk=0.05,
+        global_feature_layernorm=False,
+        position_interpolation="bilinear",
+        joint_alpha=0.25,
+        map_sigma=1.5,
+    ),
+}
+
+
+def golden_model(tiny_config_factory, **overrides):
+    """The golden fixture's tiny model (its weights, the prompts' token embedding rows, the rest zero) in eval mode."""
+    state = load_file(GOLDEN / "weights.safetensors")
+    model = HeadCLIPModel(tiny_config_factory(**overrides))
+    token_embedding = torch.zeros_like(model.text_model.embeddings.token_embedding.weight)
+    token_embedding[state.pop("token_embedding_ids")] = state.pop("token_embedding_rows").float()
+    state["text_model.embeddings.token_embedding.weight"] = token_embedding
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", list(GOLDEN_VARIANTS))
+def test_without_references_outputs_are_the_zero_shot_models_of_11e6f51(tiny_config_factory, variant):
+    """
+    Without references every output is bit for bit what the model computed before the few-shot mode existed
+    (commit 11e6f51, tests/fixtures/zero_shot_golden), whatever `few_shot_weight` is.
+    """
+    inputs = {name: tensor.float() for name, tensor in load_file(GOLDEN / "inputs.safetensors").items()}
+    expected = load_file(GOLDEN / "outputs.safetensors")
+    labels, mask_valid = inputs["labels"].long(), inputs["mask_valid"].bool()
+    for weight in (0.5, 0.0, 1.0):
+        model = golden_model(tiny_config_factory, few_shot_weight=weight, **GOLDEN_VARIANTS[variant])
         with torch.no_grad():
-            outputs.append(model(pixel_values=pixel_values, masks=masks, labels=labels, reference_embeds=None))
-    first = outputs[0]
-    assert first.zero_shot_map is None and first.few_shot_map is None
-    assert len(first.to_tuple()) == 8  # the tuple output keeps its positions
-    for other in outputs[1:]:
-        for name, value in first.items():
-            assert torch.equal(value, other[name]), name
+            outputs = {
+                "eval": model(inputs["pixel_values"], inputs["masks"], labels, mask_valid, reference_embeds=None),
+                "wide": model(pixel_values=inputs["pixel_values_wide"]),
+                "train": model.train()(pixel_values=inputs["pixel_values"], masks=inputs["masks"], labels=labels),
+            }
+        assert outputs["eval"].zero_shot_map is None and outputs["eval"].few_shot_map is None
+        assert len(outputs["eval"].to_tuple()) == 8  # the tuple output keeps its positions
+        names = [name for name in expected if name.startswith(f"{variant}.")]
+        assert len(names) == {"default": 14, "variant": 13}[variant]
+        for name in names:
+            _, mode, field = name.split(".")
+            assert torch.equal(getattr(outputs[mode], field), expected[name]), (name, weight)
 
 
 def test_bad_reference_embeds_and_weights_are_refused(tiny_model, tiny_config_factory):
