@@ -22,6 +22,7 @@ with `headclip_hf.calibration`; `gather_accumulator` brings the processes' metri
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,17 @@ from .processing_headclip import check_working_size
 from .references import encode_reference_images, select_k_shot
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def eval_mode(model: HeadCLIPModel) -> Iterator[HeadCLIPModel]:
+    """Put `model` in eval mode for the block and restore its training mode afterwards, also after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _collate_with_categories(collator: AnomalyCollator):
@@ -84,17 +96,13 @@ def iterate_model_outputs(
         num_workers=num_workers,
         collate_fn=_collate_with_categories(AnomalyCollator(processor)),
     )
-    was_training = model.training
-    model.eval()
     device, dtype = model.device, model.dtype
-    try:
+    with eval_mode(model):
         for batch, categories in tqdm(
             loader, desc=description, unit="batch", disable=not (show_progress and state.is_main_process)
         ):
             pixel_values = batch["pixel_values"].to(device=device, dtype=dtype)
             yield batch, categories, model(pixel_values=pixel_values, reference_embeds=reference_embeds)
-    finally:
-        model.train(was_training)
 
 
 def _accumulate(
@@ -189,10 +197,7 @@ def evaluate_model(
         model.check_reference_embeds(reference_embeds)
         reference_embeds = reference_embeds.to(model.device)
     accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
-    was_training = model.training
-    model.eval()
     _accumulate(model, processor, dataset, accumulator, batch_size, num_workers, show_progress, reference_embeds)
-    model.train(was_training)
     return _gathered_results(accumulator, model)
 
 
@@ -362,32 +367,31 @@ def evaluate_k_shot(
     draws, sources = draw_k_shot_references(dataset, k_shot, seeds, reference_dataset)
     categories, paths = list(dataset["category"]), list(dataset["path"])
     check_working_size(model, processor)
-    was_training = model.training
-    model.eval()
     runs = {}
-    for seed, chosen in draws.items():
-        accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
-        for category, references in chosen.items():
-            excluded = set(references) if sources[category] == REFERENCE_SOURCE_TEST else set()
-            rows = [
-                index
-                for index, (name, path) in enumerate(zip(categories, paths, strict=True))
-                if name == category and path not in excluded
-            ]
-            reference_embeds = encode_reference_images(model, processor, references)
-            _accumulate(
-                model,
-                processor,
-                dataset.select(rows),
-                accumulator,
-                batch_size,
-                num_workers,
-                show_progress,
-                reference_embeds,
-                description=f"{k_shot}-shot, seed {seed}, {category}",
-            )
-        runs[seed] = _gathered_results(accumulator, model)
-    model.train(was_training)
+    # In eval mode throughout (not only per category, as `iterate_model_outputs` would): the prompts are encoded once.
+    with eval_mode(model):
+        for seed, chosen in draws.items():
+            accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
+            for category, references in chosen.items():
+                excluded = set(references) if sources[category] == REFERENCE_SOURCE_TEST else set()
+                rows = [
+                    index
+                    for index, (name, path) in enumerate(zip(categories, paths, strict=True))
+                    if name == category and path not in excluded
+                ]
+                reference_embeds = encode_reference_images(model, processor, references)
+                _accumulate(
+                    model,
+                    processor,
+                    dataset.select(rows),
+                    accumulator,
+                    batch_size,
+                    num_workers,
+                    show_progress,
+                    reference_embeds,
+                    description=f"{k_shot}-shot, seed {seed}, {category}",
+                )
+            runs[seed] = _gathered_results(accumulator, model)
     return KShotResults(k_shot=k_shot, runs=runs, references=draws, reference_sources=sources)
 
 

@@ -11,6 +11,7 @@ D vision width, P projection width, T prompt tokens, M reference patch embedding
 
 import logging as std_logging
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -297,6 +298,38 @@ def _held_load_report(model_class: type) -> Iterator[list[std_logging.LogRecord]
             report_logger.handle(record)
 
 
+class _PromptCacheInvalidator:
+    """
+    The load-state-dict post hook of the modules the prompt embeddings depend on (`HeadCLIPModel.prompt_learner`,
+    `text_model`, `text_projection`): loading weights into one of them, however the load is reached (the model, a
+    wrapper such as a `ModuleDict` or a PEFT model, or the submodule itself), forgets the model's cached embeddings.
+
+    It holds the model weakly. A deep copy of the whole model gets hooks on the copy; a deep copy of one submodule
+    (PEFT's `modules_to_save` copies the prompt learner) keeps the hook on the same model, which the copy is part of,
+    instead of copying the model with it.
+    """
+
+    def __init__(self, model: "HeadCLIPModel | None"):
+        self.model_reference = None if model is None else weakref.ref(model)
+
+    def model(self) -> "HeadCLIPModel | None":
+        """The model, or `None` once it no longer exists."""
+        return None if self.model_reference is None else self.model_reference()
+
+    def __call__(self, module: nn.Module, incompatible_keys) -> None:
+        model = self.model()
+        if model is not None:
+            model.invalidate_prompt_cache()
+
+    def __deepcopy__(self, memo: dict) -> "_PromptCacheInvalidator":
+        model = self.model()
+        return _PromptCacheInvalidator(memo.get(id(model), model))
+
+    def __reduce__(self):
+        # Pickled (`torch.save(model)`) with a strong reference to the model, which pickle restores once.
+        return _PromptCacheInvalidator, (self.model(),)
+
+
 class HeadCLIPModel(CLIPModel):
     r"""
     HeadCLIP (Jeong et al., "Domain Adaptation of Attention Heads for Zero-shot Anomaly Detection"): a frozen CLIP with
@@ -315,8 +348,10 @@ class HeadCLIPModel(CLIPModel):
     actually applied (1 in the layers outside `config.head_weight_layers`).
 
     Prompt embeddings: they do not depend on the image, so in eval mode they are computed once and cached. The cache is
-    cleared by `train()` / `eval()`, `load_state_dict`, and moving or casting the model (`to`, `half`, ...); after
-    changing a text-side parameter in place in eval mode (e.g. `model.prompt_learner.normal_context.add_(...)`), call
+    cleared by switching between training and eval mode (`train()` / `eval()` when the mode changes), loading weights
+    into the prompt learner, the text encoder or the text projection (`load_state_dict` of the model, of a wrapper
+    around it or of those modules themselves), and moving or casting the model (`to`, `half`, ...); after changing a
+    text-side parameter in place in eval mode (e.g. `model.prompt_learner.normal_context.add_(...)`), call
     `model.invalidate_prompt_cache()`.
     """
 
@@ -344,6 +379,8 @@ class HeadCLIPModel(CLIPModel):
 
         self.prompt_learner = HeadCLIPPromptLearner(config)
         self.attention_head_weights = HeadCLIPHeadWeights(config)
+        for module in (self.prompt_learner, self.text_model, self.text_projection):
+            module.register_load_state_dict_post_hook(_PromptCacheInvalidator(self))
         self.post_init()
         self.freeze_backbone()
 
@@ -394,12 +431,9 @@ class HeadCLIPModel(CLIPModel):
         self._prompt_embeds_cache = None
 
     def train(self, mode: bool = True) -> "HeadCLIPModel":
-        self.invalidate_prompt_cache()
+        if mode != self.training:  # the text side may have been trained in between
+            self.invalidate_prompt_cache()
         return super().train(mode)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self.invalidate_prompt_cache()
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _apply(self, fn, *args, **kwargs):
         # Every move or cast (`to`, `cuda`, `half`, ...) goes through `_apply`.

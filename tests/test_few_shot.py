@@ -464,6 +464,18 @@ def test_k_shot_draws_from_training_normals_when_the_layout_has_them(
     assert len(evaluated_paths) == 1  # refused before any forward pass
 
 
+def test_evaluations_encode_the_prompts_once_and_restore_the_training_mode(tiny_model, processor, bottle, tmp_path):
+    dataset = load_anomaly_dataset(bottle, cache_dir=str(tmp_path)).select([*range(0, 63, 20), *range(63, 83, 4)])
+    encodings = []
+    compute = tiny_model._compute_prompt_embeds
+    tiny_model._compute_prompt_embeds = lambda: encodings.append(1) or compute()
+    tiny_model.train()
+    evaluate_k_shot(tiny_model, processor, dataset, k_shot=1, seeds=[0, 1, 2], batch_size=2, show_progress=False)
+    assert len(encodings) == 1 and tiny_model.training  # one encoding for every seed and category
+    evaluate_model(tiny_model, processor, dataset, batch_size=2, show_progress=False)
+    assert len(encodings) == 2 and tiny_model.training  # the training mode in between cleared the cache
+
+
 def test_k_shot_bad_inputs(tiny_model, processor, test_data_dir, bottle, tmp_path):
     colon = load_anomaly_dataset(test_data_dir / "kvasir_seg" / "colon", cache_dir=str(tmp_path)).select(range(4))
     with pytest.raises(ValueError, match=r"There are no normal images of category 'colon' \(test split\)"):
