@@ -274,17 +274,25 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         reference_embeds: Any = None,
     ) -> tuple[dict, dict, dict]:
         forward_params = self._reference_params(reference_images, reference_embeds)
-        postprocess_params = {}
+        decision = {}  # what decides the labels and masks
         if category is not None:
             if not isinstance(category, str):
                 raise ValueError(f"category must be a category name (a string), got {category!r}.")
-            postprocess_params["category"] = category
+            decision["category"] = category
         if threshold is not None:
-            postprocess_params["threshold"] = _check_unit_interval("threshold", threshold)
+            decision["threshold"] = _check_unit_interval("threshold", threshold)
         if pixel_threshold is not None:
-            postprocess_params["pixel_threshold"] = _check_unit_interval("pixel_threshold", pixel_threshold)
+            decision["pixel_threshold"] = _check_unit_interval("pixel_threshold", pixel_threshold)
+        postprocess_params = {}
         if heatmap_alpha is not None:
             postprocess_params["heatmap_alpha"] = _check_unit_interval("heatmap_alpha", heatmap_alpha)
+        if not hasattr(self, "_postprocess_params"):
+            # Called by `Pipeline.__init__` (before it stores the parameters): the defaults of every call.
+            self._decision_defaults = decision
+        else:
+            # Called once per `__call__`: the thresholds of this call, resolved once for all its images.
+            decision = {**self._decision_defaults, **decision}
+            postprocess_params["thresholds"] = resolve_thresholds(self.model.config, **decision)
         return {}, forward_params, postprocess_params
 
     def _reference_params(self, reference_images: Any, reference_embeds: Any) -> dict[str, Any]:
@@ -327,12 +335,14 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     def postprocess(
         self,
         model_outputs: dict[str, Any],
-        threshold: float | None = None,
-        pixel_threshold: float | None = None,
+        thresholds: dict[str, Any] | None = None,
         heatmap_alpha: float = DEFAULT_HEATMAP_ALPHA,
-        category: str | None = None,
     ) -> dict[str, Any]:
-        thresholds = resolve_thresholds(self.model.config, threshold, pixel_threshold, category)
+        """
+        The result of one image. `thresholds` are the call's (`resolve_thresholds`, resolved once per call by
+        `_sanitize_parameters`); by default the model's.
+        """
+        thresholds = resolve_thresholds(self.model.config) if thresholds is None else thresholds
         image = model_outputs["image"]
         score = model_outputs["image_score"][0].item()
         working_map = model_outputs["anomaly_map"][:1, None].float()  # (1, 1, S, S)

@@ -117,6 +117,27 @@ def test_thresholds(detector, real_images):
         detector(image, pixel_threshold=-0.1)
 
 
+def test_thresholds_are_resolved_once_per_call_with_the_constructions_defaults(headclip_checkpoint, monkeypatch):
+    from headclip_hf import pipeline_headclip
+
+    calls = []
+    resolve = pipeline_headclip.resolve_thresholds
+    monkeypatch.setattr(
+        pipeline_headclip,
+        "resolve_thresholds",
+        lambda *args, **kwargs: calls.append(kwargs) or resolve(*args, **kwargs),
+    )
+    images = [Image.new("RGB", (40, 30), color) for color in ("red", "green", "blue", "white")]
+    strict = pipeline(TASK, model=str(headclip_checkpoint), device="cpu", threshold=1.0, category="bottle")
+    assert calls == []  # nothing is resolved before a call
+    assert [result["label"] for result in strict(images, batch_size=2)] == ["normal"] * 4
+    assert calls == [{"threshold": 1.0, "category": "bottle"}]  # once for the four images
+    assert [result["label"] for result in strict(images, threshold=0.0)] == ["anomaly"] * 4  # the call's own wins
+    assert calls[1:] == [{"threshold": 0.0, "category": "bottle"}]
+    assert strict(images[0])["label"] == "normal"  # and the construction's default holds again
+    assert len(calls) == 3
+
+
 def test_jet_colormap_and_heatmap():
     np.testing.assert_array_equal(jet_colormap(np.array([0.0, 0.5, 1.0])), [[0, 0, 128], [128, 255, 128], [128, 0, 0]])
     np.testing.assert_array_equal(jet_colormap(np.array([-1.0, 2.0])), jet_colormap(np.array([0.0, 1.0])))
