@@ -34,6 +34,10 @@ DEFAULT_ABNORMAL_PROMPT_IDS = [13568, 14115, 269]
 # "... of the damaged object.", a usable zero-shot CLIP detector.
 DEFAULT_PROMPT_INIT_IDS = [320, 2660, 268, 705, 15142, 1125, 539, 518, 2954, 7744, 539, 518]
 
+# The fields that hold calibrated decision thresholds and their record (`headclip calibrate`): they decide labels and
+# masks but change no score or map.
+CALIBRATION_FIELDS = ("image_threshold", "pixel_threshold", "image_thresholds", "pixel_thresholds", "calibration")
+
 JOINT_POOLING_CHOICES = ("max", "topk_mean")
 POSITION_INTERPOLATION_CHOICES = ("bicubic", "bilinear")
 

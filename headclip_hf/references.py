@@ -18,7 +18,6 @@ the vision encoder, the visual projection, the head weights in effect and the fe
 Loading it into another model or for another image size is refused with a `ValueError` naming what differs.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,7 @@ from safetensors.torch import save_file
 
 from .files import check_output_file, output_file
 from .modeling_headclip import HeadCLIPModel
+from .provenance import tensors_sha256
 
 REFERENCES_FORMAT = "headclip-references"
 REFERENCES_FORMAT_VERSION = 1
@@ -107,25 +107,18 @@ def encode_reference_images(model: HeadCLIPModel, processor: Any, images: Sequen
 
 def reference_model_identity(model: HeadCLIPModel) -> str:
     """
-    The identity of `model` as far as its patch features go: a SHA-256 over the float32 values of the vision encoder,
-    the visual projection and the head weights in effect, and over the config fields the features depend on
+    The identity of `model` as far as its patch features go (`tensors_sha256`): the float32 values of the vision
+    encoder, the visual projection and the head weights in effect, and the config fields the features depend on
     (`FEATURE_CONFIG_FIELDS`, `FEATURE_VISION_CONFIG_FIELDS`). Prompts and the text encoder do not enter: references
-    stay valid for a model whose prompts were retrained. Reads every vision weight (about a second for ViT-L/14).
+    stay valid for a model whose prompts were retrained. Reads every vision weight.
     """
-    digest = hashlib.sha256()
     settings = {name: getattr(model.config, name) for name in FEATURE_CONFIG_FIELDS}
     settings.update({name: getattr(model.config.vision_config, name) for name in FEATURE_VISION_CONFIG_FIELDS})
-    digest.update(json.dumps(settings, sort_keys=True).encode())
     tensors = [*model.vision_model.named_parameters(prefix="vision_model")]
     tensors.append(("visual_projection.weight", model.visual_projection.weight))
-    head_weights = model.attention_head_weights() if model.config.use_head_weights else None
-    if head_weights is not None:
-        tensors.append(("head_weights", head_weights))
-    for name, tensor in tensors:
-        values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(values.shape)};".encode())
-        digest.update(values.numpy().tobytes())
-    return digest.hexdigest()
+    if model.config.use_head_weights:
+        tensors.append(("head_weights", model.attention_head_weights()))
+    return tensors_sha256(tensors, settings)
 
 
 def is_references_file(path: str | os.PathLike) -> bool:
