@@ -434,6 +434,11 @@ def test_k_shot_from_test_normals_never_evaluates_a_reference(
     assert saved["references"]["0"]["bottle"] == results.references[0]["bottle"] and saved["k_shot"] == 3
     assert "±" in (tmp_path / "eval" / K_SHOT_MARKDOWN).read_text() and (tmp_path / "eval" / K_SHOT_JSON).is_file()
     assert (tmp_path / "eval" / "seed_1" / "results.json").is_file()
+    (tmp_path / "eval" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files that are not part of a headclip evaluate --k_shot output"):
+        save_k_shot_results(results, tmp_path / "eval", plots=False)
+    save_k_shot_results(results, tmp_path / "eval", plots=False, overwrite=True)
+    assert (tmp_path / "eval" / "notes.txt").read_text() == "mine" and (tmp_path / "eval" / K_SHOT_JSON).is_file()
 
 
 def test_k_shot_draws_from_training_normals_when_the_layout_has_them(
