@@ -19,6 +19,10 @@ DEFAULT_HEATMAP_ALPHA = 0.5
 ImageLike = Image.Image | np.ndarray | str | Path
 
 
+class UnsupportedImageTypeError(ValueError, TypeError):
+    """An image input of a type that is not an image (a `ValueError`, as every user error; also a `TypeError`)."""
+
+
 def open_image(path: str | Path) -> Image.Image:
     """
     Read the image file `path` completely. Raises `ValueError` naming the file when it is missing (or a broken
@@ -75,7 +79,7 @@ def to_rgb_image(image: ImageLike) -> Image.Image:
         else:
             return image.convert("RGB")
     if not isinstance(image, np.ndarray):
-        raise TypeError(
+        raise UnsupportedImageTypeError(
             f"Expected a PIL image, a numpy array or a file path, got {type(image).__name__}. "
             "Convert tensors with `.numpy()` (HxWxC) first."
         )
@@ -127,6 +131,7 @@ def anomaly_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 
 __all__ = [
     "DEFAULT_HEATMAP_ALPHA",
     "ImageLike",
+    "UnsupportedImageTypeError",
     "anomaly_heatmap",
     "check_unit_interval",
     "jet_colormap",

@@ -728,8 +728,19 @@ class HeadCLIPModel(CLIPModel):
         return self.upsample_patch_scores(patch_scores, image_size)[:, 0]
 
     def check_reference_embeds(self, reference_embeds: torch.Tensor) -> None:
-        """Raise a `ValueError` unless `reference_embeds` has the `(L, M, P)` shape this model's features have."""
+        """
+        Raise a `ValueError` unless `reference_embeds` is a floating-point tensor of the `(L, M, P)` shape this
+        model's features have.
+        """
         num_layers, projection_dim = len(self.config.feature_layers), self.config.projection_dim
+        if not isinstance(reference_embeds, torch.Tensor) or not reference_embeds.is_floating_point():
+            kind = type(reference_embeds).__name__
+            described = f"a {reference_embeds.dtype} tensor" if isinstance(reference_embeds, torch.Tensor) else kind
+            raise ValueError(
+                f"reference_embeds must be a floating-point torch.Tensor of shape (L={num_layers}, M, "
+                f"P={projection_dim}), got {described}. Compute them with this model's `encode_references("
+                "pixel_values)` (or convert an array with torch.from_numpy)."
+            )
         shape = tuple(reference_embeds.shape)
         if len(shape) != 3 or shape[0] != num_layers or shape[2] != projection_dim or shape[1] < 1:
             raise ValueError(

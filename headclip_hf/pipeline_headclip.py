@@ -230,9 +230,9 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             An empty list gives an empty list.
 
         Raises:
-            `ValueError`: an input cannot be read or is empty (0 pixels wide or high); for a list, raised before any
-                forward pass and naming the input's index (`inputs[i]`) and source.
-            `TypeError`: an input of another type.
+            `ValueError`: an input cannot be read, is empty (0 pixels wide or high) or is not an image (a path, PIL
+                image or array; also a `TypeError`); for a list, raised before any forward pass and naming the input's
+                index (`inputs[i]`) and source.
             [`NonFiniteOutputError`] (a `ValueError`): the model's score or map for an image holds NaN or infinite
                 values (broken weights, or an overflow in reduced precision).
         """
@@ -253,10 +253,11 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         prefix = "" if position is None else f"{source}: "
         try:
             rgb_image = self.processor.to_rgb_image(image)
-        except TypeError as error:
-            raise TypeError(f"{prefix}{error}") from error
         except ValueError as error:
-            raise ValueError(f"{prefix}{error}") from error
+            # An input that is not an image keeps its kind (the processor's UnsupportedImageTypeError, also a
+            # TypeError); every other problem is a ValueError.
+            kind = type(error) if isinstance(error, TypeError) else ValueError
+            raise kind(f"{prefix}{error}") from error
         if rgb_image.width == 0 or rgb_image.height == 0:
             raise ValueError(
                 f"{source} is an empty image ({rgb_image.width}x{rgb_image.height} pixels, width x height): an image "

@@ -211,6 +211,11 @@ class HeadCLIPProcessor(ProcessorMixin):
         Returns:
             [`BatchFeature`]: with `pixel_values` `(B, 3, S, S)`, `masks` `(B, S, S)` float in {0, 1} when masks are
             given, and the tokenizer's outputs when text is given.
+
+        Raises:
+            `ValueError`: no images and no text, an empty list of images, an unreadable image, an input that is not an
+                image ([`UnsupportedImageTypeError`], also a `TypeError`), masks that do not match their images, or
+                `return_tensors` other than "pt".
         """
         if images is None and text is None:
             raise ValueError("Pass `images` (and optionally `masks`) or `text`.")
@@ -221,6 +226,8 @@ class HeadCLIPProcessor(ProcessorMixin):
         data = {}
         if images is not None:
             image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not image_list:
+                raise ValueError("images is an empty list: pass at least one image (a PIL image, an array or a path).")
             rgb_images = [to_rgb_image(image) for image in image_list]
             data["pixel_values"] = self.image_processor(images=rgb_images, return_tensors="pt")["pixel_values"]
             if masks is not None:

@@ -122,21 +122,32 @@ def check_results_provenance(results_file: str | os.PathLike, model: HeadCLIPMod
     `model`.
 
     Raises:
-        `ValueError`: naming the file, when it records no provenance or another parameter hash than `model`'s.
+        `FileNotFoundError`: no file at `results_file`.
+        `ValueError`: naming the file, when it is not JSON, is not a JSON object, records no provenance, or records
+            another parameter hash than `model`'s.
     """
     results_file = Path(results_file)
-    provenance = json.loads(results_file.read_text()).get(PROVENANCE_KEY)
     rerun = "evaluate this model (`headclip evaluate DATA --model ... --output_dir DIR`) and pass that DIR instead."
-    if not isinstance(provenance, dict) or "headclip_parameters_sha256" not in provenance.get("model", {}):
+    try:
+        results = json.loads(results_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{results_file} is not a JSON file ({error}): {rerun}") from None
+    if not isinstance(results, dict):
+        raise ValueError(
+            f"{results_file} holds a JSON {type(results).__name__}, not the object `headclip evaluate` writes: {rerun}"
+        )
+    provenance = results.get(PROVENANCE_KEY)
+    recorded = provenance.get("model") if isinstance(provenance, dict) else None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("headclip_parameters_sha256"), str):
         raise ValueError(f"{results_file} does not say which model produced it (no {PROVENANCE_KEY!r}): {rerun}")
-    recorded = provenance["model"]
     expected = headclip_parameters_hash(model)
     if recorded["headclip_parameters_sha256"] != expected:
         adapter = f" with adapter {recorded['adapter']}" if recorded.get("adapter") else ""
         raise ValueError(
             f"{results_file} was computed by another model ({recorded.get('name_or_path')}{adapter}, HeadCLIP "
-            f"parameters sha256 {recorded['headclip_parameters_sha256'][:12]}...) than the one being pushed (sha256 "
-            f"{expected[:12]}...): {rerun}"
+            f"parameters and settings sha256 {recorded['headclip_parameters_sha256'][:12]}...) than the one being "
+            f"pushed (sha256 {expected[:12]}...: other HeadCLIP parameters, or other settings such as joint_alpha or "
+            f"map_sigma): {rerun}"
         )
 
 

@@ -19,6 +19,7 @@ Loading it into another model or for another image size is refused with a `Value
 """
 
 import json
+import numbers
 import os
 import random
 from collections.abc import Sequence
@@ -57,8 +58,11 @@ def select_k_shot(
         what (`str`, defaults to `"reference images"`): What the items are, for error messages.
 
     Raises:
-        `ValueError`: there are no items, `k_shot` is below 1, or `k_shot` is larger than the number of items.
+        `ValueError`: `k_shot` is not a whole number, there are no items, `k_shot` is below 1, or `k_shot` is larger
+            than the number of items.
     """
+    if k_shot is not None and (isinstance(k_shot, bool) or not isinstance(k_shot, numbers.Integral)):
+        raise ValueError(f"k_shot={k_shot!r} is invalid: it must be a whole number of images (or None for all).")
     if len(items) == 0:
         raise ValueError(f"There are no {what} to choose from: pass at least one normal image.")
     if k_shot is None:
@@ -70,7 +74,7 @@ def select_k_shot(
             f"k_shot={k_shot} is larger than the {len(items)} {what} available: pass k_shot <= {len(items)} or add "
             "normal images."
         )
-    chosen = sorted(random.Random(seed).sample(range(len(items)), k_shot))
+    chosen = sorted(random.Random(seed).sample(range(len(items)), int(k_shot)))
     return [items[index] for index in chosen]
 
 
@@ -206,7 +210,7 @@ def read_reference_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         `FileNotFoundError`: no file at `path`.
-        `ValueError`: the file is not a HeadCLIP references file.
+        `ValueError`: the file is not a HeadCLIP references file, or its metadata is incomplete or unreadable.
     """
     path = Path(path)
     if not path.is_file():
@@ -223,21 +227,36 @@ def read_reference_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a HeadCLIP references file (its metadata has no format {REFERENCES_FORMAT!r}): create it "
             "with `headclip references` or `save_reference_embeds`."
         )
-    version = int(metadata["format_version"])
-    if version > REFERENCES_FORMAT_VERSION:
+    readers = {
+        "format_version": int,
+        "model_identity": str,
+        "model_name_or_path": str,
+        "image_size": int,
+        "feature_layers": json.loads,
+        "num_images": int,
+        "files": json.loads,
+    }
+    missing = [key for key in readers if key not in metadata]
+    if missing:
         raise ValueError(
-            f"{path} has references format version {version}; this headclip_hf reads up to "
+            f"{path} is a damaged HeadCLIP references file: its metadata lacks {', '.join(missing)}. Create it again "
+            "with `headclip references` or `save_reference_embeds`."
+        )
+    values = {}
+    for key, read in readers.items():
+        try:
+            values[key] = read(metadata[key])
+        except ValueError:  # int() of a non-number, or json.loads (JSONDecodeError is a ValueError)
+            raise ValueError(
+                f"{path} is a damaged HeadCLIP references file: its metadata {key}={metadata[key]!r} cannot be read. "
+                "Create it again with `headclip references` or `save_reference_embeds`."
+            ) from None
+    if values["format_version"] > REFERENCES_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has references format version {values['format_version']}; this headclip_hf reads up to "
             f"{REFERENCES_FORMAT_VERSION}: upgrade headclip_hf."
         )
-    return {
-        "format_version": version,
-        "model_identity": metadata["model_identity"],
-        "model_name_or_path": metadata["model_name_or_path"],
-        "image_size": int(metadata["image_size"]),
-        "feature_layers": json.loads(metadata["feature_layers"]),
-        "num_images": int(metadata["num_images"]),
-        "files": json.loads(metadata["files"]),
-    }
+    return values
 
 
 def load_reference_embeds(

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import pipeline
 
@@ -207,6 +208,15 @@ def test_bad_reference_embeds_and_weights_are_refused(tiny_model, tiny_config_fa
         tiny_model(pixel_values=torch.randn(1, 3, SIZE, SIZE), reference_embeds=torch.randn(4, 10, 8))
     with pytest.raises(ValueError, match=r"reference_embeds has shape \(4, 0, 16\)"):
         tiny_model(pixel_values=torch.randn(1, 3, SIZE, SIZE), reference_embeds=torch.randn(4, 0, 16))
+    for bad, described in (
+        (np.zeros((4, 10, 16)), "ndarray"),
+        ([[0.0]], "list"),
+        (torch.zeros(4, 2, 16).long(), "torch.int64 tensor"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"reference_embeds must be a floating-point torch.Tensor .* got (a )?{described}"
+        ):
+            tiny_model(pixel_values=torch.randn(1, 3, SIZE, SIZE), reference_embeds=bad)
     with pytest.raises(ValueError, match=r"encode_references needs pixel_values of shape \(K, 3, H, W\)"):
         tiny_model.encode_references(torch.randn(3, SIZE, SIZE))
     with pytest.raises(ValueError, match=r"HeadCLIPConfig.few_shot_weight=1.5 is invalid: it must lie in \[0, 1\]"):
@@ -257,6 +267,10 @@ def test_select_k_shot_is_seeded_and_checks_k():
         select_k_shot(files, 0)
     with pytest.raises(ValueError, match=r"There are no reference images to choose from"):
         select_k_shot([], 1)
+    for k_shot in (2.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"k_shot={k_shot!r} is invalid: it must be a whole number of images"):
+            select_k_shot(files, k_shot)
+    assert select_k_shot(files, np.int64(4), seed=3) == first
 
 
 def test_references_file_round_trip(tiny_model, processor, good_images, tmp_path):
@@ -324,6 +338,22 @@ def test_bad_references_files_and_empty_reference_sets(tiny_model, processor, tm
         load_reference_embeds(tmp_path / "text.safetensors", tiny_model)
     with pytest.raises(ValueError, match=r"There are no reference images: pass at least one normal image"):
         encode_reference_images(tiny_model, processor, [])
+    # A references file whose metadata lost a key, or holds an unreadable value.
+    good = tmp_path / "good.safetensors"
+    reference_embeds = torch.zeros(4, 64, 16)
+    save_reference_embeds(reference_embeds, good, tiny_model, image_size=SIZE)
+    metadata = read_reference_metadata(good)
+    with safe_open(good, framework="pt") as file:
+        raw = file.metadata()
+    for name, damaged, message in (
+        ("missing.safetensors", {k: v for k, v in raw.items() if k != "image_size"}, r"metadata lacks image_size"),
+        ("bad_size.safetensors", {**raw, "image_size": "big"}, r"metadata image_size='big' cannot be read"),
+        ("bad_files.safetensors", {**raw, "files": "[oops"}, r"metadata files='\[oops' cannot be read"),
+    ):
+        save_file({"reference_embeds": reference_embeds}, tmp_path / name, metadata=damaged)
+        with pytest.raises(ValueError, match=rf"{name} is a damaged HeadCLIP references file: (its )?{message}"):
+            load_reference_embeds(tmp_path / name, tiny_model)
+    assert metadata["image_size"] == SIZE and metadata["files"] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -360,6 +390,8 @@ def test_pipeline_with_reference_images(headclip_checkpoint, good_images, bottle
         detector(test_image, reference_images=good_images[:1], reference_embeds=reference_embeds)
     with pytest.raises(ValueError, match=r"reference_images must be a non-empty list of normal images"):
         pipeline(TASK, model=model, processor=processor, reference_images=[])
+    with pytest.raises(ValueError, match=r"reference_embeds must be a floating-point torch.Tensor .* got ndarray"):
+        detector(test_image, reference_embeds=reference_embeds.numpy())
     with pytest.raises(ValueError, match=r"Cannot read image file .*missing.png"):
         detector(test_image, reference_images=["missing.png"])
 

@@ -174,7 +174,7 @@ def test_unreadable_input_is_named(detector, tmp_path):
         detector(str(corrupt))
     with pytest.raises(ValueError, match=r"Cannot read image file '.*missing\.png'"):
         detector([str(tmp_path / "missing.png")])
-    with pytest.raises(TypeError, match="Expected a PIL image, a numpy array or a file path, got int"):
+    with pytest.raises(ValueError, match="Expected a PIL image, a numpy array or a file path, got int"):
         detector(42)
 
 

@@ -4,6 +4,7 @@ import json
 import shutil
 from datetime import datetime, timedelta, timezone
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -11,6 +12,7 @@ import headclip_hf
 from headclip_hf import HeadCLIPModel, headclip_parameters_hash
 from headclip_hf.calibration import CalibrationResult
 from headclip_hf.cli import main
+from headclip_hf.provenance import check_results_provenance
 
 
 def test_parameter_hash_follows_the_headclip_parameters_and_settings_not_the_thresholds(tiny_model, tmp_path):
@@ -100,3 +102,25 @@ def test_parameter_hash_of_a_lora_model_is_the_hash_of_the_merged_model(tiny_mod
     merged = peft_model.merge_and_unload()
     assert torch.equal(merged.head_weights, trained.weight)
     assert headclip_parameters_hash(merged) == during_training
+
+
+def test_results_files_that_cannot_vouch_for_the_model_are_refused_by_name(tiny_model, tmp_path):
+    results_file = tmp_path / "results.json"
+    provenance = {
+        "model": {"name_or_path": "mine", "headclip_parameters_sha256": headclip_parameters_hash(tiny_model)}
+    }
+    results_file.write_text(json.dumps({"provenance": provenance}))
+    check_results_provenance(results_file, tiny_model)  # the model's own run
+    tiny_model.config.joint_alpha = 0.25  # the same weights, another joint score: other numbers
+    with pytest.raises(ValueError, match=r"results.json was computed by another model \(mine, .*other settings"):
+        check_results_provenance(results_file, tiny_model)
+    for content, message in (
+        ("[1, 2]", r"results.json holds a JSON list, not the object `headclip evaluate` writes"),
+        ("{not json", r"results.json is not a JSON file \(Expecting property name"),
+        ('{"provenance": [1]}', r"results.json does not say which model produced it"),
+        ('{"provenance": {"model": "mine"}}', r"results.json does not say which model produced it"),
+        ('{"provenance": {"model": {"headclip_parameters_sha256": 3}}}', r"does not say which model produced it"),
+    ):
+        results_file.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            check_results_provenance(results_file, tiny_model)
