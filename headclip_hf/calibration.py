@@ -51,6 +51,8 @@ from .processing_headclip import check_working_size
 logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "f1", "normal_quantile")
+# The columns of `load_anomaly_dataset` that calibrating reads.
+CALIBRATION_COLUMNS = ("image", "mask", "label", "mask_valid", "category")
 DEFAULT_TARGET_FPR = 0.01
 
 
@@ -108,7 +110,8 @@ def check_calibration_data(
 
     Raises:
         `ValueError`: an unknown method, a target rate outside (0, 1), a streaming or empty data set, a data set
-            (or, with `per_category`, a category) without the images the method needs.
+            without the columns of `load_anomaly_dataset` (`CALIBRATION_COLUMNS`) or with labels other than 0 / 1,
+            a data set (or, with `per_category`, a category) without the images the method needs.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown calibration method {method!r}: choose one of {', '.join(METHODS)}.")
@@ -125,7 +128,23 @@ def check_calibration_data(
         )
     if len(dataset) == 0:
         raise ValueError("The calibration data set is empty: calibrating needs images (normal ones at least).")
-    labels = np.asarray(dataset["label"], dtype=bool)
+    missing = [column for column in CALIBRATION_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"The calibration data set has no column {', '.join(map(repr, missing))}: calibrating needs the columns "
+            f"{', '.join(CALIBRATION_COLUMNS)} of load_anomaly_dataset (it has {', '.join(dataset.column_names)}). "
+            "Load the data with load_anomaly_dataset, naming the source's own columns with image_column=, "
+            "label_column=, ... where they differ."
+        )
+    raw_labels = np.asarray(dataset["label"])
+    if raw_labels.dtype != bool and not np.isin(raw_labels, (0, 1)).all():
+        others = sorted({label for label in raw_labels.tolist() if label not in (0, 1)}, key=repr)
+        raise ValueError(
+            f"The calibration data set's labels must be 0 (normal) or 1 (anomalous), but its label column also holds "
+            f"{', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''}. Map the labels to 0 / 1 first "
+            "(load_anomaly_dataset(..., label_column=...) reads 'good'/'normal' as 0 and defect names as 1)."
+        )
+    labels = raw_labels.astype(bool)
     mask_valid = np.asarray(dataset["mask_valid"], dtype=bool)
     groups = {"the data set": np.ones(labels.size, dtype=bool)}
     if per_category:
