@@ -5,9 +5,12 @@ An uncalibrated HeadCLIP labels an image "anomaly" when its joint score is >= 0.
 given product line. `calibrate` runs the model over a few images of the user's own data (the loop of
 `headclip evaluate`, `iterate_model_outputs`) and picks, at the image level and at the pixel level:
 
-- `"f1"` (labelled data with normal and anomalous images, and masks): the threshold that maximises F1, the operating
-  point behind the `image_f1_max` / `pixel_f1_max` that `headclip evaluate` reports (`image_f1_max_threshold`,
-  `PixelScoreHistograms.f1_max_threshold`): the same scores flagged, the same F1.
+- `"f1"` (labelled data with normal and anomalous images, and masks): the threshold that maximises F1 over the images
+  (pixels) it is computed from (`image_f1_max_threshold`, `PixelScoreHistograms.f1_max_threshold`). A category's
+  threshold (`per_category=True`) is the operating point behind that category's `image_f1_max` / `pixel_f1_max` in
+  `headclip evaluate`: the same scores flagged, the same F1. The model-wide threshold maximises F1 over all the images
+  pooled; with one category that is the same point, with several it is not (evaluate's F1-max is per category, then
+  averaged).
 - `"normal_quantile"` (normal images only): the lowest threshold at which at most `target_fpr` of the normal images are
   flagged, and at most `pixel_target_fpr` of their pixels. With N normal images the image rate moves in steps of 1 / N,
   so a target below 1 / N cannot be resolved: the threshold then flags none of them (it lies just above the highest

@@ -13,7 +13,7 @@ Zero-shot: `evaluate_model`. Few-shot: `evaluate_model(..., reference_embeds=...
 k-shot protocol `evaluate_k_shot`, which draws K normal references per category and seed (from the layout's training
 normals, `load_training_normals`, else from the test normals, which are then left out of that category's evaluation)
 and reports the mean and standard deviation over the seeds. A calibrated model's decisions are reported at its
-thresholds (`HeadCLIPConfig.calibrated_thresholds`).
+thresholds, as the pipeline decides (`decision_thresholds`).
 
 `iterate_model_outputs` is the loop itself (batches, categories and model outputs of this process's shard), shared
 with `headclip_hf.calibration`; `gather_accumulator` brings the processes' metric states together.
@@ -35,9 +35,11 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .configuration_headclip import HeadCLIPConfig
 from .data import AnomalyCollator, load_anomaly_dataset
 from .metrics import DEFAULT_NUM_BINS, METRIC_NAMES, AnomalyDetectionResults, AnomalyMetricsAccumulator
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
+from .pipeline_headclip import resolve_thresholds
 from .processing_headclip import check_working_size
 from .references import encode_reference_images, select_k_shot
 
@@ -45,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 
 @contextmanager
-def eval_mode(model: HeadCLIPModel) -> Iterator[HeadCLIPModel]:
+def _eval_mode(model: HeadCLIPModel) -> Iterator[HeadCLIPModel]:
     """Put `model` in eval mode for the block and restore its training mode afterwards, also after an error."""
     was_training = model.training
     model.eval()
@@ -97,7 +99,7 @@ def iterate_model_outputs(
         collate_fn=_collate_with_categories(AnomalyCollator(processor)),
     )
     device, dtype = model.device, model.dtype
-    with eval_mode(model):
+    with _eval_mode(model):
         for batch, categories in tqdm(
             loader, desc=description, unit="batch", disable=not (show_progress and state.is_main_process)
         ):
@@ -140,13 +142,27 @@ def gather_accumulator(accumulator: AnomalyMetricsAccumulator) -> AnomalyMetrics
     return merged
 
 
+def decision_thresholds(config: HeadCLIPConfig, category: str | None = None) -> tuple[float | None, float | None]:
+    """
+    The `(image, pixel)` thresholds at which the pipeline decides for `category` (`resolve_thresholds`, the one rule),
+    without its 0.5 default: both `None` for an uncalibrated model, whose decisions fit no category; with only an
+    image threshold calibrated, the masks use it, as in the pipeline.
+    """
+    if config.calibrated_thresholds(category) == (None, None):
+        return None, None
+    resolved = resolve_thresholds(config, category=category)
+    image = None if resolved["threshold_source"] == "default" else resolved["threshold"]
+    from_default = resolved["pixel_threshold_source"] == "threshold" and image is None
+    return image, None if from_default else resolved["pixel_threshold"]
+
+
 def _gathered_results(accumulator: AnomalyMetricsAccumulator, model: HeadCLIPModel) -> AnomalyDetectionResults:
     """
-    The metrics of every process's accumulated data, identical on every process, with the decisions at the model's
-    calibrated thresholds (none for an uncalibrated model).
+    The metrics of every process's accumulated data, identical on every process, with the decisions at the
+    thresholds the pipeline would use (`decision_thresholds`; none for an uncalibrated model).
     """
     accumulator = gather_accumulator(accumulator)
-    thresholds = {name: model.config.calibrated_thresholds(name) for name in accumulator.categories}
+    thresholds = {name: decision_thresholds(model.config, name) for name in accumulator.categories}
     return accumulator.compute(decision_thresholds=thresholds)
 
 
@@ -369,7 +385,7 @@ def evaluate_k_shot(
     check_working_size(model, processor)
     runs = {}
     # In eval mode throughout (not only per category, as `iterate_model_outputs` would): the prompts are encoded once.
-    with eval_mode(model):
+    with _eval_mode(model):
         for seed, chosen in draws.items():
             accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
             for category, references in chosen.items():
@@ -406,6 +422,7 @@ def _category_normals(dataset: datasets.Dataset) -> dict[str, list[str]]:
 
 __all__ = [
     "KShotResults",
+    "decision_thresholds",
     "draw_k_shot_references",
     "evaluate_k_shot",
     "evaluate_model",

@@ -17,6 +17,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from headclip_hf.metrics import (
     METRIC_NAMES,
     AnomalyMetricsAccumulator,
+    PixelScoreHistograms,
     UndefinedMetricError,
     image_ap,
     image_auroc,
@@ -26,6 +27,7 @@ from headclip_hf.metrics import (
     pixel_aupro,
     pixel_auroc,
     pixel_f1_max,
+    threshold_between,
 )
 from headclip_hf.reporting import category_file_names, results_to_markdown, save_results
 
@@ -174,6 +176,19 @@ def test_pixel_f1_max_threshold_reaches_f1_max(name, masks, maps):
     threshold = category.f1_max_thresholds["pixel"].value
     assert f1_at(masks, maps.astype(np.float32), threshold) == pytest.approx(category.metrics["pixel_f1_max"].value)
     assert threshold * 2**16 == int(threshold * 2**16)  # a bin edge
+
+
+def test_f1_ties_go_to_the_lowest_threshold_at_both_levels():
+    # Flagging the top score or the top four gives the same F1, 2/3, at both levels: the lower threshold wins.
+    labels, scores = np.array([1, 1, 0, 0, 0]), np.array([0.9, 0.6, 0.6, 0.6, 0.1])
+    f1, threshold = image_f1_max_threshold(labels, scores)
+    assert (f1, threshold) == (pytest.approx(2 / 3), threshold_between(0.1, 0.6))
+    assert f1_at(labels, scores, threshold) == f1_at(labels, scores, 0.9) == pytest.approx(2 / 3)
+    pixels = PixelScoreHistograms.empty(num_bins=4)
+    pixels.update(labels.reshape(1, 1, 5).astype(bool), scores.reshape(1, 1, 5))
+    f1, threshold = pixels.f1_max_threshold()
+    assert (f1, threshold) == (pytest.approx(2 / 3), 0.5)  # bin edge 0.5 (with 0.6), not 0.75 (0.9 alone)
+    assert f1_at(labels, scores, 0.5) == f1_at(labels, scores, 0.75) == pytest.approx(2 / 3)
 
 
 def test_pixel_metrics_on_known_values():
