@@ -21,6 +21,7 @@ with `headclip_hf.calibration`; `gather_accumulator` brings the processes' metri
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -246,12 +247,17 @@ class KShotResults:
     """
     Results of the k-shot protocol (`evaluate_k_shot`).
 
-    Attributes:
-        k_shot: normal reference images per category.
-        runs: per seed, the evaluation with that seed's references (`AnomalyDetectionResults`).
-        references: per seed and category, the reference image files used.
-        reference_sources: per category, where its references came from: "train" (the layout's training normals) or
-            "test" (test normals, left out of that category's evaluation).
+    Args:
+        k_shot (`int`):
+            Normal reference images per category.
+        runs (`dict[int, AnomalyDetectionResults]`):
+            Per seed, the evaluation with that seed's references.
+        references (`dict[int, dict[str, list[str]]]`):
+            Per seed and category, the reference images used, by their `path` (`reference_names`: a file, or for
+            table sources whatever the `path` column holds; `"<path> (row i)"` where a path is not unique).
+        reference_sources (`dict[str, str]`):
+            Per category, where its references came from: "train" (the layout's training normals) or "test" (test
+            normals, left out of that category's evaluation).
     """
 
     k_shot: int
@@ -304,19 +310,30 @@ def draw_k_shot_references(
     k_shot: int,
     seeds: Sequence[int] = (0,),
     reference_dataset: datasets.Dataset | None = None,
-) -> tuple[dict[int, dict[str, list[str]]], dict[str, str]]:
+) -> tuple[dict[int, dict[str, list[int]]], dict[str, str]]:
     """
     The references of the k-shot protocol (see `evaluate_k_shot`), without running a model: per seed and category of
-    `dataset`, `k_shot` normal image files drawn from `reference_dataset`'s normals of that category, or from the
-    category's test normals in `dataset` where `reference_dataset` has none. Cheap: call it to check a run's inputs
-    before loading a model.
+    `dataset`, `k_shot` normal rows drawn from `reference_dataset`'s normals of that category, or from the category's
+    test normals in `dataset` where `reference_dataset` has none. Cheap (no image is decoded): call it to check a run's
+    inputs before loading a model.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            The test rows (`load_anomaly_dataset`).
+        k_shot (`int`):
+            Normal references per category.
+        seeds (`Sequence[int]`, *optional*, defaults to `(0,)`):
+            One draw per seed (distinct).
+        reference_dataset (`datasets.Dataset`, *optional*):
+            The training normals (`load_training_normals`).
 
     Returns:
-        The draws (seed -> category -> files) and where each category's references come from ("train" or "test").
+        `tuple`: the draws, seed -> category -> row indices (ascending) into the data set the category's references
+        come from, and that source per category: "train" (`reference_dataset`) or "test" (`dataset`).
 
     Raises:
-        `ValueError`: no seeds or repeated seeds, `k_shot` below 1, or a category with fewer than `k_shot` normal
-            images to draw from (named, with the count).
+        `ValueError`: no seeds or repeated seeds, `k_shot` not a whole number or below 1, or a category with fewer
+            than `k_shot` normal images to draw from (named, with the count).
     """
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -342,6 +359,16 @@ def draw_k_shot_references(
     return draws, sources
 
 
+def reference_names(dataset: datasets.Dataset, rows: Sequence[int]) -> list[str]:
+    """
+    How the k-shot protocol records the references `rows` of `dataset`: their `path` (the image file, or what a table
+    source's `path` column holds), followed by " (row i)" where another row of `dataset` has the same path.
+    """
+    paths = dataset["path"]
+    uses = Counter(paths)
+    return [paths[row] if uses[paths[row]] == 1 else f"{paths[row]} (row {row})" for row in rows]
+
+
 @torch.inference_mode()
 def evaluate_k_shot(
     model: HeadCLIPModel,
@@ -358,48 +385,61 @@ def evaluate_k_shot(
     """
     The k-shot protocol: per seed and category, draw `k_shot` normal reference images of that category, evaluate the
     category with its own references, and report every seed's results and their mean and standard deviation. The
-    model is put in eval mode (its training mode is restored afterwards); one category's references are held at a time.
+    model is in eval mode throughout (its training mode is restored afterwards); one category's references are held
+    at a time.
 
     References of a category come from `reference_dataset`'s normal rows of that category (the layout's training
     normals, `load_training_normals`) or, where it has none, from the category's test normals in `dataset`, which are
-    then left out of that category's evaluation for that seed: a reference is never evaluated. The same seed draws the
-    same files (`draw_k_shot_references`, `select_k_shot`). Every draw is checked before the first forward pass.
+    then left out of that category's evaluation for that seed: a reference is never evaluated. References are rows,
+    drawn by index and encoded from the data set's own `image` column, so every source works (folders, Parquet, the
+    Hub, in-memory data sets); their `path` is only recorded (`reference_names`). The same seed draws the same rows
+    (`draw_k_shot_references`, `select_k_shot`). Every draw is checked before the first forward pass.
 
     Args:
-        model, processor: the HeadCLIP and its `HeadCLIPProcessor`.
-        dataset: the test rows (`load_anomaly_dataset`).
-        k_shot: normal references per category.
-        seeds: one evaluation per seed (distinct).
-        reference_dataset: the training normals (`load_training_normals`), or `None` to draw from the test normals.
-        batch_size, num_workers, num_bins, show_progress: as for `evaluate_model`.
+        model (`HeadCLIPModel`):
+            The model.
+        processor (`HeadCLIPProcessor`):
+            Prepares images and masks, at the model's working size.
+        dataset (`datasets.Dataset`):
+            The test rows (`load_anomaly_dataset`).
+        k_shot (`int`):
+            Normal references per category.
+        seeds (`Sequence[int]`, *optional*, defaults to `(0,)`):
+            One evaluation per seed (distinct).
+        reference_dataset (`datasets.Dataset`, *optional*):
+            The training normals (`load_training_normals`); `None` draws from the test normals.
+        batch_size, num_workers, num_bins, show_progress:
+            As for `evaluate_model`.
 
     Returns:
         `KShotResults`.
 
     Raises:
-        `ValueError`: no seeds or repeated seeds, `k_shot` below 1, or a category with fewer than `k_shot` normal
-            images to draw from (named, with the count).
+        `ValueError`: no seeds or repeated seeds, `k_shot` not a whole number or below 1, or a category with fewer
+            than `k_shot` normal images to draw from (named, with the count).
     """
     draws, sources = draw_k_shot_references(dataset, k_shot, seeds, reference_dataset)
-    categories, paths = list(dataset["category"]), list(dataset["path"])
     check_working_size(model, processor)
+    category_rows: dict[str, list[int]] = {}
+    for index, category in enumerate(dataset["category"]):
+        category_rows.setdefault(category, []).append(index)
     runs = {}
+    references = {}
     # In eval mode throughout (not only per category, as `iterate_model_outputs` would): the prompts are encoded once.
     with _eval_mode(model):
         for seed, chosen in draws.items():
             accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
-            for category, references in chosen.items():
-                excluded = set(references) if sources[category] == REFERENCE_SOURCE_TEST else set()
-                rows = [
-                    index
-                    for index, (name, path) in enumerate(zip(categories, paths, strict=True))
-                    if name == category and path not in excluded
-                ]
-                reference_embeds = encode_reference_images(model, processor, references)
+            references[seed] = {}
+            for category, rows in chosen.items():
+                source = reference_dataset if sources[category] == REFERENCE_SOURCE_TRAIN else dataset
+                references[seed][category] = reference_names(source, rows)
+                reference_embeds = encode_reference_images(model, processor, source.select(rows)["image"])
+                excluded = set(rows) if sources[category] == REFERENCE_SOURCE_TEST else set()
+                evaluated = [index for index in category_rows[category] if index not in excluded]
                 _accumulate(
                     model,
                     processor,
-                    dataset.select(rows),
+                    dataset.select(evaluated),
                     accumulator,
                     batch_size,
                     num_workers,
@@ -408,15 +448,15 @@ def evaluate_k_shot(
                     description=f"{k_shot}-shot, seed {seed}, {category}",
                 )
             runs[seed] = _gathered_results(accumulator, model)
-    return KShotResults(k_shot=k_shot, runs=runs, references=draws, reference_sources=sources)
+    return KShotResults(k_shot=k_shot, runs=runs, references=references, reference_sources=sources)
 
 
-def _category_normals(dataset: datasets.Dataset) -> dict[str, list[str]]:
-    """The image files of the normal rows of `dataset`, per category, in row order."""
-    normals: dict[str, list[str]] = {}
-    for category, label, path in zip(dataset["category"], dataset["label"], dataset["path"], strict=True):
+def _category_normals(dataset: datasets.Dataset) -> dict[str, list[int]]:
+    """The row indices of the normal rows of `dataset`, per category, in row order."""
+    normals: dict[str, list[int]] = {}
+    for index, (category, label) in enumerate(zip(dataset["category"], dataset["label"], strict=True)):
         if label == 0:
-            normals.setdefault(category, []).append(path)
+            normals.setdefault(category, []).append(index)
     return normals
 
 
@@ -429,4 +469,5 @@ __all__ = [
     "gather_accumulator",
     "iterate_model_outputs",
     "load_training_normals",
+    "reference_names",
 ]

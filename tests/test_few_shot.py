@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -499,6 +500,29 @@ def test_k_shot_draws_from_training_normals_when_the_layout_has_them(
     with pytest.raises(ValueError, match=r"k_shot=5 is larger than the 4 normal images of category 'bottle' \(train"):
         evaluate_k_shot(tiny_model, processor, dataset, k_shot=5, reference_dataset=training_normals)
     assert len(evaluated_paths) == 1  # refused before any forward pass
+
+
+def test_k_shot_on_an_in_memory_data_set_draws_rows_not_files(tiny_model, processor, bottle, evaluated_paths):
+    files = [*sorted((bottle / "good").iterdir())[:6], *sorted((bottle / "broken_large").iterdir())[:3]]
+    images = [Image.open(file).convert("RGB").resize((64, 64)) for file in files]  # in memory: no file behind them
+    table = datasets.Dataset.from_dict(
+        {"image": images, "label": [0] * 6 + [1] * 3, "path": ["good.png"] * 6 + ["bad.png"] * 3}
+    ).cast_column("image", datasets.Image())
+    dataset = load_anomaly_dataset(table)  # a table's paths: names, here repeated, of no file on this machine
+    (category,) = set(dataset["category"])
+    results = evaluate_k_shot(tiny_model, processor, dataset, k_shot=2, seeds=[0, 1], show_progress=False)
+    for seed, evaluated in zip([0, 1], list(evaluated_paths), strict=True):
+        rows = select_k_shot(range(6), 2, seed)
+        assert results.references[seed][category] == [f"good.png (row {row})" for row in rows]
+        assert evaluated == ["good.png"] * 4 + ["bad.png"] * 3  # only the two references are left out
+        # The references are those rows' images: the same scores as evaluating the other rows with them.
+        reference_embeds = encode_reference_images(tiny_model, processor, [images[row] for row in rows])
+        others = dataset.select([index for index in range(9) if index not in rows])
+        expected = evaluate_model(
+            tiny_model, processor, others, show_progress=False, reference_embeds=reference_embeds
+        )
+        scores = results.runs[seed].categories[category].image_scores
+        np.testing.assert_array_equal(scores, expected.categories[category].image_scores)
 
 
 def test_evaluations_encode_the_prompts_once_and_restore_the_training_mode(tiny_model, processor, bottle, tmp_path):
