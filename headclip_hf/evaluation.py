@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .configuration_headclip import HeadCLIPConfig
-from .data import AnomalyCollator, load_anomaly_dataset
+from .data import AnomalyCollator, SplitNotFoundError, load_anomaly_dataset
 from .metrics import DEFAULT_NUM_BINS, METRIC_NAMES, AnomalyDetectionResults, AnomalyMetricsAccumulator
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
 from .pipeline_headclip import resolve_thresholds
@@ -227,16 +228,38 @@ REFERENCE_SOURCE_TEST = "test"
 
 
 def load_training_normals(
-    root: str | os.PathLike, layout: str = "auto", cache_dir: str | os.PathLike | None = None
+    root: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+    layout: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
 ) -> datasets.Dataset | None:
     """
     The normal training images of a data set (`load_anomaly_dataset(root, split="train")`, normal rows: MVTec AD and
-    VisA `train/good`), the k-shot protocol's reference pool; `None` when the layout has no training split (then the
-    protocol draws references from the test normals).
+    VisA `train/good`), the k-shot protocol's reference pool.
+
+    Args:
+        root (`str`, `os.PathLike`, `datasets.Dataset` or `datasets.DatasetDict`):
+            The data set, as `load_anomaly_dataset` takes it.
+        layout (`str`, *optional*, defaults to `"auto"`):
+            Its folder layout.
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            The `datasets` cache folder.
+
+    Returns:
+        `datasets.Dataset` or `None`: the normal training rows; `None` when the source has no training split (then
+        the protocol draws references from the test normals): a layout or table without a "train" split
+        (`SplitNotFoundError`), or a source that is one table, used whole as the test data (Parquet files, a
+        `datasets.Dataset`), whose rows are the test rows themselves.
+
+    Raises:
+        Every error of `load_anomaly_dataset` other than a missing split (an unreadable meta file or image, ...).
     """
+    one_table = isinstance(root, (datasets.Dataset, datasets.IterableDataset, list, tuple))
+    if one_table or (isinstance(root, (str, os.PathLike)) and Path(root).expanduser().is_file()):
+        logger.info(f"{root} is one table (the test data): k-shot references come from the test normals.")
+        return None
     try:
         train = load_anomaly_dataset(root, layout=layout, split="train", cache_dir=cache_dir)
-    except ValueError as error:  # the layout has no train split, or the split holds no images
+    except SplitNotFoundError as error:
         logger.info(f"No training normals in {root} ({error}); k-shot references come from the test normals.")
         return None
     return train.select([index for index, label in enumerate(train["label"]) if label == 0])

@@ -537,6 +537,29 @@ def test_evaluations_encode_the_prompts_once_and_restore_the_training_mode(tiny_
     assert len(encodings) == 2 and tiny_model.training  # the training mode in between cleared the cache
 
 
+def test_training_normals_of_sources_without_a_train_split_and_of_broken_ones(bottle, tmp_path):
+    root = tmp_path / "meta"
+    (root / "good").mkdir(parents=True)
+    Image.open(bottle / "good" / "000.png").resize((64, 64)).save(root / "good" / "000.png")
+    entry = {"img_path": "good/000.png", "mask_path": "", "cls_name": "bottle", "specie_name": "good", "anomaly": 0}
+    (root / "meta.json").write_text(json.dumps({"test": {"bottle": [entry]}}))
+    cache = str(tmp_path / "cache")
+    assert load_training_normals(root, cache_dir=cache) is None  # no "train" in meta.json
+    table = load_anomaly_dataset(root, cache_dir=cache)
+    assert load_training_normals(table) is None  # one table: its rows are the test rows
+    table.to_parquet(tmp_path / "bottle.parquet")
+    assert load_training_normals(tmp_path / "bottle.parquet") is None
+    assert len(load_training_normals(datasets.DatasetDict({"test": table, "train": table}))) == 1
+
+    # A broken data set is an error, not a missing split: the references would silently come from elsewhere.
+    (root / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"meta.json"):
+        load_training_normals(root, cache_dir=cache)
+    (root / "meta.json").write_text(json.dumps({"train": {"bottle": [{**entry, "img_path": "good/none.png"}]}}))
+    with pytest.raises(FileNotFoundError, match=r"none.png"):
+        load_training_normals(root, cache_dir=cache)
+
+
 def test_k_shot_bad_inputs(tiny_model, processor, test_data_dir, bottle, tmp_path):
     colon = load_anomaly_dataset(test_data_dir / "kvasir_seg" / "colon", cache_dir=str(tmp_path)).select(range(4))
     with pytest.raises(ValueError, match=r"There are no normal images of category 'colon' \(test split\)"):
