@@ -219,7 +219,8 @@ def calibrate(
         per_category (`bool`, *optional*, defaults to `False`): Also calibrate each category on its own images
             (`image_thresholds` / `pixel_thresholds`); the model-wide thresholds always come from all the images.
         data_source (`str`, *optional*): What the data is, for the record; defaults to the data set's description.
-        batch_size, num_workers: The `DataLoader` settings.
+        batch_size (`int`, *optional*, defaults to 8): Images per forward pass.
+        num_workers (`int`, *optional*, defaults to 0): Data loading processes of the `DataLoader`.
         num_bins (`int`, *optional*, defaults to 2**16): Pixel score histogram bins.
         show_progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
 

@@ -82,14 +82,27 @@ def iterate_model_outputs(
     mode (its training mode is restored afterwards), on its device and dtype.
 
     Args:
-        model, processor, dataset: as in `evaluate_model`.
-        batch_size, num_workers: the `DataLoader` settings.
-        show_progress: show a progress bar titled `description` (on the main process only).
-        reference_embeds: few-shot references for every image, on the model's device (`evaluate_model`).
+        model (`HeadCLIPModel`):
+            The model.
+        processor (`HeadCLIPProcessor`):
+            Prepares images and masks, at the model's working size.
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            Rows of `load_anomaly_dataset`.
+        batch_size (`int`, *optional*, defaults to 8):
+            Images per forward pass (the `DataLoader`'s batch size).
+        num_workers (`int`, *optional*, defaults to 0):
+            Data loading processes of the `DataLoader`.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar titled `description` (on the main process only).
+        description (`str`, *optional*, defaults to `"Evaluating"`):
+            The progress bar's title.
+        reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`, *optional*):
+            Few-shot references for every image, on the model's device (`evaluate_model`).
 
     Yields:
-        Per batch of B images: the inputs of `AnomalyCollator` (`pixel_values`, `masks` [B, S, S], `labels` [B],
-        `mask_valid` [B], on the CPU), the B categories, and the model's outputs.
+        `tuple`: per batch of B images, the inputs of `AnomalyCollator` (`pixel_values` `(B, 3, S, S)`, `masks`
+        `(B, S, S)`, `labels` `(B,)`, `mask_valid` `(B,)`, on the CPU), the B categories, and the model's
+        `HeadCLIPOutput`.
     """
     state = PartialState()
     shard = split_dataset_by_node(dataset, rank=state.process_index, world_size=state.num_processes)
@@ -431,8 +444,14 @@ def evaluate_k_shot(
             One evaluation per seed (distinct).
         reference_dataset (`datasets.Dataset`, *optional*):
             The training normals (`load_training_normals`); `None` draws from the test normals.
-        batch_size, num_workers, num_bins, show_progress:
-            As for `evaluate_model`.
+        batch_size (`int`, *optional*, defaults to 8):
+            Images per forward pass.
+        num_workers (`int`, *optional*, defaults to 0):
+            Data loading processes of the `DataLoader`.
+        num_bins (`int`, *optional*, defaults to `DEFAULT_NUM_BINS`):
+            Score histogram bins of the pixel metrics.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars (on the main process only).
 
     Returns:
         `KShotResults`.

@@ -240,14 +240,16 @@ def image_f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
     the lowest score it flags. Flagging `scores >= threshold` gives exactly that F1 on these scores.
 
     Args:
-        labels: [N] 0 (normal) / 1 (anomalous), numpy, torch or list.
-        scores: [N] anomaly scores, higher = more anomalous.
+        labels (array-like of shape `(N,)`):
+            0 (normal) / 1 (anomalous); numpy, torch or list.
+        scores (array-like of shape `(N,)`):
+            Anomaly scores, higher = more anomalous.
 
     Returns:
-        `(f1_max, threshold)`.
+        `tuple[float, float]`: `(f1_max, threshold)`.
 
     Raises:
-        UndefinedMetricError: when the images are all normal or all anomalous.
+        `UndefinedMetricError`: when the images are all normal or all anomalous.
     """
     labels, scores = _image_inputs(labels, scores)
     _require_both_image_classes(labels)
@@ -907,8 +909,12 @@ class AnomalyMetricsAccumulator:
         Metrics per category (in order of first appearance) and their means over categories.
 
         Args:
-            decision_thresholds: per category, `(image threshold, pixel threshold)` (either may be `None`) at which
-                to report the decisions (`CategoryResult.operating_points`), e.g. a calibrated model's.
+            decision_thresholds (`Mapping[str, tuple[float | None, float | None]]`, *optional*):
+                Per category, the `(image, pixel)` thresholds (either may be `None`) at which to report the decisions
+                (`CategoryResult.operating_points`), e.g. those of `headclip_hf.evaluation.decision_thresholds`.
+
+        Returns:
+            `AnomalyDetectionResults`.
         """
         decision_thresholds = decision_thresholds or {}
         categories = {
