@@ -24,8 +24,8 @@ from pathlib import Path
 
 from headclip_hf.cli import main as headclip
 from headclip_hf.cli._common import apply_flag_convention, positive_int
-from headclip_hf.cli.evaluate import evaluate_output_kind
 from headclip_hf.files import check_output_folder
+from headclip_hf.reporting import evaluate_output_kind
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,10 @@
 """headclip_hf: HeadCLIP zero-shot anomaly detection for the Hugging Face ecosystem.
 
 Importing the package registers `HeadCLIPConfig`, `HeadCLIPModel` and `HeadCLIPProcessor` with `AutoConfig`,
-`AutoModel` and `AutoProcessor`, and marks the config and model for Hub remote code (`save_pretrained` ships
-`configuration_headclip.py` and `modeling_headclip.py` with an `auto_map`).
+`AutoModel` and `AutoProcessor`, and marks the three for Hub remote code: `save_pretrained` ships
+`configuration_headclip.py`, `modeling_headclip.py`, `processing_headclip.py` and `image_utils_headclip.py` (which
+the processor imports) with an `auto_map`; a model published with `headclip push` also carries
+`pipeline_headclip.py` for the "zero-shot-anomaly-detection" pipeline.
 
 Where PyTorch cannot be imported (a deployment machine with ONNX Runtime or OpenVINO), the package still imports:
 `headclip_hf.export.ExportedDetector` runs exported models there, and the names below raise an `ImportError` that

@@ -5,9 +5,12 @@ An uncalibrated HeadCLIP labels an image "anomaly" when its joint score is >= 0.
 given product line. `calibrate` runs the model over a few images of the user's own data (the loop of
 `headclip evaluate`, `iterate_model_outputs`) and picks, at the image level and at the pixel level:
 
-- `"f1"` (labelled data with normal and anomalous images, and masks): the threshold that maximises F1, the operating
-  point behind the `image_f1_max` / `pixel_f1_max` that `headclip evaluate` reports (`image_f1_max_threshold`,
-  `PixelScoreHistograms.f1_max_threshold`): the same scores flagged, the same F1.
+- `"f1"` (labelled data with normal and anomalous images, and masks): the threshold that maximises F1 over the images
+  (pixels) it is computed from (`image_f1_max_threshold`, `PixelScoreHistograms.f1_max_threshold`). A category's
+  threshold (`per_category=True`) is the operating point behind that category's `image_f1_max` / `pixel_f1_max` in
+  `headclip evaluate`: the same scores flagged, the same F1. The model-wide threshold maximises F1 over all the images
+  pooled; with one category that is the same point, with several it is not (evaluate's F1-max is per category, then
+  averaged).
 - `"normal_quantile"` (normal images only): the lowest threshold at which at most `target_fpr` of the normal images are
   flagged, and at most `pixel_target_fpr` of their pixels. With N normal images the image rate moves in steps of 1 / N,
   so a target below 1 / N cannot be resolved: the threshold then flags none of them (it lies just above the highest
@@ -27,6 +30,7 @@ per category `image_thresholds` / `pixel_thresholds`, and `calibration`: how the
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +38,7 @@ import datasets
 import numpy as np
 import torch
 
-from .evaluation import check_working_size, gather_accumulator, iterate_model_outputs
+from .evaluation import gather_accumulator, iterate_model_outputs
 from .metrics import (
     DEFAULT_NUM_BINS,
     AnomalyMetricsAccumulator,
@@ -45,10 +49,13 @@ from .metrics import (
     threshold_between,
 )
 from .modeling_headclip import HeadCLIPModel
+from .processing_headclip import check_working_size
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "f1", "normal_quantile")
+# The columns of `load_anomaly_dataset` that calibrating reads.
+CALIBRATION_COLUMNS = ("image", "mask", "label", "mask_valid", "category")
 DEFAULT_TARGET_FPR = 0.01
 
 
@@ -106,12 +113,13 @@ def check_calibration_data(
 
     Raises:
         `ValueError`: an unknown method, a target rate outside (0, 1), a streaming or empty data set, a data set
-            (or, with `per_category`, a category) without the images the method needs.
+            without the columns of `load_anomaly_dataset` (`CALIBRATION_COLUMNS`) or with labels other than 0 / 1,
+            a data set (or, with `per_category`, a category) without the images the method needs.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown calibration method {method!r}: choose one of {', '.join(METHODS)}.")
     for name, value in (("target_fpr", target_fpr), ("pixel_target_fpr", pixel_target_fpr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
             raise ValueError(
                 f"{name}={value!r} is invalid: it is a false-positive rate and must lie strictly between 0 and 1 "
                 "(e.g. 0.01 to flag at most 1% of normal images)."
@@ -123,7 +131,23 @@ def check_calibration_data(
         )
     if len(dataset) == 0:
         raise ValueError("The calibration data set is empty: calibrating needs images (normal ones at least).")
-    labels = np.asarray(dataset["label"], dtype=bool)
+    missing = [column for column in CALIBRATION_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"The calibration data set has no column {', '.join(map(repr, missing))}: calibrating needs the columns "
+            f"{', '.join(CALIBRATION_COLUMNS)} of load_anomaly_dataset (it has {', '.join(dataset.column_names)}). "
+            "Load the data with load_anomaly_dataset, naming the source's own columns with image_column=, "
+            "label_column=, ... where they differ."
+        )
+    raw_labels = np.asarray(dataset["label"])
+    if raw_labels.dtype != bool and not np.isin(raw_labels, (0, 1)).all():
+        others = sorted({label for label in raw_labels.tolist() if label not in (0, 1)}, key=repr)
+        raise ValueError(
+            f"The calibration data set's labels must be 0 (normal) or 1 (anomalous), but its label column also holds "
+            f"{', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''}. Map the labels to 0 / 1 first "
+            "(load_anomaly_dataset(..., label_column=...) reads 'good'/'normal' as 0 and defect names as 1)."
+        )
+    labels = raw_labels.astype(bool)
     mask_valid = np.asarray(dataset["mask_valid"], dtype=bool)
     groups = {"the data set": np.ones(labels.size, dtype=bool)}
     if per_category:
@@ -195,7 +219,8 @@ def calibrate(
         per_category (`bool`, *optional*, defaults to `False`): Also calibrate each category on its own images
             (`image_thresholds` / `pixel_thresholds`); the model-wide thresholds always come from all the images.
         data_source (`str`, *optional*): What the data is, for the record; defaults to the data set's description.
-        batch_size, num_workers: The `DataLoader` settings.
+        batch_size (`int`, *optional*, defaults to 8): Images per forward pass.
+        num_workers (`int`, *optional*, defaults to 0): Data loading processes of the `DataLoader`.
         num_bins (`int`, *optional*, defaults to 2**16): Pixel score histogram bins.
         show_progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
 
@@ -210,6 +235,7 @@ def calibrate(
 
     check_calibration_data(dataset, method, target_fpr, pixel_target_fpr, per_category)
     check_working_size(model, processor)
+    target_fpr, pixel_target_fpr = float(target_fpr), float(pixel_target_fpr)  # e.g. numpy scalars, for the record
     # Everything with ground truth (as `evaluate_model`, plus normal images whose masks are unknown), and the normal
     # images alone (the `normal_quantile` statistics).
     accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)

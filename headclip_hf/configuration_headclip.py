@@ -1,11 +1,16 @@
 # Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
 """HeadCLIP model configuration.
 
-This file imports only `transformers` (and the standard library) so that `save_pretrained` can ship it as Hub remote
-code next to `modeling_headclip.py`.
+This file imports only `transformers`, `huggingface_hub` (its `@strict` dataclass validation, which transformers'
+configs use; transformers requires huggingface_hub) and the standard library, so that `save_pretrained` can ship it as
+Hub remote code next to `modeling_headclip.py`.
 """
 
 import dataclasses
+import json
+import math
+import numbers
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig
@@ -28,6 +33,10 @@ DEFAULT_ABNORMAL_PROMPT_IDS = [13568, 14115, 269]
 # as the token embeddings of this phrase, so an untrained HeadCLIP scores "... of the object." against
 # "... of the damaged object.", a usable zero-shot CLIP detector.
 DEFAULT_PROMPT_INIT_IDS = [320, 2660, 268, 705, 15142, 1125, 539, 518, 2954, 7744, 539, 518]
+
+# The fields that hold calibrated decision thresholds and their record (`headclip calibrate`): they decide labels and
+# masks but change no score or map.
+CALIBRATION_FIELDS = ("image_threshold", "pixel_threshold", "image_thresholds", "pixel_thresholds", "calibration")
 
 JOINT_POOLING_CHOICES = ("max", "topk_mean")
 POSITION_INTERPOLATION_CHOICES = ("bicubic", "bilinear")
@@ -55,6 +64,41 @@ def check_image_size(image_size: int, patch_size: int) -> None:
     )
 
 
+def _plain_numbers(value: Any) -> Any:
+    """
+    `value` with every number that is not a Python `int` or `float` (a numpy scalar such as `np.float32(0.3)`, any
+    `numbers.Real`) turned into one, also inside lists and dict values; `bool` and everything else as it is.
+    """
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, list):
+        return [_plain_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    return value
+
+
+def _accepts_real_numbers(config_class: type) -> type:
+    """
+    Let the HeadCLIP fields of `config_class` take any real number where a number is expected: a value is passed
+    through `_plain_numbers` before `@strict` checks its type, so that `np.float32(0.3)` is stored as the Python float
+    `0.3000000119...` (and `config.json` stays plain JSON) instead of being refused as "expected float".
+    """
+    strict_setattr = config_class.__setattr__
+    field_names = set(config_class.headclip_field_names())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        strict_setattr(self, name, _plain_numbers(value) if name in field_names else value)
+
+    config_class.__setattr__ = __setattr__
+    return config_class
+
+
+@_accepts_real_numbers
 @strict(accept_kwargs=True)
 class HeadCLIPConfig(CLIPConfig):
     r"""
@@ -65,7 +109,8 @@ class HeadCLIPConfig(CLIPConfig):
     The config validates itself, as transformers' `@strict` configs do: building it (also through `from_pretrained`,
     whose HeadCLIP keyword arguments are constructor arguments), `validate()` and `save_pretrained` raise a
     `ValueError` naming the field, its value and what is allowed. An assignment checks the field's type only (as in
-    transformers); call `validate()` after changing fields one by one, or build a new config.
+    transformers); call `validate()` after changing fields one by one, or build a new config. Where a field takes a
+    number, any real number is accepted (numpy scalars included) and stored as a Python `int` or `float`.
 
     Args:
         prompt_length (`int`, *optional*, defaults to 12):
@@ -197,7 +242,7 @@ class HeadCLIPConfig(CLIPConfig):
         num_vision_layers = self.vision_config.num_hidden_layers
         if self.feature_layers is None:
             self.feature_layers = sorted({max(1, round(num_vision_layers * k / 4)) for k in (1, 2, 3, 4)})
-        if self.vv_start_layer is None:
+        if self.vv_start_layer is None and self.feature_layers:  # no feature layers: refused by the validation
             self.vv_start_layer = min(self.feature_layers)
         if self.image_size is None:
             self.image_size = nearest_image_size(DEFAULT_IMAGE_SIZE, self.vision_config.patch_size)
@@ -292,7 +337,9 @@ class HeadCLIPConfig(CLIPConfig):
                 self.deep_prompt_length,
                 f"it must lie in [0, prompt_length={self.prompt_length}]",
             )
-        if not self.feature_layers or any(not 1 <= layer <= num_vision_layers for layer in self.feature_layers):
+        if not self.feature_layers:
+            fail("feature_layers", self.feature_layers, "the maps need at least one feature layer")
+        if any(not 1 <= layer <= num_vision_layers for layer in self.feature_layers):
             fail("feature_layers", self.feature_layers, f"layers must lie in [1, {num_vision_layers}] (vision layers)")
         if sorted(set(self.feature_layers)) != list(self.feature_layers):
             fail("feature_layers", self.feature_layers, "layers must be distinct and in increasing order")
@@ -306,10 +353,10 @@ class HeadCLIPConfig(CLIPConfig):
             not 1 <= layer <= num_vision_layers for layer in self.head_weight_layers
         ):
             fail("head_weight_layers", self.head_weight_layers, f"layers must lie in [1, {num_vision_layers}]")
-        if not self.temperature > 0:
-            fail("temperature", self.temperature, "it must be > 0")
-        if not self.map_sigma >= 0:
-            fail("map_sigma", self.map_sigma, "it must be >= 0 (0 switches smoothing off)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            fail("temperature", self.temperature, "it must be a finite number > 0")
+        if not (math.isfinite(self.map_sigma) and self.map_sigma >= 0):
+            fail("map_sigma", self.map_sigma, "it must be a finite number >= 0 (0 switches smoothing off)")
         if not 0.0 <= self.joint_alpha <= 1.0:
             fail("joint_alpha", self.joint_alpha, "it must lie in [0, 1]")
         if self.joint_pooling not in JOINT_POOLING_CHOICES:
@@ -318,8 +365,8 @@ class HeadCLIPConfig(CLIPConfig):
             fail("joint_topk", self.joint_topk, "it must lie in (0, 1]")
         if not 0.0 <= self.few_shot_weight <= 1.0:
             fail("few_shot_weight", self.few_shot_weight, "it must lie in [0, 1]")
-        if not self.focal_gamma >= 0:
-            fail("focal_gamma", self.focal_gamma, "it must be >= 0")
+        if not (math.isfinite(self.focal_gamma) and self.focal_gamma >= 0):
+            fail("focal_gamma", self.focal_gamma, "it must be a finite number >= 0")
         if self.position_interpolation not in POSITION_INTERPOLATION_CHOICES:
             fail(
                 "position_interpolation",
@@ -345,8 +392,24 @@ class HeadCLIPConfig(CLIPConfig):
                 and all(isinstance(name, str) and is_threshold(threshold) for name, threshold in value.items())
             ):
                 fail(field, value, "it must map category names to finite numbers in [0, 1]")
-        if self.calibration is not None and not isinstance(self.calibration, dict):
-            fail("calibration", self.calibration, "it must be a dict (written by headclip_hf.calibration) or None")
+        if self.calibration is not None and not _is_json_object(self.calibration):
+            fail(
+                "calibration",
+                self.calibration,
+                "it must be None or a dict that JSON can hold (strings, numbers, booleans, None, lists and dicts), "
+                "as headclip_hf.calibration writes it",
+            )
+
+
+def _is_json_object(value: Any) -> bool:
+    """Whether `value` is a dict that `config.json` can hold as it is."""
+    if not isinstance(value, dict):
+        return False
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 __all__ = ["HeadCLIPConfig"]

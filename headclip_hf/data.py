@@ -94,6 +94,16 @@ LAYOUT_SIGNATURES = {
     "generic": "<root>[/<category>]/{good,<defect>}/ with ground_truth/ (generic folder: MVTec test without test/)",
 }
 LAYOUTS = ("auto", *LAYOUT_SIGNATURES)
+
+
+class SplitNotFoundError(ValueError):
+    """
+    The source has no split of the name asked for (`load_anomaly_dataset(..., split=...)`): a layout without it (the
+    generic layout has only "test"; MVTec AD categories without `train/`), a meta file, CSV or table source that does
+    not list it, or a split that holds no images.
+    """
+
+
 TABLE_LAYOUTS = ("save_to_disk", "parquet", "imagefolder")
 IMAGEFOLDER_METADATA = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parquet"})
 
@@ -223,7 +233,8 @@ def load_anomaly_dataset(
         [`ANOMALY_FEATURES`]; `info.description` summarises the load.
 
     Raises:
-        `ValueError`: an unknown `layout`, split or category, a root that holds no images in the layouts tried, a
+        `SplitNotFoundError` (a `ValueError`): the source has no split `split`, or it holds no images.
+        `ValueError`: an unknown `layout` or category, a root that holds no images in the layouts tried, a
             malformed meta file or CSV (the message names the entry; labels must be 0 or 1), a listed path that
             leaves `root`, a mask whose size differs from its image's, a column that does not exist or cannot be
             read (the message lists the columns), a label outside the known conventions.
@@ -301,7 +312,9 @@ def _from_folder(
     entries, has_masks = _SCANNERS[layout](root, split, options.allow_outside_root)
     entries = _select_categories(entries, options.categories, root)
     if not entries:
-        raise ValueError(f"No images found in data set root {root} for split {split!r}. {_layouts_tried(tried)}")
+        raise SplitNotFoundError(
+            f"No images found in data set root {root} for split {split!r}. {_layouts_tried(tried)}"
+        )
     entries = _resolve_masks(entries, has_masks)
     entries, skipped = _validate_files(entries, options.skip_unreadable)
     if not entries:
@@ -383,7 +396,7 @@ def _scan_meta_json(root: Path, split: str, allow_outside_root: bool) -> tuple[l
             f"{meta_path} must hold an object {{split: {{category: [entries]}}}}, not {_type_name(meta)}."
         )
     if split not in meta:
-        raise ValueError(f"{meta_path} has no split {split!r}; its splits are {sorted(meta)}.")
+        raise SplitNotFoundError(f"{meta_path} has no split {split!r}; its splits are {sorted(meta)}.")
     entries = []
     has_masks: dict[str, bool] = {}
     for split_name, classes in meta.items():
@@ -497,7 +510,7 @@ def _scan_mvtec(root: Path, split: str, allow_outside_root: bool) -> tuple[list[
 
 def _scan_generic(root: Path, split: str, allow_outside_root: bool) -> tuple[list[_Entry], dict[str, bool]]:
     if split != "test":
-        raise ValueError(f"The generic layout (used for {root}) has only a test split, not {split!r}.")
+        raise SplitNotFoundError(f"The generic layout (used for {root}) has only a test split, not {split!r}.")
     entries = []
     has_masks = {}
     for category_dir in _generic_category_dirs(root):
@@ -849,7 +862,8 @@ def _load_with_datasets(
             path, split=split, cache_dir=str(cache_dir) if cache_dir is not None else None, **kwargs
         )
     except ValueError as error:  # e.g. an unknown split, with the list of splits
-        raise ValueError(f"Cannot load split {split!r} of {origin}: {error}") from error
+        kind = SplitNotFoundError if str(error).startswith("Unknown split") else ValueError
+        raise kind(f"Cannot load split {split!r} of {origin}: {error}") from error
     except OSError as error:  # not found, offline and not cached (ConnectionError), unreadable files
         kind = next(kind for kind in (ConnectionError, FileNotFoundError, OSError) if isinstance(error, kind))
         hint = ""
@@ -880,7 +894,7 @@ def _pick_split(
     if not isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return source
     if split not in source:
-        raise ValueError(f"{origin} has no split {split!r}; its splits are {sorted(source)}.")
+        raise SplitNotFoundError(f"{origin} has no split {split!r}; its splits are {sorted(source)}.")
     return source[split]
 
 

@@ -13,7 +13,7 @@ Zero-shot: `evaluate_model`. Few-shot: `evaluate_model(..., reference_embeds=...
 k-shot protocol `evaluate_k_shot`, which draws K normal references per category and seed (from the layout's training
 normals, `load_training_normals`, else from the test normals, which are then left out of that category's evaluation)
 and reports the mean and standard deviation over the seeds. A calibrated model's decisions are reported at its
-thresholds (`HeadCLIPConfig.calibrated_thresholds`).
+thresholds, as the pipeline decides (`decision_thresholds`).
 
 `iterate_model_outputs` is the loop itself (batches, categories and model outputs of this process's shard), shared
 with `headclip_hf.calibration`; `gather_accumulator` brings the processes' metric states together.
@@ -21,8 +21,11 @@ with `headclip_hf.calibration`; `gather_accumulator` brings the processes' metri
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -34,28 +37,26 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import AnomalyCollator, load_anomaly_dataset
+from .configuration_headclip import HeadCLIPConfig
+from .data import AnomalyCollator, SplitNotFoundError, load_anomaly_dataset
 from .metrics import DEFAULT_NUM_BINS, METRIC_NAMES, AnomalyDetectionResults, AnomalyMetricsAccumulator
 from .modeling_headclip import HeadCLIPModel, HeadCLIPOutput
+from .pipeline_headclip import resolve_thresholds
+from .processing_headclip import check_working_size
 from .references import encode_reference_images, select_k_shot
 
 logger = logging.getLogger(__name__)
 
 
-def check_working_size(model: HeadCLIPModel, processor: Any) -> None:
-    """
-    The one rule for the working size: evaluation and training run at the model's `config.image_size`.
-
-    Raises:
-        `ValueError`: when the processor prepares images at another size, saying how to load both at one size.
-    """
-    if processor.image_size != model.config.image_size:
-        raise ValueError(
-            f"The processor prepares {processor.image_size} px images but the model's working size "
-            f"(HeadCLIPConfig.image_size) is {model.config.image_size} px: load both at one size, e.g. "
-            f"load_headclip_model_and_processor(..., image_size={processor.image_size}) or "
-            f"HeadCLIPProcessor.from_pretrained(..., size={model.config.image_size})."
-        )
+@contextmanager
+def _eval_mode(model: HeadCLIPModel) -> Iterator[HeadCLIPModel]:
+    """Put `model` in eval mode for the block and restore its training mode afterwards, also after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _collate_with_categories(collator: AnomalyCollator):
@@ -81,14 +82,27 @@ def iterate_model_outputs(
     mode (its training mode is restored afterwards), on its device and dtype.
 
     Args:
-        model, processor, dataset: as in `evaluate_model`.
-        batch_size, num_workers: the `DataLoader` settings.
-        show_progress: show a progress bar titled `description` (on the main process only).
-        reference_embeds: few-shot references for every image, on the model's device (`evaluate_model`).
+        model (`HeadCLIPModel`):
+            The model.
+        processor (`HeadCLIPProcessor`):
+            Prepares images and masks, at the model's working size.
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            Rows of `load_anomaly_dataset`.
+        batch_size (`int`, *optional*, defaults to 8):
+            Images per forward pass (the `DataLoader`'s batch size).
+        num_workers (`int`, *optional*, defaults to 0):
+            Data loading processes of the `DataLoader`.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar titled `description` (on the main process only).
+        description (`str`, *optional*, defaults to `"Evaluating"`):
+            The progress bar's title.
+        reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`, *optional*):
+            Few-shot references for every image, on the model's device (`evaluate_model`).
 
     Yields:
-        Per batch of B images: the inputs of `AnomalyCollator` (`pixel_values`, `masks` [B, S, S], `labels` [B],
-        `mask_valid` [B], on the CPU), the B categories, and the model's outputs.
+        `tuple`: per batch of B images, the inputs of `AnomalyCollator` (`pixel_values` `(B, 3, S, S)`, `masks`
+        `(B, S, S)`, `labels` `(B,)`, `mask_valid` `(B,)`, on the CPU), the B categories, and the model's
+        `HeadCLIPOutput`.
     """
     state = PartialState()
     shard = split_dataset_by_node(dataset, rank=state.process_index, world_size=state.num_processes)
@@ -99,17 +113,13 @@ def iterate_model_outputs(
         num_workers=num_workers,
         collate_fn=_collate_with_categories(AnomalyCollator(processor)),
     )
-    was_training = model.training
-    model.eval()
     device, dtype = model.device, model.dtype
-    try:
+    with _eval_mode(model):
         for batch, categories in tqdm(
             loader, desc=description, unit="batch", disable=not (show_progress and state.is_main_process)
         ):
             pixel_values = batch["pixel_values"].to(device=device, dtype=dtype)
             yield batch, categories, model(pixel_values=pixel_values, reference_embeds=reference_embeds)
-    finally:
-        model.train(was_training)
 
 
 def _accumulate(
@@ -147,13 +157,27 @@ def gather_accumulator(accumulator: AnomalyMetricsAccumulator) -> AnomalyMetrics
     return merged
 
 
+def decision_thresholds(config: HeadCLIPConfig, category: str | None = None) -> tuple[float | None, float | None]:
+    """
+    The `(image, pixel)` thresholds at which the pipeline decides for `category` (`resolve_thresholds`, the one rule),
+    without its 0.5 default: both `None` for an uncalibrated model, whose decisions fit no category; with only an
+    image threshold calibrated, the masks use it, as in the pipeline.
+    """
+    if config.calibrated_thresholds(category) == (None, None):
+        return None, None
+    resolved = resolve_thresholds(config, category=category)
+    image = None if resolved["threshold_source"] == "default" else resolved["threshold"]
+    from_default = resolved["pixel_threshold_source"] == "threshold" and image is None
+    return image, None if from_default else resolved["pixel_threshold"]
+
+
 def _gathered_results(accumulator: AnomalyMetricsAccumulator, model: HeadCLIPModel) -> AnomalyDetectionResults:
     """
-    The metrics of every process's accumulated data, identical on every process, with the decisions at the model's
-    calibrated thresholds (none for an uncalibrated model).
+    The metrics of every process's accumulated data, identical on every process, with the decisions at the
+    thresholds the pipeline would use (`decision_thresholds`; none for an uncalibrated model).
     """
     accumulator = gather_accumulator(accumulator)
-    thresholds = {name: model.config.calibrated_thresholds(name) for name in accumulator.categories}
+    thresholds = {name: decision_thresholds(model.config, name) for name in accumulator.categories}
     return accumulator.compute(decision_thresholds=thresholds)
 
 
@@ -204,10 +228,7 @@ def evaluate_model(
         model.check_reference_embeds(reference_embeds)
         reference_embeds = reference_embeds.to(model.device)
     accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
-    was_training = model.training
-    model.eval()
     _accumulate(model, processor, dataset, accumulator, batch_size, num_workers, show_progress, reference_embeds)
-    model.train(was_training)
     return _gathered_results(accumulator, model)
 
 
@@ -220,16 +241,38 @@ REFERENCE_SOURCE_TEST = "test"
 
 
 def load_training_normals(
-    root: str | os.PathLike, layout: str = "auto", cache_dir: str | os.PathLike | None = None
+    root: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+    layout: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
 ) -> datasets.Dataset | None:
     """
     The normal training images of a data set (`load_anomaly_dataset(root, split="train")`, normal rows: MVTec AD and
-    VisA `train/good`), the k-shot protocol's reference pool; `None` when the layout has no training split (then the
-    protocol draws references from the test normals).
+    VisA `train/good`), the k-shot protocol's reference pool.
+
+    Args:
+        root (`str`, `os.PathLike`, `datasets.Dataset` or `datasets.DatasetDict`):
+            The data set, as `load_anomaly_dataset` takes it.
+        layout (`str`, *optional*, defaults to `"auto"`):
+            Its folder layout.
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            The `datasets` cache folder.
+
+    Returns:
+        `datasets.Dataset` or `None`: the normal training rows; `None` when the source has no training split (then
+        the protocol draws references from the test normals): a layout or table without a "train" split
+        (`SplitNotFoundError`), or a source that is one table, used whole as the test data (Parquet files, a
+        `datasets.Dataset`), whose rows are the test rows themselves.
+
+    Raises:
+        Every error of `load_anomaly_dataset` other than a missing split (an unreadable meta file or image, ...).
     """
+    one_table = isinstance(root, (datasets.Dataset, datasets.IterableDataset, list, tuple))
+    if one_table or (isinstance(root, (str, os.PathLike)) and Path(root).expanduser().is_file()):
+        logger.info(f"{root} is one table (the test data): k-shot references come from the test normals.")
+        return None
     try:
         train = load_anomaly_dataset(root, layout=layout, split="train", cache_dir=cache_dir)
-    except ValueError as error:  # the layout has no train split, or the split holds no images
+    except SplitNotFoundError as error:
         logger.info(f"No training normals in {root} ({error}); k-shot references come from the test normals.")
         return None
     return train.select([index for index, label in enumerate(train["label"]) if label == 0])
@@ -240,12 +283,17 @@ class KShotResults:
     """
     Results of the k-shot protocol (`evaluate_k_shot`).
 
-    Attributes:
-        k_shot: normal reference images per category.
-        runs: per seed, the evaluation with that seed's references (`AnomalyDetectionResults`).
-        references: per seed and category, the reference image files used.
-        reference_sources: per category, where its references came from: "train" (the layout's training normals) or
-            "test" (test normals, left out of that category's evaluation).
+    Args:
+        k_shot (`int`):
+            Normal reference images per category.
+        runs (`dict[int, AnomalyDetectionResults]`):
+            Per seed, the evaluation with that seed's references.
+        references (`dict[int, dict[str, list[str]]]`):
+            Per seed and category, the reference images used, by their `path` (`reference_names`: a file, or for
+            table sources whatever the `path` column holds; `"<path> (row i)"` where a path is not unique).
+        reference_sources (`dict[str, str]`):
+            Per category, where its references came from: "train" (the layout's training normals) or "test" (test
+            normals, left out of that category's evaluation).
     """
 
     k_shot: int
@@ -298,19 +346,30 @@ def draw_k_shot_references(
     k_shot: int,
     seeds: Sequence[int] = (0,),
     reference_dataset: datasets.Dataset | None = None,
-) -> tuple[dict[int, dict[str, list[str]]], dict[str, str]]:
+) -> tuple[dict[int, dict[str, list[int]]], dict[str, str]]:
     """
     The references of the k-shot protocol (see `evaluate_k_shot`), without running a model: per seed and category of
-    `dataset`, `k_shot` normal image files drawn from `reference_dataset`'s normals of that category, or from the
-    category's test normals in `dataset` where `reference_dataset` has none. Cheap: call it to check a run's inputs
-    before loading a model.
+    `dataset`, `k_shot` normal rows drawn from `reference_dataset`'s normals of that category, or from the category's
+    test normals in `dataset` where `reference_dataset` has none. Cheap (no image is decoded): call it to check a run's
+    inputs before loading a model.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            The test rows (`load_anomaly_dataset`).
+        k_shot (`int`):
+            Normal references per category.
+        seeds (`Sequence[int]`, *optional*, defaults to `(0,)`):
+            One draw per seed (distinct).
+        reference_dataset (`datasets.Dataset`, *optional*):
+            The training normals (`load_training_normals`).
 
     Returns:
-        The draws (seed -> category -> files) and where each category's references come from ("train" or "test").
+        `tuple`: the draws, seed -> category -> row indices (ascending) into the data set the category's references
+        come from, and that source per category: "train" (`reference_dataset`) or "test" (`dataset`).
 
     Raises:
-        `ValueError`: no seeds or repeated seeds, `k_shot` below 1, or a category with fewer than `k_shot` normal
-            images to draw from (named, with the count).
+        `ValueError`: no seeds or repeated seeds, `k_shot` not a whole number or below 1, or a category with fewer
+            than `k_shot` normal images to draw from (named, with the count).
     """
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -336,6 +395,16 @@ def draw_k_shot_references(
     return draws, sources
 
 
+def reference_names(dataset: datasets.Dataset, rows: Sequence[int]) -> list[str]:
+    """
+    How the k-shot protocol records the references `rows` of `dataset`: their `path` (the image file, or what a table
+    source's `path` column holds), followed by " (row i)" where another row of `dataset` has the same path.
+    """
+    paths = dataset["path"]
+    uses = Counter(paths)
+    return [paths[row] if uses[paths[row]] == 1 else f"{paths[row]} (row {row})" for row in rows]
+
+
 @torch.inference_mode()
 def evaluate_k_shot(
     model: HeadCLIPModel,
@@ -352,76 +421,95 @@ def evaluate_k_shot(
     """
     The k-shot protocol: per seed and category, draw `k_shot` normal reference images of that category, evaluate the
     category with its own references, and report every seed's results and their mean and standard deviation. The
-    model is put in eval mode (its training mode is restored afterwards); one category's references are held at a time.
+    model is in eval mode throughout (its training mode is restored afterwards); one category's references are held
+    at a time.
 
     References of a category come from `reference_dataset`'s normal rows of that category (the layout's training
     normals, `load_training_normals`) or, where it has none, from the category's test normals in `dataset`, which are
-    then left out of that category's evaluation for that seed: a reference is never evaluated. The same seed draws the
-    same files (`draw_k_shot_references`, `select_k_shot`). Every draw is checked before the first forward pass.
+    then left out of that category's evaluation for that seed: a reference is never evaluated. References are rows,
+    drawn by index and encoded from the data set's own `image` column, so every source works (folders, Parquet, the
+    Hub, in-memory data sets); their `path` is only recorded (`reference_names`). The same seed draws the same rows
+    (`draw_k_shot_references`, `select_k_shot`). Every draw is checked before the first forward pass.
 
     Args:
-        model, processor: the HeadCLIP and its `HeadCLIPProcessor`.
-        dataset: the test rows (`load_anomaly_dataset`).
-        k_shot: normal references per category.
-        seeds: one evaluation per seed (distinct).
-        reference_dataset: the training normals (`load_training_normals`), or `None` to draw from the test normals.
-        batch_size, num_workers, num_bins, show_progress: as for `evaluate_model`.
+        model (`HeadCLIPModel`):
+            The model.
+        processor (`HeadCLIPProcessor`):
+            Prepares images and masks, at the model's working size.
+        dataset (`datasets.Dataset`):
+            The test rows (`load_anomaly_dataset`).
+        k_shot (`int`):
+            Normal references per category.
+        seeds (`Sequence[int]`, *optional*, defaults to `(0,)`):
+            One evaluation per seed (distinct).
+        reference_dataset (`datasets.Dataset`, *optional*):
+            The training normals (`load_training_normals`); `None` draws from the test normals.
+        batch_size (`int`, *optional*, defaults to 8):
+            Images per forward pass.
+        num_workers (`int`, *optional*, defaults to 0):
+            Data loading processes of the `DataLoader`.
+        num_bins (`int`, *optional*, defaults to `DEFAULT_NUM_BINS`):
+            Score histogram bins of the pixel metrics.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars (on the main process only).
 
     Returns:
         `KShotResults`.
 
     Raises:
-        `ValueError`: no seeds or repeated seeds, `k_shot` below 1, or a category with fewer than `k_shot` normal
-            images to draw from (named, with the count).
+        `ValueError`: no seeds or repeated seeds, `k_shot` not a whole number or below 1, or a category with fewer
+            than `k_shot` normal images to draw from (named, with the count).
     """
     draws, sources = draw_k_shot_references(dataset, k_shot, seeds, reference_dataset)
-    categories, paths = list(dataset["category"]), list(dataset["path"])
     check_working_size(model, processor)
-    was_training = model.training
-    model.eval()
+    category_rows: dict[str, list[int]] = {}
+    for index, category in enumerate(dataset["category"]):
+        category_rows.setdefault(category, []).append(index)
     runs = {}
-    for seed, chosen in draws.items():
-        accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
-        for category, references in chosen.items():
-            excluded = set(references) if sources[category] == REFERENCE_SOURCE_TEST else set()
-            rows = [
-                index
-                for index, (name, path) in enumerate(zip(categories, paths, strict=True))
-                if name == category and path not in excluded
-            ]
-            reference_embeds = encode_reference_images(model, processor, references)
-            _accumulate(
-                model,
-                processor,
-                dataset.select(rows),
-                accumulator,
-                batch_size,
-                num_workers,
-                show_progress,
-                reference_embeds,
-                description=f"{k_shot}-shot, seed {seed}, {category}",
-            )
-        runs[seed] = _gathered_results(accumulator, model)
-    model.train(was_training)
-    return KShotResults(k_shot=k_shot, runs=runs, references=draws, reference_sources=sources)
+    references = {}
+    # In eval mode throughout (not only per category, as `iterate_model_outputs` would): the prompts are encoded once.
+    with _eval_mode(model):
+        for seed, chosen in draws.items():
+            accumulator = AnomalyMetricsAccumulator(num_bins=num_bins)
+            references[seed] = {}
+            for category, rows in chosen.items():
+                source = reference_dataset if sources[category] == REFERENCE_SOURCE_TRAIN else dataset
+                references[seed][category] = reference_names(source, rows)
+                reference_embeds = encode_reference_images(model, processor, source.select(rows)["image"])
+                excluded = set(rows) if sources[category] == REFERENCE_SOURCE_TEST else set()
+                evaluated = [index for index in category_rows[category] if index not in excluded]
+                _accumulate(
+                    model,
+                    processor,
+                    dataset.select(evaluated),
+                    accumulator,
+                    batch_size,
+                    num_workers,
+                    show_progress,
+                    reference_embeds,
+                    description=f"{k_shot}-shot, seed {seed}, {category}",
+                )
+            runs[seed] = _gathered_results(accumulator, model)
+    return KShotResults(k_shot=k_shot, runs=runs, references=references, reference_sources=sources)
 
 
-def _category_normals(dataset: datasets.Dataset) -> dict[str, list[str]]:
-    """The image files of the normal rows of `dataset`, per category, in row order."""
-    normals: dict[str, list[str]] = {}
-    for category, label, path in zip(dataset["category"], dataset["label"], dataset["path"], strict=True):
+def _category_normals(dataset: datasets.Dataset) -> dict[str, list[int]]:
+    """The row indices of the normal rows of `dataset`, per category, in row order."""
+    normals: dict[str, list[int]] = {}
+    for index, (category, label) in enumerate(zip(dataset["category"], dataset["label"], strict=True)):
         if label == 0:
-            normals.setdefault(category, []).append(path)
+            normals.setdefault(category, []).append(index)
     return normals
 
 
 __all__ = [
     "KShotResults",
-    "check_working_size",
+    "decision_thresholds",
     "draw_k_shot_references",
     "evaluate_k_shot",
     "evaluate_model",
     "gather_accumulator",
     "iterate_model_outputs",
     "load_training_normals",
+    "reference_names",
 ]

@@ -37,11 +37,8 @@ from tqdm.auto import tqdm
 from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, MetricResult
 from .modeling_headclip import HeadCLIPModel
 from .pipeline_headclip import DEFAULT_THRESHOLD, LABELS, TASK, ZeroShotAnomalyDetectionPipeline
-from .reporting import METRIC_TITLES, PLOTS_DIR, safe_file_name
+from .reporting import METRIC_TITLES, PER_IMAGE_CSV, PLOTS_DIR, REPORT_FILES_DIR, REPORT_HTML, category_file_names
 
-REPORT_HTML = "report.html"
-REPORT_FILES_DIR = "report_files"
-PER_IMAGE_CSV = "per_image.csv"
 PER_IMAGE_COLUMNS = ("path", "category", "label", "score", "predicted_label", "threshold")
 DEFAULT_GALLERY_SIZE = 3
 THUMBNAIL_SIZE = 256
@@ -201,17 +198,18 @@ def write_evaluation_report(
     galleries = {name: select_gallery([i for i in images if i.category == name], gallery_size) for name in points}
     num_items = sum(len(selected) for gallery in galleries.values() for selected in gallery.values())
     categories = []
+    file_names = category_file_names(results.categories)  # the plots' names too (`write_results`)
     with tqdm(total=num_items, desc="Report gallery", unit="image") as progress:
         for name, category in results.categories.items():
             sections = []
             for key, selected in galleries[name].items():
                 section = GallerySection(*SECTION_TEXT[key])
                 for rank, image in enumerate(selected):
-                    stem = Path(REPORT_FILES_DIR) / safe_file_name(name) / f"{key}_{rank}"
+                    stem = Path(REPORT_FILES_DIR) / file_names[name] / f"{key}_{rank}"
                     section.items.append(_gallery_item(detector, dataset, image, points[name], output_dir, stem))
                     progress.update()
                 sections.append(section)
-            plot = Path(PLOTS_DIR) / f"{safe_file_name(name)}.png"
+            plot = Path(PLOTS_DIR) / f"{file_names[name]}.png"
             categories.append(
                 {
                     "name": name,
@@ -309,9 +307,6 @@ def _save_thumbnail(
 
 
 __all__ = [
-    "PER_IMAGE_CSV",
-    "REPORT_FILES_DIR",
-    "REPORT_HTML",
     "ImageScore",
     "ReportThresholds",
     "report_thresholds",

@@ -7,6 +7,7 @@ pipeline (through the processor) and for `headclip_hf.export.ExportedDetector`, 
 PyTorch cannot be imported.
 """
 
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,10 @@ from PIL import Image, UnidentifiedImageError
 DEFAULT_HEATMAP_ALPHA = 0.5
 
 ImageLike = Image.Image | np.ndarray | str | Path
+
+
+class UnsupportedImageTypeError(ValueError, TypeError):
+    """An image input of a type that is not an image (a `ValueError`, as every user error; also a `TypeError`)."""
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -74,7 +79,7 @@ def to_rgb_image(image: ImageLike) -> Image.Image:
         else:
             return image.convert("RGB")
     if not isinstance(image, np.ndarray):
-        raise TypeError(
+        raise UnsupportedImageTypeError(
             f"Expected a PIL image, a numpy array or a file path, got {type(image).__name__}. "
             "Convert tensors with `.numpy()` (HxWxC) first."
         )
@@ -93,7 +98,7 @@ def to_rgb_image(image: ImageLike) -> Image.Image:
 
 def check_unit_interval(name: str, value: Any) -> float:
     """`value` as a float; `ValueError` naming `name` unless it is a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
     return float(value)
 
@@ -126,6 +131,7 @@ def anomaly_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 
 __all__ = [
     "DEFAULT_HEATMAP_ALPHA",
     "ImageLike",
+    "UnsupportedImageTypeError",
     "anomaly_heatmap",
     "check_unit_interval",
     "jet_colormap",

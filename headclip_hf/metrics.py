@@ -235,18 +235,21 @@ def image_f1_max(labels: Any, scores: Any) -> float:
 def image_f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
     """
     Image-level F1-max and the threshold that achieves it: the operating point of `precision_recall_curve` with the
-    highest F1 (the lowest such threshold on ties), its threshold placed by `threshold_between` below the lowest score
-    it flags. Flagging `scores >= threshold` gives exactly that F1 on these scores.
+    highest F1 (the lowest such threshold on ties, as `PixelScoreHistograms.f1_max_threshold`: of equally good
+    operating points, the one that misses fewer anomalous images), its threshold placed by `threshold_between` below
+    the lowest score it flags. Flagging `scores >= threshold` gives exactly that F1 on these scores.
 
     Args:
-        labels: [N] 0 (normal) / 1 (anomalous), numpy, torch or list.
-        scores: [N] anomaly scores, higher = more anomalous.
+        labels (array-like of shape `(N,)`):
+            0 (normal) / 1 (anomalous); numpy, torch or list.
+        scores (array-like of shape `(N,)`):
+            Anomaly scores, higher = more anomalous.
 
     Returns:
-        `(f1_max, threshold)`.
+        `tuple[float, float]`: `(f1_max, threshold)`.
 
     Raises:
-        UndefinedMetricError: when the images are all normal or all anomalous.
+        `UndefinedMetricError`: when the images are all normal or all anomalous.
     """
     labels, scores = _image_inputs(labels, scores)
     _require_both_image_classes(labels)
@@ -509,12 +512,13 @@ class PixelScoreHistograms:
 
     def f1_max_threshold(self) -> tuple[float, float]:
         """
-        Pixel F1-max and the bin edge that achieves it (the highest one on ties): `(f1_max, threshold)`; flagging
+        Pixel F1-max and the bin edge that achieves it (the lowest one on ties, as `image_f1_max_threshold`: of equally
+        good operating points, the one that misses fewer anomalous pixels): `(f1_max, threshold)`; flagging
         `map >= threshold` gives exactly that F1 on the pixels added.
         """
         true_positives, false_positives, _ = self._cumulative()
         f1 = 2 * true_positives / (true_positives + false_positives + self.num_positive)
-        best = int(np.argmax(f1))
+        best = f1.size - 1 - int(np.argmax(f1[::-1]))  # thresholds run from the highest bin down: the last maximum
         return float(f1[best]), float(self._occupied_bins()[best] / self.num_bins)
 
     def operating_point(self, threshold: float) -> OperatingPoint:
@@ -905,8 +909,12 @@ class AnomalyMetricsAccumulator:
         Metrics per category (in order of first appearance) and their means over categories.
 
         Args:
-            decision_thresholds: per category, `(image threshold, pixel threshold)` (either may be `None`) at which
-                to report the decisions (`CategoryResult.operating_points`), e.g. a calibrated model's.
+            decision_thresholds (`Mapping[str, tuple[float | None, float | None]]`, *optional*):
+                Per category, the `(image, pixel)` thresholds (either may be `None`) at which to report the decisions
+                (`CategoryResult.operating_points`), e.g. those of `headclip_hf.evaluation.decision_thresholds`.
+
+        Returns:
+            `AnomalyDetectionResults`.
         """
         decision_thresholds = decision_thresholds or {}
         categories = {

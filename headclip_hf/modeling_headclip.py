@@ -11,6 +11,7 @@ D vision width, P projection width, T prompt tokens, M reference patch embedding
 
 import logging as std_logging
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ class HeadCLIPOutput(ModelOutput):
             Training loss: per feature layer focal + Dice(abnormal, mask) + Dice(normal, 1 - mask) (with `masks`), plus
             the cross-entropy of `global_logits` against `labels` (with `labels`).
         anomaly_map (`torch.FloatTensor` of shape `(B, H, W)`):
-            Mean of `layer_maps`, in [0, 1]; Gaussian-smoothed (sigma `config.map_sigma`) unless in training mode.
+            The pixel anomaly map, in [0, 1]: zero-shot, the mean of `layer_maps`; in few-shot mode (with
+            `reference_embeds`), `(1 - few_shot_weight) * zero_shot_map + few_shot_weight * few_shot_map`.
+            Gaussian-smoothed (sigma `config.map_sigma`) unless in training mode.
         image_score (`torch.FloatTensor` of shape `(B,)`):
             Joint anomaly score `alpha * global_score + (1 - alpha) * pool(anomaly_map)`, in [0, 1].
         global_score (`torch.FloatTensor` of shape `(B,)`):
@@ -71,8 +74,7 @@ class HeadCLIPOutput(ModelOutput):
             The zero-shot map (the mean of `layer_maps`, smoothed like `anomaly_map`), in [0, 1].
         few_shot_map (`torch.FloatTensor` of shape `(B, H, W)`, *optional*, returned with `reference_embeds`):
             Per feature layer and patch `(1 - max cosine similarity to the layer's reference embeddings) / 2`,
-            bilinearly upsampled, averaged over layers and smoothed like `anomaly_map`, in [0, 1]. `anomaly_map` is
-            then `(1 - few_shot_weight) * zero_shot_map + few_shot_weight * few_shot_map`.
+            averaged over layers, bilinearly upsampled and smoothed like `anomaly_map`, in [0, 1].
     """
 
     loss: torch.FloatTensor | None = None
@@ -297,6 +299,38 @@ def _held_load_report(model_class: type) -> Iterator[list[std_logging.LogRecord]
             report_logger.handle(record)
 
 
+class _PromptCacheInvalidator:
+    """
+    The load-state-dict post hook of the modules the prompt embeddings depend on (`HeadCLIPModel.prompt_learner`,
+    `text_model`, `text_projection`): loading weights into one of them, however the load is reached (the model, a
+    wrapper such as a `ModuleDict` or a PEFT model, or the submodule itself), forgets the model's cached embeddings.
+
+    It holds the model weakly. A deep copy of the whole model gets hooks on the copy; a deep copy of one submodule
+    (PEFT's `modules_to_save` copies the prompt learner) keeps the hook on the same model, which the copy is part of,
+    instead of copying the model with it.
+    """
+
+    def __init__(self, model: "HeadCLIPModel | None"):
+        self.model_reference = None if model is None else weakref.ref(model)
+
+    def model(self) -> "HeadCLIPModel | None":
+        """The model, or `None` once it no longer exists."""
+        return None if self.model_reference is None else self.model_reference()
+
+    def __call__(self, module: nn.Module, incompatible_keys) -> None:
+        model = self.model()
+        if model is not None:
+            model.invalidate_prompt_cache()
+
+    def __deepcopy__(self, memo: dict) -> "_PromptCacheInvalidator":
+        model = self.model()
+        return _PromptCacheInvalidator(memo.get(id(model), model))
+
+    def __reduce__(self):
+        # Pickled (`torch.save(model)`) with a strong reference to the model, which pickle restores once.
+        return _PromptCacheInvalidator, (self.model(),)
+
+
 class HeadCLIPModel(CLIPModel):
     r"""
     HeadCLIP (Jeong et al., "Domain Adaptation of Attention Heads for Zero-shot Anomaly Detection"): a frozen CLIP with
@@ -315,8 +349,10 @@ class HeadCLIPModel(CLIPModel):
     actually applied (1 in the layers outside `config.head_weight_layers`).
 
     Prompt embeddings: they do not depend on the image, so in eval mode they are computed once and cached. The cache is
-    cleared by `train()` / `eval()`, `load_state_dict`, and moving or casting the model (`to`, `half`, ...); after
-    changing a text-side parameter in place in eval mode (e.g. `model.prompt_learner.normal_context.add_(...)`), call
+    cleared by switching between training and eval mode (`train()` / `eval()` when the mode changes), loading weights
+    into the prompt learner, the text encoder or the text projection (`load_state_dict` of the model, of a wrapper
+    around it or of those modules themselves), and moving or casting the model (`to`, `half`, ...); after changing a
+    text-side parameter in place in eval mode (e.g. `model.prompt_learner.normal_context.add_(...)`), call
     `model.invalidate_prompt_cache()`.
     """
 
@@ -344,6 +380,8 @@ class HeadCLIPModel(CLIPModel):
 
         self.prompt_learner = HeadCLIPPromptLearner(config)
         self.attention_head_weights = HeadCLIPHeadWeights(config)
+        for module in (self.prompt_learner, self.text_model, self.text_projection):
+            module.register_load_state_dict_post_hook(_PromptCacheInvalidator(self))
         self.post_init()
         self.freeze_backbone()
 
@@ -394,12 +432,9 @@ class HeadCLIPModel(CLIPModel):
         self._prompt_embeds_cache = None
 
     def train(self, mode: bool = True) -> "HeadCLIPModel":
-        self.invalidate_prompt_cache()
+        if mode != self.training:  # the text side may have been trained in between
+            self.invalidate_prompt_cache()
         return super().train(mode)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self.invalidate_prompt_cache()
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _apply(self, fn, *args, **kwargs):
         # Every move or cast (`to`, `cuda`, `half`, ...) goes through `_apply`.
@@ -667,26 +702,45 @@ class HeadCLIPModel(CLIPModel):
         logits = (patch_embeds @ prompt_embeds.to(patch_embeds.dtype).T).float() / self.config.temperature
         return self.upsample_patch_scores(logits.softmax(dim=-1)[..., 1], image_size)
 
-    def compute_few_shot_maps(
+    def compute_few_shot_map(
         self, patch_embeds: torch.Tensor, reference_embeds: torch.Tensor, image_size: tuple[int, int]
     ) -> torch.Tensor:
         """
-        Per-layer few-shot pixel maps: per patch `(1 - max cosine similarity to the layer's references) / 2`
-        (`max_reference_similarity`, clamped to [0, 1] against rounding) -> bilinear upsampling to `image_size`.
+        The few-shot pixel map: per feature layer and patch `(1 - max cosine similarity to the layer's references) / 2`
+        (`max_reference_similarity`, clamped to [0, 1] against rounding), averaged over the layers, then bilinearly
+        upsampled to `image_size` once (upsampling is linear, so this is the mean of the upsampled layer maps up to
+        float rounding, at a quarter of the cost for four layers).
 
         Args:
-            patch_embeds: `(L, B, N, P)` patch embeddings of the images (`project_patch_tokens`).
-            reference_embeds: `(L, M, P)` reference embeddings (`encode_references`).
+            patch_embeds (`torch.FloatTensor` of shape `(L, B, N, P)`):
+                Patch embeddings of the images (`project_patch_tokens`).
+            reference_embeds (`torch.FloatTensor` of shape `(L, M, P)`):
+                Reference embeddings (`encode_references`).
+            image_size (`tuple[int, int]`):
+                The input size (H, W).
 
         Returns:
-            `(B, L, H, W)` float32 maps in [0, 1]: 0 where a patch equals a reference patch.
+            `torch.FloatTensor` of shape `(B, H, W)`: float32 map in [0, 1], 0 where every layer's patch equals a
+            reference patch.
         """
         similarity = max_reference_similarity(patch_embeds, reference_embeds)
-        return self.upsample_patch_scores(((1.0 - similarity) / 2.0).clamp(0.0, 1.0), image_size)
+        patch_scores = ((1.0 - similarity) / 2.0).clamp(0.0, 1.0).mean(dim=0, keepdim=True)  # (1, B, N)
+        return self.upsample_patch_scores(patch_scores, image_size)[:, 0]
 
     def check_reference_embeds(self, reference_embeds: torch.Tensor) -> None:
-        """Raise a `ValueError` unless `reference_embeds` has the `(L, M, P)` shape this model's features have."""
+        """
+        Raise a `ValueError` unless `reference_embeds` is a floating-point tensor of the `(L, M, P)` shape this
+        model's features have.
+        """
         num_layers, projection_dim = len(self.config.feature_layers), self.config.projection_dim
+        if not isinstance(reference_embeds, torch.Tensor) or not reference_embeds.is_floating_point():
+            kind = type(reference_embeds).__name__
+            described = f"a {reference_embeds.dtype} tensor" if isinstance(reference_embeds, torch.Tensor) else kind
+            raise ValueError(
+                f"reference_embeds must be a floating-point torch.Tensor of shape (L={num_layers}, M, "
+                f"P={projection_dim}), got {described}. Compute them with this model's `encode_references("
+                "pixel_values)` (or convert an array with torch.from_numpy)."
+            )
         shape = tuple(reference_embeds.shape)
         if len(shape) != 3 or shape[0] != num_layers or shape[2] != projection_dim or shape[1] < 1:
             raise ValueError(
@@ -844,7 +898,7 @@ class HeadCLIPModel(CLIPModel):
             zero_shot_map = few_shot_map = None
             if reference_embeds is not None:
                 zero_shot_map = anomaly_map
-                few_shot_map = self.compute_few_shot_maps(patch_embeds, reference_embeds, image_size).mean(dim=1)
+                few_shot_map = self.compute_few_shot_map(patch_embeds, reference_embeds, image_size)
                 if smooth:
                     few_shot_map = gaussian_blur(few_shot_map, config.map_sigma)
                 anomaly_map = (1.0 - config.few_shot_weight) * zero_shot_map + config.few_shot_weight * few_shot_map

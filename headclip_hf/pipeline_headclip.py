@@ -25,6 +25,7 @@ Conventions (all documented on the pipeline's `__call__`):
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def _describe_input(image: Any) -> str:
 
 
 def _check_unit_interval(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
     return float(value)
 
@@ -229,9 +230,9 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             An empty list gives an empty list.
 
         Raises:
-            `ValueError`: an input cannot be read or is empty (0 pixels wide or high); for a list, raised before any
-                forward pass and naming the input's index (`inputs[i]`) and source.
-            `TypeError`: an input of another type.
+            `ValueError`: an input cannot be read, is empty (0 pixels wide or high) or is not an image (a path, PIL
+                image or array; also a `TypeError`); for a list, raised before any forward pass and naming the input's
+                index (`inputs[i]`) and source.
             [`NonFiniteOutputError`] (a `ValueError`): the model's score or map for an image holds NaN or infinite
                 values (broken weights, or an overflow in reduced precision).
         """
@@ -252,10 +253,11 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         prefix = "" if position is None else f"{source}: "
         try:
             rgb_image = self.processor.to_rgb_image(image)
-        except TypeError as error:
-            raise TypeError(f"{prefix}{error}") from error
         except ValueError as error:
-            raise ValueError(f"{prefix}{error}") from error
+            # An input that is not an image keeps its kind (the processor's UnsupportedImageTypeError, also a
+            # TypeError); every other problem is a ValueError.
+            kind = type(error) if isinstance(error, TypeError) else ValueError
+            raise kind(f"{prefix}{error}") from error
         if rgb_image.width == 0 or rgb_image.height == 0:
             raise ValueError(
                 f"{source} is an empty image ({rgb_image.width}x{rgb_image.height} pixels, width x height): an image "
@@ -273,17 +275,25 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         reference_embeds: Any = None,
     ) -> tuple[dict, dict, dict]:
         forward_params = self._reference_params(reference_images, reference_embeds)
-        postprocess_params = {}
+        decision = {}  # what decides the labels and masks
         if category is not None:
             if not isinstance(category, str):
                 raise ValueError(f"category must be a category name (a string), got {category!r}.")
-            postprocess_params["category"] = category
+            decision["category"] = category
         if threshold is not None:
-            postprocess_params["threshold"] = _check_unit_interval("threshold", threshold)
+            decision["threshold"] = _check_unit_interval("threshold", threshold)
         if pixel_threshold is not None:
-            postprocess_params["pixel_threshold"] = _check_unit_interval("pixel_threshold", pixel_threshold)
+            decision["pixel_threshold"] = _check_unit_interval("pixel_threshold", pixel_threshold)
+        postprocess_params = {}
         if heatmap_alpha is not None:
             postprocess_params["heatmap_alpha"] = _check_unit_interval("heatmap_alpha", heatmap_alpha)
+        if not hasattr(self, "_postprocess_params"):
+            # Called by `Pipeline.__init__` (before it stores the parameters): the defaults of every call.
+            self._decision_defaults = decision
+        else:
+            # Called once per `__call__`: the thresholds of this call, resolved once for all its images.
+            decision = {**self._decision_defaults, **decision}
+            postprocess_params["thresholds"] = resolve_thresholds(self.model.config, **decision)
         return {}, forward_params, postprocess_params
 
     def _reference_params(self, reference_images: Any, reference_embeds: Any) -> dict[str, Any]:
@@ -326,12 +336,14 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     def postprocess(
         self,
         model_outputs: dict[str, Any],
-        threshold: float | None = None,
-        pixel_threshold: float | None = None,
+        thresholds: dict[str, Any] | None = None,
         heatmap_alpha: float = DEFAULT_HEATMAP_ALPHA,
-        category: str | None = None,
     ) -> dict[str, Any]:
-        thresholds = resolve_thresholds(self.model.config, threshold, pixel_threshold, category)
+        """
+        The result of one image. `thresholds` are the call's (`resolve_thresholds`, resolved once per call by
+        `_sanitize_parameters`); by default the model's.
+        """
+        thresholds = resolve_thresholds(self.model.config) if thresholds is None else thresholds
         image = model_outputs["image"]
         score = model_outputs["image_score"][0].item()
         working_map = model_outputs["anomaly_map"][:1, None].float()  # (1, 1, S, S)

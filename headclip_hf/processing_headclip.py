@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import BatchFeature, ProcessorMixin
+from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .configuration_headclip import DEFAULT_IMAGE_SIZE, HeadCLIPConfig, check_image_size
@@ -211,6 +211,11 @@ class HeadCLIPProcessor(ProcessorMixin):
         Returns:
             [`BatchFeature`]: with `pixel_values` `(B, 3, S, S)`, `masks` `(B, S, S)` float in {0, 1} when masks are
             given, and the tokenizer's outputs when text is given.
+
+        Raises:
+            `ValueError`: no images and no text, an empty list of images, an unreadable image, an input that is not an
+                image ([`UnsupportedImageTypeError`], also a `TypeError`), masks that do not match their images, or
+                `return_tensors` other than "pt".
         """
         if images is None and text is None:
             raise ValueError("Pass `images` (and optionally `masks`) or `text`.")
@@ -221,6 +226,8 @@ class HeadCLIPProcessor(ProcessorMixin):
         data = {}
         if images is not None:
             image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not image_list:
+                raise ValueError("images is an empty list: pass at least one image (a PIL image, an array or a path).")
             rgb_images = [to_rgb_image(image) for image in image_list]
             data["pixel_values"] = self.image_processor(images=rgb_images, return_tensors="pt")["pixel_values"]
             if masks is not None:
@@ -276,4 +283,24 @@ class HeadCLIPProcessor(ProcessorMixin):
         return self.tokenizer(phrase, add_special_tokens=False)["input_ids"]
 
 
-__all__ = ["HeadCLIPProcessor", "to_binary_mask", "to_rgb_image"]
+def check_working_size(model: PreTrainedModel, processor: "HeadCLIPProcessor") -> None:
+    """
+    The one rule for the working size: evaluation, calibration and training run at the model's `config.image_size`.
+
+    Args:
+        model (`HeadCLIPModel`): The model; its `config.image_size` is the working size.
+        processor (`HeadCLIPProcessor`): The processor that prepares the images and masks.
+
+    Raises:
+        `ValueError`: when the processor prepares images at another size, saying how to load both at one size.
+    """
+    if processor.image_size != model.config.image_size:
+        raise ValueError(
+            f"The processor prepares {processor.image_size} px images but the model's working size "
+            f"(HeadCLIPConfig.image_size) is {model.config.image_size} px: load both at one size, e.g. "
+            f"load_headclip_model_and_processor(..., image_size={processor.image_size}) or "
+            f"HeadCLIPProcessor.from_pretrained(..., size={model.config.image_size})."
+        )
+
+
+__all__ = ["HeadCLIPProcessor", "check_working_size", "to_binary_mask", "to_rgb_image"]

@@ -18,8 +18,8 @@ the vision encoder, the visual projection, the head weights in effect and the fe
 Loading it into another model or for another image size is refused with a `ValueError` naming what differs.
 """
 
-import hashlib
 import json
+import numbers
 import os
 import random
 from collections.abc import Sequence
@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from .files import check_output_file, output_file
 from .modeling_headclip import HeadCLIPModel
+from .provenance import tensors_sha256
 
 REFERENCES_FORMAT = "headclip-references"
 REFERENCES_FORMAT_VERSION = 1
@@ -57,8 +58,11 @@ def select_k_shot(
         what (`str`, defaults to `"reference images"`): What the items are, for error messages.
 
     Raises:
-        `ValueError`: there are no items, `k_shot` is below 1, or `k_shot` is larger than the number of items.
+        `ValueError`: `k_shot` is not a whole number, there are no items, `k_shot` is below 1, or `k_shot` is larger
+            than the number of items.
     """
+    if k_shot is not None and (isinstance(k_shot, bool) or not isinstance(k_shot, numbers.Integral)):
+        raise ValueError(f"k_shot={k_shot!r} is invalid: it must be a whole number of images (or None for all).")
     if len(items) == 0:
         raise ValueError(f"There are no {what} to choose from: pass at least one normal image.")
     if k_shot is None:
@@ -70,7 +74,7 @@ def select_k_shot(
             f"k_shot={k_shot} is larger than the {len(items)} {what} available: pass k_shot <= {len(items)} or add "
             "normal images."
         )
-    chosen = sorted(random.Random(seed).sample(range(len(items)), k_shot))
+    chosen = sorted(random.Random(seed).sample(range(len(items)), int(k_shot)))
     return [items[index] for index in chosen]
 
 
@@ -107,25 +111,18 @@ def encode_reference_images(model: HeadCLIPModel, processor: Any, images: Sequen
 
 def reference_model_identity(model: HeadCLIPModel) -> str:
     """
-    The identity of `model` as far as its patch features go: a SHA-256 over the float32 values of the vision encoder,
-    the visual projection and the head weights in effect, and over the config fields the features depend on
+    The identity of `model` as far as its patch features go (`tensors_sha256`): the float32 values of the vision
+    encoder, the visual projection and the head weights in effect, and the config fields the features depend on
     (`FEATURE_CONFIG_FIELDS`, `FEATURE_VISION_CONFIG_FIELDS`). Prompts and the text encoder do not enter: references
-    stay valid for a model whose prompts were retrained. Reads every vision weight (about a second for ViT-L/14).
+    stay valid for a model whose prompts were retrained. Reads every vision weight.
     """
-    digest = hashlib.sha256()
     settings = {name: getattr(model.config, name) for name in FEATURE_CONFIG_FIELDS}
     settings.update({name: getattr(model.config.vision_config, name) for name in FEATURE_VISION_CONFIG_FIELDS})
-    digest.update(json.dumps(settings, sort_keys=True).encode())
     tensors = [*model.vision_model.named_parameters(prefix="vision_model")]
     tensors.append(("visual_projection.weight", model.visual_projection.weight))
-    head_weights = model.attention_head_weights() if model.config.use_head_weights else None
-    if head_weights is not None:
-        tensors.append(("head_weights", head_weights))
-    for name, tensor in tensors:
-        values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(values.shape)};".encode())
-        digest.update(values.numpy().tobytes())
-    return digest.hexdigest()
+    if model.config.use_head_weights:
+        tensors.append(("head_weights", model.attention_head_weights()))
+    return tensors_sha256(tensors, settings)
 
 
 def is_references_file(path: str | os.PathLike) -> bool:
@@ -213,7 +210,7 @@ def read_reference_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         `FileNotFoundError`: no file at `path`.
-        `ValueError`: the file is not a HeadCLIP references file.
+        `ValueError`: the file is not a HeadCLIP references file, or its metadata is incomplete or unreadable.
     """
     path = Path(path)
     if not path.is_file():
@@ -230,21 +227,36 @@ def read_reference_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a HeadCLIP references file (its metadata has no format {REFERENCES_FORMAT!r}): create it "
             "with `headclip references` or `save_reference_embeds`."
         )
-    version = int(metadata["format_version"])
-    if version > REFERENCES_FORMAT_VERSION:
+    readers = {
+        "format_version": int,
+        "model_identity": str,
+        "model_name_or_path": str,
+        "image_size": int,
+        "feature_layers": json.loads,
+        "num_images": int,
+        "files": json.loads,
+    }
+    missing = [key for key in readers if key not in metadata]
+    if missing:
         raise ValueError(
-            f"{path} has references format version {version}; this headclip_hf reads up to "
+            f"{path} is a damaged HeadCLIP references file: its metadata lacks {', '.join(missing)}. Create it again "
+            "with `headclip references` or `save_reference_embeds`."
+        )
+    values = {}
+    for key, read in readers.items():
+        try:
+            values[key] = read(metadata[key])
+        except ValueError:  # int() of a non-number, or json.loads (JSONDecodeError is a ValueError)
+            raise ValueError(
+                f"{path} is a damaged HeadCLIP references file: its metadata {key}={metadata[key]!r} cannot be read. "
+                "Create it again with `headclip references` or `save_reference_embeds`."
+            ) from None
+    if values["format_version"] > REFERENCES_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has references format version {values['format_version']}; this headclip_hf reads up to "
             f"{REFERENCES_FORMAT_VERSION}: upgrade headclip_hf."
         )
-    return {
-        "format_version": version,
-        "model_identity": metadata["model_identity"],
-        "model_name_or_path": metadata["model_name_or_path"],
-        "image_size": int(metadata["image_size"]),
-        "feature_layers": json.loads(metadata["feature_layers"]),
-        "num_images": int(metadata["num_images"]),
-        "files": json.loads(metadata["files"]),
-    }
+    return values
 
 
 def load_reference_embeds(

@@ -15,14 +15,21 @@ Everything here reads an `AnomalyDetectionResults` (from `headclip_hf.metrics`);
 - k-shot (`KShotResults` of `headclip_hf.evaluation`): every seed's run as above under `seed_<seed>/`, and a summary,
   `k_shot_results.md` (mean ± standard deviation over the seeds) and `k_shot_results.json` (also the reference files
   used per seed and category).
+
+`save_results` / `save_k_shot_results` write a folder of their own through `headclip_hf.files.output_folder` (staged,
+then moved into place; an earlier output of the same kind is replaced, a folder holding other files only with
+`overwrite=True`). `write_results` / `write_k_shot_results` write into a folder being staged by the caller, which may
+add more (`headclip evaluate --report`); `evaluate_output_kind` says what such a folder holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import textwrap
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +37,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .files import OutputKind, output_folder
 from .metrics import METRIC_NAMES, AnomalyDetectionResults, CategoryResult, MetricResult, OperatingPoint, f1_scores
 
 if TYPE_CHECKING:
@@ -42,6 +50,24 @@ PROVENANCE_KEY = "provenance"
 PLOTS_DIR = "plots"
 K_SHOT_JSON = "k_shot_results.json"
 K_SHOT_MARKDOWN = "k_shot_results.md"
+# The HTML report of `headclip evaluate --report` (`headclip_hf.evaluation_report`), next to the results.
+REPORT_HTML = "report.html"
+REPORT_FILES_DIR = "report_files"
+PER_IMAGE_CSV = "per_image.csv"
+
+EVALUATE_OUTPUT = OutputKind(
+    "headclip evaluate output",
+    frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR, REPORT_HTML, REPORT_FILES_DIR, PER_IMAGE_CSV}),
+)
+K_SHOT_OUTPUT = OutputKind(
+    "headclip evaluate --k_shot output", frozenset({K_SHOT_JSON, K_SHOT_MARKDOWN}), patterns=("seed_*",)
+)
+
+
+def evaluate_output_kind(k_shot: int | None) -> OutputKind:
+    """What an evaluation folder holds: zero-shot results (`save_results`), or k-shot ones (`save_k_shot_results`)."""
+    return EVALUATE_OUTPUT if k_shot is None else K_SHOT_OUTPUT
+
 
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
@@ -154,30 +180,58 @@ def _write_json_and_markdown(
     return paths
 
 
+def _saved(output_dir: str | Path, kind: OutputKind, overwrite: bool, write, *args, **kwargs) -> dict[str, Path]:
+    """Run `write(staging, *args, **kwargs)` in an `output_folder` for `output_dir`; the paths of the written files."""
+    output_dir = Path(output_dir).expanduser()
+    with output_folder(output_dir, kind, overwrite) as staging:
+        written = write(staging, *args, **kwargs)
+    return {key: output_dir / path.relative_to(staging) for key, path in written.items()}
+
+
 def save_results(
     results: AnomalyDetectionResults,
     output_dir: str | Path,
     *,
     plots: bool = True,
     provenance: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write `results.json`, `results.md` and (if `plots`) `plots/<category>.png` under `output_dir`.
+    """Write `results.json`, `results.md` and (if `plots`) `plots/<category>.png` as the folder `output_dir`.
+
+    The folder is written through `headclip_hf.files.output_folder`: complete or not at all; an earlier evaluation
+    output there is replaced, and a folder that holds other files is refused unless `overwrite`, which replaces only
+    the evaluation's own files and keeps the others.
 
     Args:
         results (`AnomalyDetectionResults`):
             The metrics to write.
         output_dir (`str` or `Path`):
-            The folder to write into (created if missing).
+            The folder to write (created if missing).
         plots (`bool`, *optional*, defaults to `True`):
             Whether to draw the curves of every category.
         provenance (`dict`, *optional*):
             The run's provenance (`headclip_hf.provenance.evaluation_provenance`), stored in `results.json` under
             "provenance"; `headclip push --results` requires it.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Write into a folder that also holds files other than an evaluation's.
 
     Returns:
         `dict[str, Path]`: the written paths, keys "json", "markdown" and "plot/<category>".
+
+    Raises:
+        `FileExistsError`: `output_dir` holds other files and `overwrite` is false (nothing is written).
+        `NotADirectoryError` / `PermissionError`: `output_dir` cannot be written.
     """
-    output_dir = Path(output_dir)
+    return _saved(output_dir, EVALUATE_OUTPUT, overwrite, write_results, results, plots=plots, provenance=provenance)
+
+
+def write_results(
+    output_dir: Path, results: AnomalyDetectionResults, *, plots: bool = True, provenance: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """
+    The files of `save_results`, written into the existing folder `output_dir` (a staging folder of
+    `headclip_hf.files.output_folder` with kind `EVALUATE_OUTPUT`, which the caller may add its report to).
+    """
     paths = _write_json_and_markdown(
         output_dir,
         RESULTS_JSON,
@@ -186,9 +240,9 @@ def save_results(
         results_to_markdown(results),
     )
     if plots:
-        for name, category in results.categories.items():
-            path = output_dir / PLOTS_DIR / f"{safe_file_name(name)}.png"
-            paths[f"plot/{name}"] = plot_category_curves(category, path, fpr_limit=results.fpr_limit)
+        for name, file_name in category_file_names(results.categories).items():
+            path = output_dir / PLOTS_DIR / f"{file_name}.png"
+            paths[f"plot/{name}"] = plot_category_curves(results.categories[name], path, fpr_limit=results.fpr_limit)
     return paths
 
 
@@ -227,28 +281,46 @@ def save_k_shot_results(
     *,
     plots: bool = True,
     provenance: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write `k_shot_results.json`, `k_shot_results.md` and every seed's `save_results` under `seed_<seed>/`.
+    """Write `k_shot_results.json`, `k_shot_results.md` and every seed's results (`save_results`) under `seed_<seed>/`
+    as the folder `output_dir`, through `headclip_hf.files.output_folder` as `save_results` does.
 
     Args:
         results (`KShotResults`):
             The k-shot protocol's results.
         output_dir (`str` or `Path`):
-            The folder to write into (created if missing).
+            The folder to write (created if missing).
         plots (`bool`, *optional*, defaults to `True`):
             Whether to draw the curves of every category of every seed.
         provenance (`dict`, *optional*):
             The run's provenance, stored in every JSON file under "provenance" (see `save_results`).
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Write into a folder that also holds files other than a k-shot evaluation's.
 
     Returns:
         `dict[str, Path]`: the written paths, keys "json", "markdown" and "seed_<seed>/<key of save_results>".
+
+    Raises:
+        `FileExistsError`: `output_dir` holds other files and `overwrite` is false (nothing is written).
+        `NotADirectoryError` / `PermissionError`: `output_dir` cannot be written.
     """
-    output_dir = Path(output_dir)
+    return _saved(
+        output_dir, K_SHOT_OUTPUT, overwrite, write_k_shot_results, results, plots=plots, provenance=provenance
+    )
+
+
+def write_k_shot_results(
+    output_dir: Path, results: KShotResults, *, plots: bool = True, provenance: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """The files of `save_k_shot_results`, written into the existing folder `output_dir` (kind `K_SHOT_OUTPUT`)."""
     markdown = k_shot_results_to_markdown(results)
     data = _with_provenance(results.to_dict(), provenance)
     paths = _write_json_and_markdown(output_dir, K_SHOT_JSON, data, K_SHOT_MARKDOWN, markdown)
     for seed, run in results.runs.items():
-        for key, path in save_results(run, output_dir / f"seed_{seed}", plots=plots, provenance=provenance).items():
+        seed_dir = output_dir / f"seed_{seed}"
+        seed_dir.mkdir()
+        for key, path in write_results(seed_dir, run, plots=plots, provenance=provenance).items():
             paths[f"seed_{seed}/{key}"] = path
     return paths
 
@@ -261,6 +333,20 @@ def _with_provenance(data: dict[str, Any], provenance: dict[str, Any] | None) ->
 def safe_file_name(name: str) -> str:
     """`name` (a category, a data set) made safe as a file or folder name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "category"
+
+
+def category_file_names(names: Iterable[str]) -> dict[str, str]:
+    """
+    One distinct file name per category of one results, `{name: file name}` (without extension): `safe_file_name`,
+    followed by `-` and the first 8 hex digits of the name's SHA-256 where two names would otherwise share a file
+    (e.g. "a b" and "a_b"; or "Screw" and "screw", one file on a case-insensitive file system).
+    """
+    stems = {name: safe_file_name(name) for name in names}
+    uses = Counter(stem.lower() for stem in stems.values())
+    return {
+        name: stem if uses[stem.lower()] == 1 else f"{stem}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        for name, stem in stems.items()
+    }
 
 
 def plot_category_curves(category: CategoryResult, path: str | Path, *, fpr_limit: float = 0.3) -> Path:

@@ -64,12 +64,12 @@ from .adapters import (
 )
 from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from .data import AnomalyCollator
-from .evaluation import check_working_size, evaluate_model
+from .evaluation import evaluate_model
 from .files import check_writable_folder, output_file, output_folder, replace_directory
 from .hub import check_repo_id
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
-from .processing_headclip import HeadCLIPProcessor
+from .processing_headclip import HeadCLIPProcessor, check_working_size
 from .provenance import evaluation_provenance
 from .reporting import results_to_markdown, save_results
 

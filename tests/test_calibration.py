@@ -15,7 +15,7 @@ from transformers import pipeline
 
 from headclip_hf import AnomalyMetricsAccumulator, HeadCLIPModel, HeadCLIPProcessor, load_anomaly_dataset, save_results
 from headclip_hf.adapters import load_headclip_model, save_headclip_adapter
-from headclip_hf.calibration import calibrate
+from headclip_hf.calibration import calibrate, check_calibration_data
 from headclip_hf.cli import main
 from headclip_hf.cli.calibrate import CALIBRATED_ADAPTER_OUTPUT, CALIBRATED_MODEL_OUTPUT
 from headclip_hf.data import AnomalyCollator
@@ -411,6 +411,22 @@ def test_bad_data_is_refused_before_the_model_runs(tiny_model, processor, bottle
     split = both_classes(bottle, 2).map(lambda label: {"category": ["good", "broken"][label]}, input_columns="label")
     with pytest.raises(ValueError, match="category 'broken' has no normal images .* or leave this category out"):
         calibrate(tiny_model, processor, split, per_category=True)
+    numbered = both_classes(bottle, 2).cast_column("label", datasets.Value("int64"))
+    numbered = numbered.map(lambda label: {"label": 2 * label}, input_columns="label")  # 2 is not "anomalous"
+    with pytest.raises(
+        ValueError, match=r"labels must be 0 \(normal\) or 1 \(anomalous\), but its label column also holds 2"
+    ):
+        calibrate(tiny_model, processor, numbered)
+    with pytest.raises(
+        ValueError, match=r"has no column 'mask_valid', 'category': calibrating needs the columns image"
+    ):
+        calibrate(tiny_model, processor, both_classes(bottle, 2).remove_columns(["mask_valid", "category"]))
+
+
+def test_target_rates_may_be_numpy_numbers(bottle):
+    check_calibration_data(
+        rows(bottle, label=0, count=4), target_fpr=np.float32(0.5), pixel_target_fpr=np.float64(0.1)
+    )
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from PIL import Image
@@ -63,9 +64,17 @@ def test_feature_layers_default_to_four_evenly_spaced_layers(tiny_config_factory
         (dict(head_weight_layers=[0]), r"head_weight_layers=\[0\] is invalid: layers must lie in \[1, 4\]"),
         (dict(joint_pooling="mean"), r"joint_pooling='mean' is invalid: choose one of \('max', 'topk_mean'\)"),
         (dict(joint_topk=0.0), r"joint_topk=0.0 is invalid: it must lie in \(0, 1\]"),
-        (dict(temperature=0.0), r"temperature=0.0 is invalid: it must be > 0"),
+        (dict(temperature=0.0), r"temperature=0.0 is invalid: it must be a finite number > 0"),
         (dict(position_interpolation="nearest"), r"position_interpolation=.nearest. is invalid: choose one of"),
-        (dict(map_sigma=-1.0), r"map_sigma=-1.0 is invalid: it must be >= 0"),
+        (dict(map_sigma=-1.0), r"map_sigma=-1.0 is invalid: it must be a finite number >= 0"),
+        (dict(map_sigma=float("inf")), r"map_sigma=inf is invalid: it must be a finite number >= 0"),
+        (dict(temperature=float("inf")), r"temperature=inf is invalid: it must be a finite number > 0"),
+        (dict(temperature=float("nan")), r"temperature=nan is invalid: it must be a finite number > 0"),
+        (dict(focal_gamma=float("inf")), r"focal_gamma=inf is invalid: it must be a finite number >= 0"),
+        (dict(feature_layers=[]), r"feature_layers=\[\] is invalid: the maps need at least one feature layer"),
+        (dict(calibration={"a": {1}}), r"calibration=\{'a': \{1\}\} is invalid: it must be None or a dict that JSON"),
+        (dict(calibration={"data": Path("x")}), r"calibration=.* is invalid: it must be None or a dict that JSON"),
+        (dict(image_threshold=float("inf")), r"image_threshold=inf is invalid: a threshold must be a finite number"),
         (dict(normal_prompt_ids=[]), r"normal_prompt_ids=\[\] is invalid: the template needs at least one token"),
         (dict(abnormal_prompt_ids=[60000]), r"abnormal_prompt_ids=\[60000\] is invalid: token ids must lie in"),
     ],
@@ -73,6 +82,37 @@ def test_feature_layers_default_to_four_evenly_spaced_layers(tiny_config_factory
 def test_invalid_values_raise_value_error_naming_field_value_and_range(tiny_config_factory, overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config_factory(**overrides)
+
+
+def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tiny_config_factory, tmp_path):
+    config = tiny_config_factory(
+        joint_alpha=np.float32(0.25),
+        map_sigma=np.float64(2.0),
+        prompt_length=np.int64(5),
+        feature_layers=[np.int32(2), np.int64(4)],
+        image_threshold=np.float32(0.5),
+        pixel_thresholds={"bottle": np.float16(0.75)},
+        calibration={"target_fpr": np.float32(0.5), "counts": [np.int64(3)]},
+    )
+    config.few_shot_weight = np.float32(0.75)  # assignments too
+    config.validate()
+    expected = {
+        "joint_alpha": 0.25,
+        "map_sigma": 2.0,
+        "prompt_length": 5,
+        "feature_layers": [2, 4],
+        "image_threshold": 0.5,
+        "pixel_thresholds": {"bottle": 0.75},
+        "calibration": {"target_fpr": 0.5, "counts": [3]},
+        "few_shot_weight": 0.75,
+    }
+    for name, value in expected.items():
+        assert getattr(config, name) == value and type(getattr(config, name)) is type(value), name
+    assert type(config.feature_layers[0]) is int and type(config.calibration["counts"][0]) is int
+    config.save_pretrained(tmp_path)  # plain JSON
+    assert HeadCLIPConfig.from_pretrained(tmp_path).headclip_fields() == config.headclip_fields()
+    with pytest.raises(StrictDataclassFieldValidationError, match="prompt_length"):
+        config.prompt_length = np.float32(5.5)  # a number, but not a whole one
 
 
 def test_longest_prompt_that_fits_the_text_context_is_accepted(tiny_config_factory):

@@ -7,6 +7,7 @@ import torch
 from headclip_hf import HeadCLIPProcessor, load_anomaly_dataset
 from headclip_hf.evaluation import evaluate_model
 from headclip_hf.metrics import image_ap, image_auroc, pixel_aupro, pixel_auroc
+from headclip_hf.pipeline_headclip import resolve_thresholds
 
 
 def test_evaluate_model_on_bottle_matches_direct_metrics(tiny_model, clip_tokenizer, test_data_dir, tmp_path):
@@ -57,3 +58,28 @@ def test_processor_size_other_than_the_models_is_refused_before_any_forward_pass
     )
     with pytest.raises(ValueError, match=message):
         evaluate_model(tiny_model, processor, dataset, batch_size=2, show_progress=False)
+
+
+def test_decisions_are_reported_at_the_thresholds_the_pipeline_uses(
+    tiny_model, clip_tokenizer, test_data_dir, tmp_path
+):
+    processor = HeadCLIPProcessor(tokenizer=clip_tokenizer, image_size=64)
+    dataset = load_anomaly_dataset(test_data_dir / "mvtec_ad" / "bottle", cache_dir=str(tmp_path))
+    dataset = dataset.select(range(0, len(dataset), 8))
+    config = tiny_model.config
+    cases = [
+        # (image_threshold, pixel_threshold, pixel_thresholds) -> the thresholds of the reported decisions
+        ((None, None, None), {}),  # uncalibrated: the pipeline's 0.5 fits no category, no decisions
+        ((0.4, None, None), {"image": 0.4, "pixel": 0.4}),  # the masks use the image threshold, as in the pipeline
+        ((0.4, 0.6, None), {"image": 0.4, "pixel": 0.6}),
+        ((0.4, 0.6, {"bottle": 0.7}), {"image": 0.4, "pixel": 0.7}),  # the category's own
+        ((None, 0.6, None), {"pixel": 0.6}),  # the image level is uncalibrated
+    ]
+    for (image, pixel, per_category), expected in cases:
+        config.image_threshold, config.pixel_threshold, config.pixel_thresholds = image, pixel, per_category
+        results = evaluate_model(tiny_model, processor, dataset, batch_size=8, show_progress=False)
+        points = results.categories["bottle"].operating_points
+        assert {level: point.threshold for level, point in points.items()} == expected
+        for level, threshold in expected.items():
+            pipeline_side = resolve_thresholds(config, category="bottle")
+            assert pipeline_side["threshold" if level == "image" else "pixel_threshold"] == threshold

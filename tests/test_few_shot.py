@@ -1,12 +1,15 @@
 """Few-shot mode: the model's reference search and maps, references files, the pipeline and the k-shot protocol."""
 
 import json
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import pipeline
 
@@ -149,21 +152,47 @@ def test_results_do_not_depend_on_batch_composition(tiny_model, processor, good_
         assert torch.equal(tiny_model.encode_references(pixel_values), one_by_one)
 
 
-def test_without_references_outputs_are_the_zero_shot_models(tiny_config_factory):
-    pixel_values = torch.randn(2, 3, SIZE, SIZE)
-    masks, labels = (torch.rand(2, SIZE, SIZE) > 0.9).float(), torch.tensor([0, 1])
-    outputs = []
-    for weight in (0.5, 0.0, 1.0):  # the weight has no effect without references
-        torch.manual_seed(0)
-        model = HeadCLIPModel(tiny_config_factory(few_shot_weight=weight)).eval()
+GOLDEN = Path(__file__).resolve().parent / "fixtures" / "zero_shot_golden"
+with safe_open(GOLDEN / "outputs.safetensors", framework="pt") as golden_file:
+    # The config overrides of the fixture's variants (its make_fixture.py).
+    GOLDEN_VARIANTS = json.loads(golden_file.metadata()["variants"])
+
+
+def golden_model(tiny_config_factory, **overrides):
+    """The golden fixture's tiny model (its weights, the prompts' token embedding rows, the rest zero) in eval mode."""
+    state = load_file(GOLDEN / "weights.safetensors")
+    model = HeadCLIPModel(tiny_config_factory(**overrides))
+    token_embedding = torch.zeros_like(model.text_model.embeddings.token_embedding.weight)
+    token_embedding[state.pop("token_embedding_ids")] = state.pop("token_embedding_rows").float()
+    state["text_model.embeddings.token_embedding.weight"] = token_embedding
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", list(GOLDEN_VARIANTS))
+def test_without_references_outputs_are_the_zero_shot_models_of_11e6f51(tiny_config_factory, variant):
+    """
+    Without references every output is bit for bit what the model computed before the few-shot mode existed
+    (commit 11e6f51, tests/fixtures/zero_shot_golden), whatever `few_shot_weight` is.
+    """
+    inputs = {name: tensor.float() for name, tensor in load_file(GOLDEN / "inputs.safetensors").items()}
+    expected = load_file(GOLDEN / "outputs.safetensors")
+    labels, mask_valid = inputs["labels"].long(), inputs["mask_valid"].bool()
+    for weight in (0.5, 0.0, 1.0):
+        model = golden_model(tiny_config_factory, few_shot_weight=weight, **GOLDEN_VARIANTS[variant])
         with torch.no_grad():
-            outputs.append(model(pixel_values=pixel_values, masks=masks, labels=labels, reference_embeds=None))
-    first = outputs[0]
-    assert first.zero_shot_map is None and first.few_shot_map is None
-    assert len(first.to_tuple()) == 8  # the tuple output keeps its positions
-    for other in outputs[1:]:
-        for name, value in first.items():
-            assert torch.equal(value, other[name]), name
+            outputs = {
+                "eval": model(inputs["pixel_values"], inputs["masks"], labels, mask_valid, reference_embeds=None),
+                "wide": model(pixel_values=inputs["pixel_values_wide"]),
+                "train": model.train()(pixel_values=inputs["pixel_values"], masks=inputs["masks"], labels=labels),
+            }
+        assert outputs["eval"].zero_shot_map is None and outputs["eval"].few_shot_map is None
+        assert len(outputs["eval"].to_tuple()) == 8  # the tuple output keeps its positions
+        names = [name for name in expected if name.startswith(f"{variant}.")]
+        assert len(names) == {"default": 14, "variant": 13}[variant]
+        for name in names:
+            _, mode, field = name.split(".")
+            assert torch.equal(getattr(outputs[mode], field), expected[name]), (name, weight)
 
 
 def test_bad_reference_embeds_and_weights_are_refused(tiny_model, tiny_config_factory):
@@ -171,6 +200,15 @@ def test_bad_reference_embeds_and_weights_are_refused(tiny_model, tiny_config_fa
         tiny_model(pixel_values=torch.randn(1, 3, SIZE, SIZE), reference_embeds=torch.randn(4, 10, 8))
     with pytest.raises(ValueError, match=r"reference_embeds has shape \(4, 0, 16\)"):
         tiny_model(pixel_values=torch.randn(1, 3, SIZE, SIZE), reference_embeds=torch.randn(4, 0, 16))
+    for bad, described in (
+        (np.zeros((4, 10, 16)), "ndarray"),
+        ([[0.0]], "list"),
+        (torch.zeros(4, 2, 16).long(), "torch.int64 tensor"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"reference_embeds must be a floating-point torch.Tensor .* got (a )?{described}"
+        ):
+            tiny_model(pixel_values=torch.randn(1, 3, SIZE, SIZE), reference_embeds=bad)
     with pytest.raises(ValueError, match=r"encode_references needs pixel_values of shape \(K, 3, H, W\)"):
         tiny_model.encode_references(torch.randn(3, SIZE, SIZE))
     with pytest.raises(ValueError, match=r"HeadCLIPConfig.few_shot_weight=1.5 is invalid: it must lie in \[0, 1\]"):
@@ -221,6 +259,10 @@ def test_select_k_shot_is_seeded_and_checks_k():
         select_k_shot(files, 0)
     with pytest.raises(ValueError, match=r"There are no reference images to choose from"):
         select_k_shot([], 1)
+    for k_shot in (2.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"k_shot={k_shot!r} is invalid: it must be a whole number of images"):
+            select_k_shot(files, k_shot)
+    assert select_k_shot(files, np.int64(4), seed=3) == first
 
 
 def test_references_file_round_trip(tiny_model, processor, good_images, tmp_path):
@@ -288,6 +330,22 @@ def test_bad_references_files_and_empty_reference_sets(tiny_model, processor, tm
         load_reference_embeds(tmp_path / "text.safetensors", tiny_model)
     with pytest.raises(ValueError, match=r"There are no reference images: pass at least one normal image"):
         encode_reference_images(tiny_model, processor, [])
+    # A references file whose metadata lost a key, or holds an unreadable value.
+    good = tmp_path / "good.safetensors"
+    reference_embeds = torch.zeros(4, 64, 16)
+    save_reference_embeds(reference_embeds, good, tiny_model, image_size=SIZE)
+    metadata = read_reference_metadata(good)
+    with safe_open(good, framework="pt") as file:
+        raw = file.metadata()
+    for name, damaged, message in (
+        ("missing.safetensors", {k: v for k, v in raw.items() if k != "image_size"}, r"metadata lacks image_size"),
+        ("bad_size.safetensors", {**raw, "image_size": "big"}, r"metadata image_size='big' cannot be read"),
+        ("bad_files.safetensors", {**raw, "files": "[oops"}, r"metadata files='\[oops' cannot be read"),
+    ):
+        save_file({"reference_embeds": reference_embeds}, tmp_path / name, metadata=damaged)
+        with pytest.raises(ValueError, match=rf"{name} is a damaged HeadCLIP references file: (its )?{message}"):
+            load_reference_embeds(tmp_path / name, tiny_model)
+    assert metadata["image_size"] == SIZE and metadata["files"] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -324,6 +382,8 @@ def test_pipeline_with_reference_images(headclip_checkpoint, good_images, bottle
         detector(test_image, reference_images=good_images[:1], reference_embeds=reference_embeds)
     with pytest.raises(ValueError, match=r"reference_images must be a non-empty list of normal images"):
         pipeline(TASK, model=model, processor=processor, reference_images=[])
+    with pytest.raises(ValueError, match=r"reference_embeds must be a floating-point torch.Tensor .* got ndarray"):
+        detector(test_image, reference_embeds=reference_embeds.numpy())
     with pytest.raises(ValueError, match=r"Cannot read image file .*missing.png"):
         detector(test_image, reference_images=["missing.png"])
 
@@ -398,6 +458,11 @@ def test_k_shot_from_test_normals_never_evaluates_a_reference(
     assert saved["references"]["0"]["bottle"] == results.references[0]["bottle"] and saved["k_shot"] == 3
     assert "±" in (tmp_path / "eval" / K_SHOT_MARKDOWN).read_text() and (tmp_path / "eval" / K_SHOT_JSON).is_file()
     assert (tmp_path / "eval" / "seed_1" / "results.json").is_file()
+    (tmp_path / "eval" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files that are not part of a headclip evaluate --k_shot output"):
+        save_k_shot_results(results, tmp_path / "eval", plots=False)
+    save_k_shot_results(results, tmp_path / "eval", plots=False, overwrite=True)
+    assert (tmp_path / "eval" / "notes.txt").read_text() == "mine" and (tmp_path / "eval" / K_SHOT_JSON).is_file()
 
 
 def test_k_shot_draws_from_training_normals_when_the_layout_has_them(
@@ -426,6 +491,64 @@ def test_k_shot_draws_from_training_normals_when_the_layout_has_them(
     with pytest.raises(ValueError, match=r"k_shot=5 is larger than the 4 normal images of category 'bottle' \(train"):
         evaluate_k_shot(tiny_model, processor, dataset, k_shot=5, reference_dataset=training_normals)
     assert len(evaluated_paths) == 1  # refused before any forward pass
+
+
+def test_k_shot_on_an_in_memory_data_set_draws_rows_not_files(tiny_model, processor, bottle, evaluated_paths):
+    files = [*sorted((bottle / "good").iterdir())[:6], *sorted((bottle / "broken_large").iterdir())[:3]]
+    images = [Image.open(file).convert("RGB").resize((64, 64)) for file in files]  # in memory: no file behind them
+    table = datasets.Dataset.from_dict(
+        {"image": images, "label": [0] * 6 + [1] * 3, "path": ["good.png"] * 6 + ["bad.png"] * 3}
+    ).cast_column("image", datasets.Image())
+    dataset = load_anomaly_dataset(table)  # a table's paths: names, here repeated, of no file on this machine
+    (category,) = set(dataset["category"])
+    results = evaluate_k_shot(tiny_model, processor, dataset, k_shot=2, seeds=[0, 1], show_progress=False)
+    for seed, evaluated in zip([0, 1], list(evaluated_paths), strict=True):
+        rows = select_k_shot(range(6), 2, seed)
+        assert results.references[seed][category] == [f"good.png (row {row})" for row in rows]
+        assert evaluated == ["good.png"] * 4 + ["bad.png"] * 3  # only the two references are left out
+        # The references are those rows' images: the same scores as evaluating the other rows with them.
+        reference_embeds = encode_reference_images(tiny_model, processor, [images[row] for row in rows])
+        others = dataset.select([index for index in range(9) if index not in rows])
+        expected = evaluate_model(
+            tiny_model, processor, others, show_progress=False, reference_embeds=reference_embeds
+        )
+        scores = results.runs[seed].categories[category].image_scores
+        np.testing.assert_array_equal(scores, expected.categories[category].image_scores)
+
+
+def test_evaluations_encode_the_prompts_once_and_restore_the_training_mode(tiny_model, processor, bottle, tmp_path):
+    dataset = load_anomaly_dataset(bottle, cache_dir=str(tmp_path)).select([*range(0, 63, 20), *range(63, 83, 4)])
+    encodings = []
+    compute = tiny_model._compute_prompt_embeds
+    tiny_model._compute_prompt_embeds = lambda: encodings.append(1) or compute()
+    tiny_model.train()
+    evaluate_k_shot(tiny_model, processor, dataset, k_shot=1, seeds=[0, 1, 2], batch_size=2, show_progress=False)
+    assert len(encodings) == 1 and tiny_model.training  # one encoding for every seed and category
+    evaluate_model(tiny_model, processor, dataset, batch_size=2, show_progress=False)
+    assert len(encodings) == 2 and tiny_model.training  # the training mode in between cleared the cache
+
+
+def test_training_normals_of_sources_without_a_train_split_and_of_broken_ones(bottle, tmp_path):
+    root = tmp_path / "meta"
+    (root / "good").mkdir(parents=True)
+    Image.open(bottle / "good" / "000.png").resize((64, 64)).save(root / "good" / "000.png")
+    entry = {"img_path": "good/000.png", "mask_path": "", "cls_name": "bottle", "specie_name": "good", "anomaly": 0}
+    (root / "meta.json").write_text(json.dumps({"test": {"bottle": [entry]}}))
+    cache = str(tmp_path / "cache")
+    assert load_training_normals(root, cache_dir=cache) is None  # no "train" in meta.json
+    table = load_anomaly_dataset(root, cache_dir=cache)
+    assert load_training_normals(table) is None  # one table: its rows are the test rows
+    table.to_parquet(tmp_path / "bottle.parquet")
+    assert load_training_normals(tmp_path / "bottle.parquet") is None
+    assert len(load_training_normals(datasets.DatasetDict({"test": table, "train": table}))) == 1
+
+    # A broken data set is an error, not a missing split: the references would silently come from elsewhere.
+    (root / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"meta.json"):
+        load_training_normals(root, cache_dir=cache)
+    (root / "meta.json").write_text(json.dumps({"train": {"bottle": [{**entry, "img_path": "good/none.png"}]}}))
+    with pytest.raises(FileNotFoundError, match=r"none.png"):
+        load_training_normals(root, cache_dir=cache)
 
 
 def test_k_shot_bad_inputs(tiny_model, processor, test_data_dir, bottle, tmp_path):

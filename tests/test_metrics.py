@@ -17,6 +17,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from headclip_hf.metrics import (
     METRIC_NAMES,
     AnomalyMetricsAccumulator,
+    PixelScoreHistograms,
     UndefinedMetricError,
     image_ap,
     image_auroc,
@@ -26,8 +27,9 @@ from headclip_hf.metrics import (
     pixel_aupro,
     pixel_auroc,
     pixel_f1_max,
+    threshold_between,
 )
-from headclip_hf.reporting import results_to_markdown, save_results
+from headclip_hf.reporting import category_file_names, results_to_markdown, save_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-3
@@ -174,6 +176,19 @@ def test_pixel_f1_max_threshold_reaches_f1_max(name, masks, maps):
     threshold = category.f1_max_thresholds["pixel"].value
     assert f1_at(masks, maps.astype(np.float32), threshold) == pytest.approx(category.metrics["pixel_f1_max"].value)
     assert threshold * 2**16 == int(threshold * 2**16)  # a bin edge
+
+
+def test_f1_ties_go_to_the_lowest_threshold_at_both_levels():
+    # Flagging the top score or the top four gives the same F1, 2/3, at both levels: the lower threshold wins.
+    labels, scores = np.array([1, 1, 0, 0, 0]), np.array([0.9, 0.6, 0.6, 0.6, 0.1])
+    f1, threshold = image_f1_max_threshold(labels, scores)
+    assert (f1, threshold) == (pytest.approx(2 / 3), threshold_between(0.1, 0.6))
+    assert f1_at(labels, scores, threshold) == f1_at(labels, scores, 0.9) == pytest.approx(2 / 3)
+    pixels = PixelScoreHistograms.empty(num_bins=4)
+    pixels.update(labels.reshape(1, 1, 5).astype(bool), scores.reshape(1, 1, 5))
+    f1, threshold = pixels.f1_max_threshold()
+    assert (f1, threshold) == (pytest.approx(2 / 3), 0.5)  # bin edge 0.5 (with 0.6), not 0.75 (0.9 alone)
+    assert f1_at(labels, scores, 0.5) == f1_at(labels, scores, 0.75) == pytest.approx(2 / 3)
 
 
 def test_pixel_metrics_on_known_values():
@@ -456,6 +471,37 @@ def test_markdown_json_and_png_report(tmp_path):
     assert paths["markdown"].read_text() == markdown
     for category in ("bottle", "colon"):
         assert paths[f"plot/{category}"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saving_results_keeps_the_users_files_and_gives_each_category_its_own_plot(tmp_path):
+    accumulator = AnomalyMetricsAccumulator()
+    for category in ("a b", "a_b", "Screw", "screw", "bottle"):
+        accumulator.update(categories=category, labels=[0, 1], scores=[0.2, 0.7])
+    results = accumulator.compute()
+    names = category_file_names(results.categories)
+    assert names["bottle"] == "bottle" and len({name.lower() for name in names.values()}) == 5
+    assert names["a b"].startswith("a_b-") and names["Screw"].startswith("Screw-")
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "results.json").write_text("the user's own results")
+    (folder / "notes.txt").write_text("notes")
+    with pytest.raises(FileExistsError, match=r"eval holds files that are not part of a headclip evaluate output "):
+        save_results(results, folder)
+    assert (folder / "results.json").read_text() == "the user's own results"  # nothing was written
+    assert sorted(entry.name for entry in folder.iterdir()) == ["notes.txt", "results.json"]
+    paths = save_results(results, folder, overwrite=True)
+    assert json.loads((folder / "results.json").read_text())["categories"].keys() == set(names)
+    assert (folder / "notes.txt").read_text() == "notes"  # the flag replaces only the evaluation's files
+    plots = {paths[f"plot/{name}"] for name in names}
+    assert plots == {folder / "plots" / f"{name}.png" for name in names.values()} and all(p.is_file() for p in plots)
+
+    earlier = tmp_path / "earlier"  # an earlier evaluation output is replaced as a whole, without the flag
+    save_results(results, earlier)
+    single = AnomalyMetricsAccumulator()
+    single.update(categories="bottle", labels=[0, 1], scores=[0.2, 0.7])
+    save_results(single.compute(), earlier, plots=True)
+    assert sorted(path.name for path in (earlier / "plots").iterdir()) == ["bottle.png"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """HeadCLIPModel: exact CLIP equivalence when untrained, head weights, value-value path, maps, scores, loss, cache."""
 
+import copy as copy_module
 import logging
 import math
+import pickle
 
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from scipy.ndimage import gaussian_filter
 from transformers import CLIPModel
@@ -361,6 +364,79 @@ def test_prompt_cache_refreshed_after_training_steps_loading_and_moving(tiny_mod
     tiny_model.to("cpu")
     eval_embeds()
     assert len(calls) == 1  # `to` clears the cache even when nothing moves: the rule has no exceptions
+
+
+def shifted_state(module: torch.nn.Module, name: str) -> dict:
+    """`module`'s state dict with the tensor `name` moved by 1."""
+    state = {key: tensor.clone() for key, tensor in module.state_dict().items()}
+    state[name] += 1.0
+    return state
+
+
+@pytest.mark.parametrize("how", ["module_dict", "prompt_learner", "text_model", "text_projection", "peft"])
+def test_prompt_cache_refreshed_however_weights_are_loaded(tiny_model, how):
+    pixel_values = torch.randn(1, 3, 64, 64)
+
+    def eval_embeds(model):
+        with torch.no_grad():
+            return model(pixel_values=pixel_values).text_embeds
+
+    before = eval_embeds(tiny_model)
+    if how == "module_dict":  # a wrapper that holds the model (its load_state_dict is not the model's)
+        wrapper = torch.nn.ModuleDict({"headclip": tiny_model})
+        wrapper.load_state_dict(shifted_state(wrapper, "headclip.prompt_learner.normal_context"))
+    elif how == "peft":
+        peft_model = get_peft_model(
+            tiny_model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["prompt_learner"])
+        )
+        tiny_model = peft_model.get_base_model()
+        before = eval_embeds(tiny_model)
+        peft_model.load_state_dict(
+            shifted_state(peft_model, "base_model.model.prompt_learner.modules_to_save.default.normal_context")
+        )
+    else:
+        submodule = getattr(tiny_model, how)
+        name = {
+            "prompt_learner": "abnormal_context",
+            "text_model": "final_layer_norm.bias",
+            "text_projection": "weight",
+        }
+        submodule.load_state_dict(shifted_state(submodule, name[how]))
+    after = eval_embeds(tiny_model)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, tiny_model._compute_prompt_embeds(), rtol=0, atol=0)
+
+
+def test_prompt_cache_survives_calls_to_the_mode_the_model_is_in(tiny_model, monkeypatch):
+    calls = count_prompt_encodings(tiny_model, monkeypatch)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            tiny_model.eval()  # already in eval mode: nothing to forget
+            tiny_model(pixel_values=pixel_values)
+        assert len(calls) == 1
+        tiny_model.train()
+        tiny_model.eval()  # the mode changed twice: the prompts may have been trained in between
+        tiny_model(pixel_values=pixel_values)
+    assert len(calls) == 2
+
+
+def test_prompt_cache_hooks_follow_copies_and_pickles(tiny_model):
+    pixel_values = torch.randn(1, 3, 64, 64)
+
+    def eval_embeds(model):
+        with torch.no_grad():
+            return model(pixel_values=pixel_values).text_embeds
+
+    original = eval_embeds(tiny_model)
+    for copy in (copy_module.deepcopy(tiny_model), pickle.loads(pickle.dumps(tiny_model))):
+        assert torch.equal(eval_embeds(copy), original)
+        copy.prompt_learner.load_state_dict(shifted_state(copy.prompt_learner, "normal_context"))
+        assert not torch.equal(eval_embeds(copy), original)  # the copy's hook clears the copy's cache
+        assert eval_embeds(tiny_model) is original  # and leaves the original's alone
+    # A copy of the prompt learner alone (PEFT's modules_to_save) does not copy the model with it.
+    learner_copy = copy_module.deepcopy(tiny_model.prompt_learner)
+    assert all(hook.model() is tiny_model for hook in learner_copy._load_state_dict_post_hooks.values())
 
 
 def test_prompt_cache_filled_in_inference_mode_is_not_reused_with_autograd(tiny_model):

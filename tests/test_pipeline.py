@@ -103,10 +103,39 @@ def test_thresholds(detector, real_images):
         mask = np.asarray(detector(image, **kwargs)["mask"])
         np.testing.assert_array_equal(mask, np.where(anomaly_map >= pixel_threshold, 255, 0))
     assert 0 < (anomaly_map >= pixel_threshold).sum() < anomaly_map.size
+    # numpy scalars are numbers too: decisions at np.float32 thresholds as at the same Python floats.
+    assert detector(image, threshold=np.float32(1.0))["label"] == "normal"
+    mask = np.asarray(
+        detector(image, pixel_threshold=np.float32(pixel_threshold), heatmap_alpha=np.float64(0.5))["mask"]
+    )
+    np.testing.assert_array_equal(mask, np.where(anomaly_map >= np.float32(pixel_threshold), 255, 0))
     with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\], got 1.5"):
         detector(image, threshold=1.5)
+    with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\], got np.float32\(nan\)"):
+        detector(image, threshold=np.float32("nan"))
     with pytest.raises(ValueError, match="pixel_threshold must be a number"):
         detector(image, pixel_threshold=-0.1)
+
+
+def test_thresholds_are_resolved_once_per_call_with_the_constructions_defaults(headclip_checkpoint, monkeypatch):
+    from headclip_hf import pipeline_headclip
+
+    calls = []
+    resolve = pipeline_headclip.resolve_thresholds
+    monkeypatch.setattr(
+        pipeline_headclip,
+        "resolve_thresholds",
+        lambda *args, **kwargs: calls.append(kwargs) or resolve(*args, **kwargs),
+    )
+    images = [Image.new("RGB", (40, 30), color) for color in ("red", "green", "blue", "white")]
+    strict = pipeline(TASK, model=str(headclip_checkpoint), device="cpu", threshold=1.0, category="bottle")
+    assert calls == []  # nothing is resolved before a call
+    assert [result["label"] for result in strict(images, batch_size=2)] == ["normal"] * 4
+    assert calls == [{"threshold": 1.0, "category": "bottle"}]  # once for the four images
+    assert [result["label"] for result in strict(images, threshold=0.0)] == ["anomaly"] * 4  # the call's own wins
+    assert calls[1:] == [{"threshold": 0.0, "category": "bottle"}]
+    assert strict(images[0])["label"] == "normal"  # and the construction's default holds again
+    assert len(calls) == 3
 
 
 def test_jet_colormap_and_heatmap():
@@ -145,7 +174,7 @@ def test_unreadable_input_is_named(detector, tmp_path):
         detector(str(corrupt))
     with pytest.raises(ValueError, match=r"Cannot read image file '.*missing\.png'"):
         detector([str(tmp_path / "missing.png")])
-    with pytest.raises(TypeError, match="Expected a PIL image, a numpy array or a file path, got int"):
+    with pytest.raises(ValueError, match="Expected a PIL image, a numpy array or a file path, got int"):
         detector(42)
 
 

@@ -136,8 +136,12 @@ def test_bad_inputs_raise_clear_errors(processor, tmp_path):
         processor(images=str(broken))
     with pytest.raises(ValueError, match=r"Image array of shape \(3, 8, 8\) is not supported"):
         to_rgb_image(np.zeros((3, 8, 8), np.uint8))
-    with pytest.raises(TypeError, match="Expected a PIL image, a numpy array or a file path, got Tensor"):
+    with pytest.raises(ValueError, match="Expected a PIL image, a numpy array or a file path, got Tensor"):
         to_rgb_image(torch.zeros(8, 8, 3))
+    with pytest.raises(ValueError, match=r"images is an empty list: pass at least one image"):
+        processor(images=[])
+    with pytest.raises(ValueError, match="Expected a PIL image, a numpy array or a file path, got int"):
+        processor(images=[np.zeros((8, 8), np.uint8), 3])
     with pytest.raises(ValueError, match="return_tensors must be 'pt', not 'np'"):
         processor(images=np.zeros((8, 8), np.uint8), return_tensors="np")
     with pytest.raises(ValueError, match="NaN or infinite"):

@@ -437,7 +437,7 @@ def test_one_unreadable_item_is_named_before_any_forward_pass(detector, images, 
     inputs = [str(images / "a.png"), Image.open(images / "b.png"), str(corrupt)]
     with pytest.raises(ValueError, match=rf"^inputs\[2\] \('{corrupt}'\): Cannot read image file '{corrupt}'"):
         detector(inputs, batch_size=1)
-    with pytest.raises(TypeError, match=r"^inputs\[1\] \(a value of type int\): Expected a PIL image"):
+    with pytest.raises(ValueError, match=r"^inputs\[1\] \(a value of type int\): Expected a PIL image"):
         detector([str(images / "a.png"), 3])
     with pytest.raises(ValueError, match=rf"^reference_images\[1\] \('{corrupt}'\): Cannot read image file"):
         detector(str(images / "a.png"), reference_images=[str(images / "b.png"), str(corrupt)])

@@ -5,25 +5,23 @@ import argparse
 from pathlib import Path
 
 from ..evaluation import draw_k_shot_references, evaluate_k_shot, evaluate_model, load_training_normals
-from ..evaluation_report import (
-    DEFAULT_GALLERY_SIZE,
-    PER_IMAGE_CSV,
-    REPORT_FILES_DIR,
-    REPORT_HTML,
-    write_evaluation_report,
-)
-from ..files import OutputKind, check_output_folder, output_folder
+from ..evaluation_report import DEFAULT_GALLERY_SIZE, write_evaluation_report
+from ..files import check_output_folder, output_folder
 from ..provenance import evaluation_provenance
 from ..reporting import (
     K_SHOT_JSON,
     K_SHOT_MARKDOWN,
+    PER_IMAGE_CSV,
     PLOTS_DIR,
+    REPORT_FILES_DIR,
+    REPORT_HTML,
     RESULTS_JSON,
     RESULTS_MARKDOWN,
+    evaluate_output_kind,
     k_shot_results_to_markdown,
     results_to_markdown,
-    save_k_shot_results,
-    save_results,
+    write_k_shot_results,
+    write_results,
 )
 from ._common import (
     CommandError,
@@ -40,20 +38,6 @@ from ._common import (
     process_state,
     resolve_device,
 )
-
-EVALUATE_OUTPUT = OutputKind(
-    "headclip evaluate output",
-    frozenset({RESULTS_JSON, RESULTS_MARKDOWN, PLOTS_DIR, REPORT_HTML, REPORT_FILES_DIR, PER_IMAGE_CSV}),
-)
-K_SHOT_OUTPUT = OutputKind(
-    "headclip evaluate --k_shot output", frozenset({K_SHOT_JSON, K_SHOT_MARKDOWN}), patterns=("seed_*",)
-)
-
-
-def evaluate_output_kind(k_shot: int | None) -> OutputKind:
-    """What `headclip evaluate` writes in its output folder: zero-shot results, or with `--k_shot` k-shot ones."""
-    return EVALUATE_OUTPUT if k_shot is None else K_SHOT_OUTPUT
-
 
 EPILOG = f"""examples:
   headclip evaluate data/mvtec_ad --model runs/visa/adapter --output_dir eval/mvtec
@@ -144,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             results = evaluate_model(
                 model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers
             )
-            save, to_markdown = save_results, results_to_markdown
+            write, to_markdown = write_results, results_to_markdown
         else:
             results = evaluate_k_shot(
                 model,
@@ -156,13 +140,13 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 num_workers=args.num_workers,
             )
-            save, to_markdown = save_k_shot_results, k_shot_results_to_markdown
+            write, to_markdown = write_k_shot_results, k_shot_results_to_markdown
     if state.is_main_process:  # under `accelerate launch` every process holds the gathered results
         provenance = evaluation_provenance(
             model, processor, data_source=args.data, model_name_or_path=args.model, adapter=args.adapter
         )
         with output_folder(args.output_dir, output_kind, args.overwrite) as staging:
-            written = save(results, staging, plots=not args.no_plots, provenance=provenance)
+            written = write(staging, results, plots=not args.no_plots, provenance=provenance)
             if args.report:
                 written |= write_evaluation_report(
                     staging,
