@@ -1,10 +1,10 @@
 """Per-image inference time of HeadCLIP (anomaly map + joint score) on each execution path, zero-shot and few-shot,
 against a bare CLIP vision forward.
 
-Builds the real architectures from their CLIP configs (`--configs-dir`, or the `HEADCLIP_CONFIGS_DIR` environment
-variable: a folder holding `clip-vit-base-patch16/config.json` and `clip-vit-large-patch14-336/config.json`) with
-random weights (only the cost matters here), and times, in one run and interleaved, on the same weights, input size
-and batch:
+Builds the real architectures from their CLIP configs (`--configs_dir`, or the `HEADCLIP_CONFIGS_DIR` environment
+variable: a folder holding one config folder per architecture, e.g. `clip-vit-base-patch16/config.json` and
+`clip-vit-large-patch14-336/config.json`; a case names its folder, `clip-vit-base-patch16:224`) with random weights
+(only the cost matters here), and times, in one run and interleaved, on the same weights, input size and batch:
 
 - bare: `CLIPVisionModel` forward (`interpolate_pos_encoding=True`), the floor any CLIP-based detector pays;
 - eager float32 (zero-shot): `HeadCLIPModel` forward in eval mode (head weights, value-value path, 4 pixel maps,
@@ -23,12 +23,13 @@ eager float32 on the same input. Exports, compilation and reference encoding hap
 warm-up call per path.
 
 The exports take their preprocessing from a `HeadCLIPProcessor`, which needs CLIP's tokenizer files
-(`--tokenizer-dir`, or `HEADCLIP_TOKENIZER_DIR`).
+(`--tokenizer_dir`, or `HEADCLIP_TOKENIZER_DIR`). Flags as `headclip`'s: underscore spelling, dashes accepted.
 
 Usage:
-    python benchmarks/inference.py --configs-dir DIR --tokenizer-dir TOK   # ViT-B/16 @ 224 and ViT-L/14@336 @ 518
-    python benchmarks/inference.py --configs-dir DIR --cases base:224 --batch-sizes 1 --paths --k-shots 4
-    python benchmarks/inference.py --tokenizer-dir TOK --cases tiny:64 --repeats 1   # a tiny CLIP: the script runs
+    python benchmarks/inference.py --configs_dir DIR --tokenizer_dir TOK   # ViT-B/16 @ 224 and ViT-L/14@336 @ 518
+    python benchmarks/inference.py --configs_dir DIR --cases clip-vit-base-patch16:224 --batch_sizes 1 --paths \\
+        --k_shots 4
+    python benchmarks/inference.py --tokenizer_dir TOK --cases tiny:64 --repeats 1   # a tiny CLIP: the script runs
 """
 
 import argparse
@@ -45,12 +46,13 @@ import torch
 from transformers import CLIPTokenizer
 
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel, HeadCLIPProcessor
+from headclip_hf.cli._common import apply_flag_convention
 from headclip_hf.export import ExportedDetector, export_model
 from headclip_hf.inference import prepare_for_inference
 from headclip_hf.modeling_headclip import REFERENCE_CHUNK_SIZE
 
-ARCHITECTURES = {"base": "clip-vit-base-patch16", "large": "clip-vit-large-patch14-336"}
-# "tiny": not a real CLIP, only to check that the script runs.
+DEFAULT_CASES = ("clip-vit-base-patch16:224", "clip-vit-large-patch14-336:518")
+# The case "tiny:<size>": not a real CLIP, only to check that the script runs.
 TINY_CONFIG = dict(
     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     vision_config=dict(
@@ -129,35 +131,37 @@ def seconds(runner: Runner, pixel_values: torch.Tensor) -> tuple[float, np.ndarr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--configs-dir",
+        "--configs_dir",
         type=Path,
         default=os.environ.get(CONFIGS_DIR_VARIABLE),
-        help=f"folder with the real CLIP configs, one subfolder per architecture (default: ${CONFIGS_DIR_VARIABLE})",
+        help=f"folder holding one CLIP config folder per case (config.json) (default: ${CONFIGS_DIR_VARIABLE})",
     )
     parser.add_argument(
-        "--tokenizer-dir",
+        "--tokenizer_dir",
         type=Path,
         default=os.environ.get(TOKENIZER_DIR_VARIABLE),
         help=f"folder with CLIP's tokenizer files, for the exports' processor (default: ${TOKENIZER_DIR_VARIABLE})",
     )
-    parser.add_argument("--cases", nargs="+", default=["base:224", "large:518"], help="architecture:image_size")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument(
+        "--cases", nargs="+", default=list(DEFAULT_CASES), help="config_folder:image_size (or tiny:image_size)"
+    )
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument(
         "--paths", nargs="*", choices=PATHS, default=list(PATHS), help="paths besides bare and eager float32"
     )
     parser.add_argument(
-        "--k-shots", nargs="*", type=int, default=[1, 4, 16], help="few-shot rows (none: zero-shot only)"
+        "--k_shots", nargs="*", type=int, default=[1, 4, 16], help="few-shot rows (none: zero-shot only)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path and case (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of every path (default: each's own)")
-    args = parser.parse_args()
+    args = apply_flag_convention(parser).parse_args()
     if args.configs_dir is None and any(not case.startswith("tiny:") for case in args.cases):
         parser.error(
-            f"pass --configs-dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config.json of each "
-            f"architecture ({', '.join(f'{folder}/' for folder in ARCHITECTURES.values())})"
+            f"pass --configs_dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config folder of each "
+            "case (e.g. clip-vit-base-patch16/config.json)"
         )
     if args.tokenizer_dir is None:
-        parser.error(f"pass --tokenizer-dir DIR or set {TOKENIZER_DIR_VARIABLE}: a folder holding CLIP's tokenizer")
+        parser.error(f"pass --tokenizer_dir DIR or set {TOKENIZER_DIR_VARIABLE}: a folder holding CLIP's tokenizer")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -181,7 +185,7 @@ def main() -> None:
         if name == "tiny":
             config = HeadCLIPConfig(**TINY_CONFIG, image_size=size)
         else:
-            config = HeadCLIPConfig.from_pretrained(args.configs_dir / ARCHITECTURES[name], image_size=size)
+            config = HeadCLIPConfig.from_pretrained(args.configs_dir / name, image_size=size)
         model = HeadCLIPModel(config).eval()
         processor = HeadCLIPProcessor(tokenizer=tokenizer, image_size=size)  # for the exports' preprocessing
         title = f"{config.vision_config.num_hidden_layers}-layer ViT/{config.vision_config.patch_size} ({name})"

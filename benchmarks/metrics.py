@@ -6,13 +6,14 @@ maps = blurred mask + smooth noise), it prints how it was run, then:
 1. streaming: time of `update` over all batches plus `compute` (every image and pixel metric, AUPRO included), the
    peak memory the metric step allocates on top of the batch it is given (tracemalloc), and the size of its state;
 2. straightforward AUPRO, the AnomalyCLIP way: 200 thresholds, and at each one a thresholding and a connected-component
-   pass per image. It needs every map in memory and is slow, so it runs on the first `--baseline-images` images and
+   pass per image. It needs every map in memory and is slow, so it runs on the first `--baseline_images` images and
    its time is scaled linearly to N (its cost is linear in the number of images);
 3. the speed ratio, and the AUPRO of both methods on the baseline images.
 
-Data generation is not timed. Run from the repository root:
+Data generation is not timed. Flags as `headclip`'s: underscore spelling, dashes accepted. Run from the repository
+root:
 
-    python benchmarks/metrics.py --num-images 100
+    python benchmarks/metrics.py --num_images 100
 """
 
 import argparse
@@ -25,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from headclip_hf import DEFAULT_IMAGE_SIZE
+from headclip_hf.cli._common import apply_flag_convention
 from headclip_hf.metrics import DEFAULT_FPR_LIMIT, DEFAULT_NUM_BINS, AnomalyMetricsAccumulator, pixel_aupro
 
 MVTEC_AD_TEST_IMAGES = 1725
@@ -113,16 +115,16 @@ def state_bytes(accumulator: AnomalyMetricsAccumulator) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=int, default=100, help="N synthetic maps and masks (default 100)")
+    parser.add_argument("--num_images", type=int, default=100, help="N synthetic maps and masks (default 100)")
     parser.add_argument(
         "--size", type=int, default=DEFAULT_IMAGE_SIZE, help=f"map height and width (default {DEFAULT_IMAGE_SIZE})"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per `update` call (default 8)")
-    parser.add_argument("--num-bins", type=int, default=DEFAULT_NUM_BINS, help="histogram bins (default 2**16)")
-    parser.add_argument("--baseline-images", type=int, default=10, help="images for the straightforward AUPRO")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per `update` call (default 8)")
+    parser.add_argument("--num_bins", type=int, default=DEFAULT_NUM_BINS, help="histogram bins (default 2**16)")
+    parser.add_argument("--baseline_images", type=int, default=10, help="images for the straightforward AUPRO")
     parser.add_argument("--thresholds", type=int, default=200, help="thresholds of the straightforward AUPRO")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = apply_flag_convention(parser).parse_args()
     baseline_images = min(args.baseline_images, args.num_images)
 
     print("Metric step benchmark")

@@ -3,7 +3,8 @@ prompts-only step.
 
 HeadCLIP's head weights sit inside the image encoder, so every training step back-propagates through the whole ViT;
 AnomalyCLIP's reference trains only the text prompts and runs the image encoder under `no_grad`. Three modes per case,
-on the real architectures built from `--configs_dir` with random weights (only the cost matters here), the same
+on the real architectures built from `--configs_dir` (or the `HEADCLIP_CONFIGS_DIR` environment variable, as
+benchmarks/inference.py) with random weights (only the cost matters here), the same
 input, batch and optimizer (Adam, AnomalyCLIP's):
 
 - plain: HeadCLIP's step (prompts and head weights train), every activation of the image encoder kept;
@@ -18,6 +19,9 @@ steps (`resource.getrusage(RUSAGE_SELF).ru_maxrss` of the child, its high-water 
 `torch.cuda.max_memory_allocated`. The issue's goal: with checkpointing, peak <= 1.3x prompts-only and time <= 1.5x
 plain.
 
+A case is `config_folder:image_size:batch_size`, the folder under `--configs_dir` (as the cases of
+benchmarks/inference.py, with the batch). Flags as `headclip`'s: underscore spelling, dashes accepted.
+
 Usage:
     python benchmarks/training.py --configs_dir path/to/configs   # ViT-B/16 @ 224 batch 8, ViT-L/14 @ 518 batch 2
     python benchmarks/training.py --configs_dir DIR --cases clip-vit-base-patch16:224:8 --device cuda --repeats 3
@@ -25,6 +29,7 @@ Usage:
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -37,6 +42,7 @@ import torch
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel
 from headclip_hf.cli._common import apply_flag_convention
 
+CONFIGS_DIR_VARIABLE = "HEADCLIP_CONFIGS_DIR"
 MODES = ("plain", "checkpointing", "prompts_only")
 DEFAULT_CASES = ("clip-vit-base-patch16:224:8", "clip-vit-large-patch14-336:518:2")
 
@@ -108,7 +114,10 @@ def run_in_subprocess(case: str, mode: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--configs_dir", type=Path, help="folder holding one CLIP config folder per case (config.json)"
+        "--configs_dir",
+        type=Path,
+        default=os.environ.get(CONFIGS_DIR_VARIABLE),
+        help=f"folder holding one CLIP config folder per case (config.json) (default: ${CONFIGS_DIR_VARIABLE})",
     )
     parser.add_argument(
         "--cases", nargs="+", default=list(DEFAULT_CASES), help="config_folder:image_size:batch_size, one per case"
@@ -121,7 +130,10 @@ def main() -> None:
         print(json.dumps(measure(**json.loads(args.child))))
         return
     if args.configs_dir is None:
-        parser.error("--configs_dir is required: the folder of the CLIP configs (e.g. clip-vit-base-patch16/)")
+        parser.error(
+            f"pass --configs_dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config folder of each "
+            "case (e.g. clip-vit-base-patch16/config.json)"
+        )
 
     print(
         f"torch {torch.__version__}, device {args.device}, float32, threads {torch.get_num_threads()}, one training "

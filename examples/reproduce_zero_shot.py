@@ -20,12 +20,18 @@ as `reproduction.md` and `reproduction.json` in `--output_dir` (each run's check
 Every training argument of `examples/train_headclip.py` applies to every run (defaults: AnomalyCLIP's protocol, 15
 epochs at 518 px; add `--gradient_checkpointing` on a 24 GB GPU). `--max_eval_samples` evaluates on a random subset,
 for a quick check of the whole pipeline.
+
+Every run's output folder and the two table files are checked before anything is trained: a folder holding a previous
+run needs `--overwrite_output_dir` (start afresh) or `--resume_from_checkpoint latest`, and `reproduction.md` /
+`reproduction.json` files that this script did not write are replaced only with `--overwrite_output_dir`. Errors are
+one line `reproduce_zero_shot.py: error: ...` (as the `headclip` command's).
 """
 
 import dataclasses
 import json
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +41,11 @@ from transformers import HfArgumentParser
 
 from headclip_hf import HeadCLIPConfig, load_anomaly_dataset
 from headclip_hf.adapters import load_headclip_model_and_processor
+from headclip_hf.cli import report_errors
 from headclip_hf.cli.train import parse_config_overrides
 from headclip_hf.configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from headclip_hf.conversion import anomalyclip_config
-from headclip_hf.files import output_file
+from headclip_hf.files import check_output_file, output_file
 from headclip_hf.metrics import METRIC_NAMES
 from headclip_hf.reporting import METRIC_TITLES
 from headclip_hf.training import ALL_RESULTS_NAME, HeadCLIPTrainingArguments, check_training_inputs, train
@@ -52,6 +59,8 @@ VARIANTS = {
 }
 MVTEC, VISA = "MVTec AD", "VisA"
 DIRECTIONS = ((MVTEC, VISA), (VISA, MVTEC))  # (trained on, evaluated on)
+RESULTS_JSON, RESULTS_MARKDOWN = "reproduction.json", "reproduction.md"
+MARKDOWN_TITLE = "# Zero-shot reproduction"
 
 
 @dataclass
@@ -120,9 +129,21 @@ def load_data(args: ReproductionArguments, seed: int) -> tuple[dict, dict]:
     return train_sets, eval_sets
 
 
+def is_earlier_table(path: Path) -> bool:
+    """Whether `path` is a `reproduction.json` / `reproduction.md` this script wrote (then it may be replaced)."""
+    try:
+        text = path.read_text()
+        if path.name == RESULTS_MARKDOWN:
+            return text.startswith(MARKDOWN_TITLE + "\n")
+        record = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and set(record) == {"settings", "results"}
+
+
 def results_markdown(results: dict, args: ReproductionArguments, training: HeadCLIPTrainingArguments) -> str:
     lines = [
-        "# Zero-shot reproduction",
+        MARKDOWN_TITLE,
         "",
         f"Model {args.model_name_or_path} at {args.image_size} px; {training.num_train_epochs} epoch(s)"
         + (f", at most {training.max_steps} steps" if training.max_steps > 0 else "")
@@ -147,6 +168,9 @@ def main(argv: list[str] | None = None) -> str:
     args, training = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(training.output_dir)
+    overwrite = training.overwrite_output_dir
+    for name in (RESULTS_JSON, RESULTS_MARKDOWN):  # the tables' files, before any work
+        check_output_file(output_dir / name, overwrite, is_earlier_output=is_earlier_table)
     train_sets, eval_sets = load_data(args, training.seed)
     runs = [
         (
@@ -185,15 +209,12 @@ def main(argv: list[str] | None = None) -> str:
             "results": results,
         }
         record["settings"]["training"].pop("hub_token")
-        for name, content in (
-            ("reproduction.json", json.dumps(record, indent=2) + "\n"),
-            ("reproduction.md", markdown),
-        ):
-            with output_file(output_dir / name, overwrite=True) as temporary:
+        for name, content in ((RESULTS_JSON, json.dumps(record, indent=2) + "\n"), (RESULTS_MARKDOWN, markdown)):
+            with output_file(output_dir / name, overwrite, is_earlier_output=is_earlier_table) as temporary:
                 temporary.write_text(content)
         print(markdown)
     return markdown
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_errors(main, prog=Path(__file__).name))

@@ -306,7 +306,7 @@ def convert_anomalyclip_checkpoint(
     prompt_length: int = ANOMALYCLIP_SETTINGS["prompt_length"],
     deep_prompt_depth: int = ANOMALYCLIP_SETTINGS["deep_prompt_depth"],
     deep_prompt_length: int = ANOMALYCLIP_SETTINGS["deep_prompt_length"],
-    image_size: int = ANOMALYCLIP_SETTINGS["image_size"],
+    image_size: int | None = None,
     adapter: bool = False,
     overwrite: bool = False,
     **from_pretrained_kwargs,
@@ -333,8 +333,9 @@ def convert_anomalyclip_checkpoint(
         prompt_length (`int`, defaults to 12), deep_prompt_depth (`int`, defaults to 9),
         deep_prompt_length (`int`, defaults to 4):
             The reference's `--n_ctx`, `--depth` and `--t_n_ctx` that the checkpoint was trained with.
-        image_size (`int`, defaults to 518):
-            The reference's `--image_size`.
+        image_size (`int`, *optional*):
+            The reference's `--image_size`; by default AnomalyCLIP's 518 on the base's patch grid (518 itself on
+            ViT-L/14, the nearest multiple of the patch size on other bases; see [`anomalyclip_config`]).
         adapter (`bool`, defaults to `False`):
             Write only the HeadCLIP parameters and fields to `output_dir`, as a HeadCLIP adapter of `base`
             (`headclip_hf.adapters`; load with `load_headclip_model(output_dir)`): 170 KB instead of 1.7 GB for
@@ -366,7 +367,7 @@ def convert_anomalyclip_checkpoint(
         prompt_length=prompt_length,
         deep_prompt_depth=deep_prompt_depth,
         deep_prompt_length=deep_prompt_length,
-        image_size=image_size,
+        **({} if image_size is None else {"image_size": image_size}),
     )
     config = anomalyclip_config(base_config, **preset)
     check_anomalyclip_state_dict(state_dict, config)

@@ -465,7 +465,8 @@ def _listed_path(root: Path, listed: str, field_name: str, where: str, allow_out
     if not allow_outside_root and not path.is_relative_to(root):
         raise ValueError(
             f"{where}: {field_name} {listed!r} leaves the data set root {root}. Listed files must lie under the root; "
-            "pass allow_outside_root=True to read files elsewhere (only for lists you trust)."
+            "pass allow_outside_root=True (--allow_outside_root on the command line) to read files elsewhere (only "
+            "for lists you trust)."
         )
     return path
 
@@ -643,18 +644,26 @@ def _validate_files(entries: list[_Entry], skip_unreadable: bool) -> tuple[list[
             continue
         _check_mask_size(mask_size, image_size, f"Mask {entry.mask}", f"image {entry.image}")
         kept.append(entry)
-    if skipped:
-        logger.warning(
-            "Skipped %d of %d rows with unreadable files (skip_unreadable=True):\n  %s",
-            len(skipped),
-            len(entries),
-            "\n  ".join(skipped),
-        )
+    _warn_skipped(skipped, len(entries))
     return kept, skipped
 
 
+def _warn_skipped(skipped: list[str], num_rows: int) -> None:
+    """Log the rows left out with `skip_unreadable`: their count of `num_rows` and why each (nothing when none)."""
+    if skipped:
+        logger.warning(
+            "Skipped %d of %d rows with unreadable files (skip_unreadable=True, --skip_unreadable):\n  %s",
+            len(skipped),
+            num_rows,
+            "\n  ".join(skipped),
+        )
+
+
 def _unreadable_error(error: OSError) -> OSError:
-    return OSError(f"Cannot read {error}. Fix or remove the file, or pass skip_unreadable=True to skip such rows.")
+    return OSError(
+        f"Cannot read {error}. Fix or remove the file, or pass skip_unreadable=True (--skip_unreadable on the command "
+        "line) to skip such rows."
+    )
 
 
 def _check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int], mask_name: str, image_name: str) -> None:
@@ -859,12 +868,21 @@ def _load_with_datasets(
         kind = next(kind for kind in (ConnectionError, FileNotFoundError, OSError) if isinstance(error, kind))
         hint = ""
         if origin.startswith("the Hub data set"):
-            hint = (
-                f" ({path!r} is not a local file or folder either.) Without network access, set "
-                "HF_DATASETS_OFFLINE=1 to use the copy in the local `datasets` cache (made by an earlier online "
-                "load), or download the repository on a connected machine (`hf download "
-                f"{path} --repo-type dataset --local-dir DIR`) and pass the folder DIR."
+            download = (
+                f"download the repository on a connected machine (`hf download {path} --repo-type dataset "
+                "--local-dir DIR`) and pass the folder DIR."
             )
+            if datasets.config.HF_HUB_OFFLINE:  # HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE
+                offline = (
+                    "`datasets` is offline here (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) and its local cache holds no "
+                    "copy of it: "
+                )
+            else:
+                offline = (
+                    "Without network access, set HF_DATASETS_OFFLINE=1 to use the copy in the local `datasets` cache "
+                    "(made by an earlier online load), or "
+                )
+            hint = f" ({path!r} is not a local file or folder either.) {offline}{download}"
         raise kind(f"Cannot load {origin}: {error}.{hint}") from error
 
 
@@ -1089,13 +1107,7 @@ def _convert_rows(
     if options.skip_unreadable:
         skipped = [reason for reason in converted[_UNREADABLE] if reason]
         converted = converted.filter(_is_readable, input_columns=_UNREADABLE).remove_columns(_UNREADABLE)
-        if skipped:
-            logger.warning(
-                "Skipped %d of %d rows with unreadable files (skip_unreadable=True):\n  %s",
-                len(skipped),
-                len(table),
-                "\n  ".join(skipped),
-            )
+        _warn_skipped(skipped, len(table))
     return converted, skipped
 
 
@@ -1119,7 +1131,7 @@ def _is_readable(reason: str) -> bool:
 def _readable_or_warn(reason: str) -> bool:
     """The streaming filter: rows are dropped as they are met, each with a warning."""
     if reason:
-        logger.warning("Skipped a row with unreadable files (skip_unreadable=True): %s", reason)
+        logger.warning("Skipped a row with unreadable files (skip_unreadable=True, --skip_unreadable): %s", reason)
     return not reason
 
 

@@ -25,12 +25,11 @@ from datasets.info import DatasetInfosDict
 from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 from huggingface_hub import DatasetCard, DatasetCardData
-from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
 from .data import ANOMALY_FEATURE_DESCRIPTIONS, ANOMALY_FEATURES, LABEL_NAMES, load_anomaly_dataset
 from .files import OutputKind, check_output_folder, output_folder
-from .hub import upload_hub_folder
+from .hub import check_repo_id, upload_hub_folder
 
 DATASET_CARD = "README.md"
 DATA_FOLDER = "data"
@@ -97,7 +96,7 @@ def export_anomaly_dataset(
     splits = [splits] if isinstance(splits, str) else list(splits)
     shard_bytes = parse_shard_size(max_shard_size)
     if repo_id is not None:
-        validate_repo_id(repo_id)
+        check_repo_id(repo_id)
     output_dir = check_output_folder(output_dir, DATASET_EXPORT_OUTPUT, overwrite)
     loaded = {split: load_anomaly_dataset(source, split=split, **load_kwargs) for split in splits}
     source_folder = _source_folder(source)
@@ -130,9 +129,9 @@ def upload_anomaly_dataset(
 ) -> str:
     """
     Upload an [`export_anomaly_dataset`] folder to the Hub data set repository `repo_id` (created when missing,
-    `private` then), as `HfApi.upload_folder`. Returns the URL of the commit.
+    `private` then), as `HfApi.upload_folder`: only the export's own files (`README.md`, `data/`), never other files
+    of the folder. Returns the URL of the commit.
     """
-    validate_repo_id(repo_id)
     return upload_hub_folder(
         folder,
         repo_id,
@@ -141,6 +140,7 @@ def upload_anomaly_dataset(
         token=token,
         commit_message=commit_message,
         repo_type="dataset",
+        output_kind=DATASET_EXPORT_OUTPUT,
     )
 
 

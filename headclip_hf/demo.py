@@ -4,15 +4,15 @@
 One app, two ways to run it:
 
 - locally, `headclip demo --model M` (`headclip_hf.cli.demo`), which works offline on a local model folder;
-- as a Hugging Face Space, `headclip push ... --space user/name` (`headclip_hf.space`), whose `app.py` (`hub/app.py`)
+- as a Hugging Face Space, `headclip push ... --space user/name` (`headclip_hf.space`), whose `app.py` (`space_app.py`)
   loads the published model and calls [`build_demo`].
 
 The page: upload an image (or pick a sample image); it shows the image, the heatmap (the anomaly map in jet colours
 over the image), the predicted mask, the anomaly score and the decision. Two sliders set the image threshold (score
 `>=` threshold: "anomaly") and the pixel threshold (map `>=` threshold: in the mask); they start at the model's
 calibrated thresholds (`config.image_threshold`, `config.pixel_threshold`) when it has them, else at the pipeline's
-default 0.5. Moving a slider re-applies the thresholds to the last result without running the model again. A model
-with a few-shot mode (`model.encode_references`) also takes normal reference images of the same object.
+default 0.5. Moving a slider re-applies the thresholds to the last result without running the model again. Normal
+reference images of the same object, if given, switch to the few-shot mode (`model.encode_references`).
 
 A file that is not an image gives a message on the page; the app keeps serving. Gradio is an optional dependency:
 `pip install "headclip_hf[demo]"`.
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     import gradio
 
 DEMO_INSTALL_HINT = 'pip install "headclip_hf[demo]"'
-# The sample images of a clone of the repository (examples/images), the demo's default examples.
-SAMPLE_IMAGES_DIR = Path(__file__).resolve().parent.parent / "examples" / "images"
+# The sample images, package data (with their licences in README.md): the demo's default examples.
+SAMPLE_IMAGES_DIR = Path(__file__).resolve().parent / "sample_images"
 # Scores are shown with this many decimals.
 SCORE_DECIMALS = 4
 
@@ -70,11 +70,6 @@ def model_thresholds(model: HeadCLIPModel) -> tuple[float, float, bool]:
     """
     thresholds = resolve_thresholds(model.config)
     return thresholds["threshold"], thresholds["pixel_threshold"], thresholds["threshold_source"] == "calibrated"
-
-
-def supports_few_shot(model: HeadCLIPModel) -> bool:
-    """Whether `model` has a few-shot mode (normal reference images, `model.encode_references`)."""
-    return hasattr(model, "encode_references")
 
 
 def sample_images(folder: str | os.PathLike = SAMPLE_IMAGES_DIR) -> list[Path]:
@@ -150,22 +145,16 @@ def detect(
     Args:
         detector: the pipeline.
         image_file: the uploaded image; `None` (nothing uploaded) gives `None`.
-        reference_files: normal images of the same object (few-shot mode); only for a model that supports it.
+        reference_files: normal images of the same object (few-shot mode).
 
     Raises:
-        `ValueError`: the image or a reference is not a readable image (the message names the file), or references
-            were given to a model without a few-shot mode.
+        `ValueError`: the image or a reference is not a readable image (the message names the file).
     """
     if image_file is None:
         return None
     image = _load_image(detector.processor, image_file, "The file")
     references = [_load_image(detector.processor, file, "The reference") for file in reference_files or []]
-    kwargs = {}
-    if references:
-        if not supports_few_shot(detector.model):
-            raise ValueError("This model has no few-shot mode: remove the reference images.")
-        kwargs["reference_images"] = references
-    result = detector(image, **kwargs)
+    result = detector(image, reference_images=references or None)
     return Detection(
         name=_file_name(image_file),
         image=image,
@@ -231,7 +220,6 @@ def build_demo(
     gr = import_gradio()
     detector = ZeroShotAnomalyDetectionPipeline(model=model, processor=processor, task=TASK, device=model.device)
     start_threshold, start_pixel_threshold, calibrated = model_thresholds(model)
-    few_shot = supports_few_shot(model)
     examples = [str(path) for path in (sample_images() if examples is None else examples)]
     threshold_source = (
         "the model's calibrated values"
@@ -273,15 +261,11 @@ def build_demo(
                     label="Pixel threshold",
                     elem_id="pixel-threshold",
                 )
-                # Few-shot mode only for a model that has one.
                 references = gr.File(
                     label="Normal reference images (few-shot mode, optional)",
                     file_count="multiple",
-                    visible=few_shot,
                     elem_id="reference-files",
                 )
-                if not few_shot:
-                    gr.Markdown("*This model has no few-shot mode: it does not take normal reference images.*")
             with gr.Column(scale=2):
                 with gr.Row():
                     image = gr.Image(label="Image", type="pil", format="png", interactive=False, elem_id="image")
@@ -315,5 +299,4 @@ __all__ = [
     "model_thresholds",
     "render",
     "sample_images",
-    "supports_few_shot",
 ]

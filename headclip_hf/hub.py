@@ -15,7 +15,9 @@ Two kinds of repository (`save_hub_folder`):
 
 Both carry the model card (`README.md`, rendered from the `model_card.md` template with the metrics of an evaluation
 run in its table and in the `model-index` metadata, and the model's calibrated thresholds when it has them) and that
-run's `results.json`, `results.md` and plots under `evaluation/`. `headclip push --dry_run` writes exactly the folder
+run's `results.json`, `results.md` and plots under `evaluation/` (only these: not the run's HTML report, its pictures
+of the evaluation images, its per-image table of local paths, or other files of the folder).
+`headclip push --dry_run` writes exactly the folder
 that `upload_hub_folder` would upload.
 
 Card metadata: `pipeline_tag` (the Hub task, `HUB_PIPELINE_TAG`), `library_name` true for the published form
@@ -38,12 +40,12 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from .adapters import ADAPTER_OUTPUT, write_headclip_adapter
 from .conversion import HEADCLIP_MODEL_OUTPUT
-from .files import OutputKind, output_folder
+from .files import OUTPUT_MARKER, OutputKind, output_folder
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
 from .processing_headclip import HeadCLIPProcessor
-from .reporting import METRIC_TITLES, RESULTS_JSON, RESULTS_MARKDOWN
+from .reporting import METRIC_TITLES, PLOTS_DIR, RESULTS_JSON, RESULTS_MARKDOWN
 
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 EVALUATION_FOLDER = "evaluation"
@@ -273,7 +275,8 @@ def save_hub_folder(
         card (`ModelCard`):
             The model card (`render_model_card`), saved as `README.md`.
         results_dir (`str` or `os.PathLike`):
-            The evaluation run, copied to `evaluation/`.
+            The evaluation run, whose `results.json`, `results.md` and `plots/` are copied to `evaluation/`
+            ([`copy_published_results`]).
         adapter_only (`bool`, *optional*, defaults to `False`):
             Publish the HeadCLIP parameters only.
         base_model (`str`, *optional*):
@@ -296,14 +299,40 @@ def save_hub_folder(
             custom_object_save(ZeroShotAnomalyDetectionPipeline, staging)
         processor.save_pretrained(staging)
         card.save(staging / MODEL_CARD_NAME)
-        shutil.copytree(results_dir, staging / EVALUATION_FOLDER)
+        copy_published_results(results_dir, staging / EVALUATION_FOLDER)
     return folder
 
 
-def check_upload_access(token: str | None = None) -> str:
+def copy_published_results(results_dir: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """
+    Copy what is published of the evaluation run `results_dir` (`save_results`' folder) into the new folder
+    `destination`: `results.json`, `results.md` and the curve plots `plots/*.png`, those it has. Nothing else of the
+    folder is published: not `headclip evaluate --report`'s HTML report and its pictures of the evaluation images, not
+    its per-image table of local paths, not the user's other files.
+    """
+    results_dir, destination = Path(results_dir), Path(destination)
+    destination.mkdir()
+    for name in (RESULTS_JSON, RESULTS_MARKDOWN):
+        if (results_dir / name).is_file():
+            shutil.copyfile(results_dir / name, destination / name)
+    plots = sorted(path for path in (results_dir / PLOTS_DIR).glob("*.png") if path.is_file())
+    if plots:
+        (destination / PLOTS_DIR).mkdir()
+        for path in plots:
+            shutil.copyfile(path, destination / PLOTS_DIR / path.name)
+
+
+def check_upload_access(
+    token: str | None = None, token_flag: str = "--token", without_upload: str = "use --dry_run --output_dir DIR"
+) -> str:
     """
     Check, before any work, that an upload can happen: the Hub is reachable (not `HF_HUB_OFFLINE=1`) and the token
     (`token`, else the one of `hf auth login` or `HF_TOKEN`) is valid.
+
+    Args:
+        token (`str`, *optional*): The token given on the command line.
+        token_flag (`str`, *optional*, defaults to `"--token"`): The command's flag for the token, for the message.
+        without_upload (`str`, *optional*): How to run the command without uploading, for the message.
 
     Returns:
         The name of the account the token belongs to.
@@ -315,9 +344,9 @@ def check_upload_access(token: str | None = None) -> str:
         return HfApi(token=token).whoami()["name"]
     except OSError as error:  # huggingface_hub's offline, missing-token and HTTP errors are OSErrors
         raise OSError(
-            f"Cannot upload to the Hugging Face Hub: {error}\nUploading needs the network (HF_HUB_OFFLINE unset) and "
-            "a token with write access: log in with `hf auth login` or pass --token. To look at the folder without "
-            "uploading, use --dry_run --output_dir DIR."
+            f"Cannot upload to the Hugging Face Hub: {str(error).rstrip('.')}. Uploading needs the network "
+            "(HF_HUB_OFFLINE unset) and a token with write access: log in with `hf auth login` or pass "
+            f"{token_flag}. To work without uploading, {without_upload}."
         ) from error
 
 
@@ -325,23 +354,26 @@ def upload_hub_folder(
     folder: str | os.PathLike,
     repo_id: str,
     *,
+    output_kind: OutputKind,
     private: bool = False,
     revision: str | None = None,
     token: str | None = None,
     commit_message: str = "Upload HeadCLIP",
     repo_type: str = "model",
-    output_kind: OutputKind | None = None,
 ) -> str:
     """
     Upload `folder` to the repository `repo_id` (a model; with `repo_type="dataset"` a data set, with "space" a Gradio
-    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing. With
-    `output_kind`, only that kind's files are uploaded: other files there stay local.
+    Space, `headclip_hf.space`), creating the repository (and the branch `revision`) when missing. Only the entries of
+    `output_kind` are uploaded: other files there, and the output markers of `headclip_hf.files`, stay local.
 
     Args:
         folder (`str` or `os.PathLike`):
             The folder to upload (`save_hub_folder`'s, an exported data set or a Space folder).
         repo_id (`str`):
             The Hub repository, `user/name`.
+        output_kind (`OutputKind`):
+            What the folder holds (`HUB_FOLDER_OUTPUT` for a folder `save_hub_folder` wrote): only its entries are
+            uploaded.
         private (`bool`, *optional*, defaults to `False`):
             Create the repository as private (applies when it is created).
         revision (`str`, *optional*):
@@ -352,8 +384,6 @@ def upload_hub_folder(
             The commit message.
         repo_type (`str`, *optional*, defaults to `"model"`):
             `"model"`, `"dataset"` or `"space"`.
-        output_kind (`OutputKind`, *optional*):
-            Upload only the entries of this kind (`HUB_FOLDER_OUTPUT` for a folder `save_hub_folder` wrote).
 
     Returns:
         `str`: the URL of the commit.
@@ -367,17 +397,15 @@ def upload_hub_folder(
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **space_options)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-    allow_patterns = None
-    if output_kind is not None:
-        own_entries = [pattern for entry in sorted(output_kind.entries) for pattern in (entry, f"{entry}/*")]
-        allow_patterns = own_entries + list(output_kind.patterns)
+    own_entries = [pattern for entry in sorted(output_kind.entries) for pattern in (entry, f"{entry}/*")]
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=folder,
         repo_type=repo_type,
         revision=revision,
         commit_message=commit_message,
-        allow_patterns=allow_patterns,
+        allow_patterns=own_entries + list(output_kind.patterns),
+        ignore_patterns=[OUTPUT_MARKER, f"*/{OUTPUT_MARKER}"],
     )
     return commit.commit_url
 
@@ -389,6 +417,7 @@ __all__ = [
     "calibration_table",
     "check_repo_id",
     "check_upload_access",
+    "copy_published_results",
     "custom_pipeline_declaration",
     "eval_results_from_json",
     "hub_dataset_id",

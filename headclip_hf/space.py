@@ -3,16 +3,15 @@
 
 The Space folder (`save_space_folder`):
 
-- `app.py`: the Space's entry, the repository's `hub/app.py` (`SPACE_APP`): `build_space_demo` and `launch`.
+- `app.py`: the Space's entry, a copy of `headclip_hf/space_app.py` (`SPACE_APP_SOURCE`): `build_space_demo` and
+  `launch`.
 - `README.md`: the Space card; its metadata says `sdk: gradio`, `app_file: app.py`, the Gradio version
   (`sdk_version`, when Gradio is installed where the folder is written) and `models: [<model repository>]`, which
   both links the Space to the model on the Hub and tells the app which model to load (`headclip_model_revision` names
   a branch other than main).
 - `requirements.txt`: this package's dependencies (the Space installs Gradio itself, from `sdk_version`).
 - `headclip_hf/`: this package's source, so the Space runs exactly the code that published it, without a package
-  index.
-- `examples/`: the sample images and their licences (`examples/images` of a clone of the repository), offered as
-  examples on the page.
+  index, with its sample images and their licences (`headclip_hf/sample_images/`), offered as examples on the page.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from huggingface_hub import SpaceCard, SpaceCardData, snapshot_download
 from packaging.requirements import Requirement
 
 from .adapters import load_headclip_model_and_processor
-from .demo import SAMPLE_IMAGES_DIR, build_demo, sample_images
+from .demo import build_demo
 from .files import OutputKind, output_folder
 from .hub import upload_hub_folder
 
@@ -38,34 +37,16 @@ if TYPE_CHECKING:
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SPACE_APP_FILE = "app.py"
-SPACE_EXAMPLES_DIR = "examples"
 SPACE_OUTPUT = OutputKind(
     "HeadCLIP Space folder",
-    frozenset({SPACE_APP_FILE, "README.md", "requirements.txt", PACKAGE_DIR.name, SPACE_EXAMPLES_DIR}),
+    frozenset({SPACE_APP_FILE, "README.md", "requirements.txt", PACKAGE_DIR.name}),
 )
 # Overrides the model of the Space card, e.g. to run the app locally: HEADCLIP_MODEL=runs/mvtec/adapter python app.py
 MODEL_ENVIRONMENT_VARIABLE = "HEADCLIP_MODEL"
 REVISION_METADATA = "headclip_model_revision"
 
-# The Space's app.py; the repository keeps the same file as hub/app.py.
-SPACE_APP = '''# Copyright 2026 The headclip_hf authors. Licensed under the Apache License, Version 2.0.
-"""
-Hugging Face Space entry: the HeadCLIP demo (`headclip_hf.demo`) over the model listed under `models:` in this
-Space's README.md. `headclip push --space` writes the Space folder around it.
-
-Run it on your own machine with a model of your own (in the project's repository this file is hub/app.py):
-HEADCLIP_MODEL=runs/mvtec/adapter python app.py
-"""
-
-from pathlib import Path
-
-from headclip_hf.space import build_space_demo
-
-demo = build_space_demo(Path(__file__).resolve().parent)
-
-if __name__ == "__main__":
-    demo.launch()
-'''
+# The Space's app.py, shipped as it is.
+SPACE_APP_SOURCE = PACKAGE_DIR / "space_app.py"
 
 
 def space_requirements() -> list[str]:
@@ -126,8 +107,9 @@ This Space runs the `headclip_hf` package (its source is in `headclip_hf/`) and 
 `headclip push --space`. To run the same app on your own machine: `pip install "headclip_hf[demo]"` in a clone of
 the project, then `headclip demo --model {model_repo_id}`.
 
-The sample images in `examples/` keep their own licences (MVTec AD: CC BY-NC-SA 4.0; Kvasir-SEG: research and
-education); `examples/README.md` gives their sources, the changes made and the citations.
+The sample images in `headclip_hf/sample_images/` keep their own licences (MVTec AD: CC BY-NC-SA 4.0; Kvasir-SEG:
+research and education); `headclip_hf/sample_images/README.md` gives their sources, the changes made and the
+citations.
 """
     return SpaceCard(f"---\n{card_data.to_yaml()}\n---\n{text}")
 
@@ -139,26 +121,27 @@ def save_space_folder(
     *,
     model_revision: str | None = None,
     license: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """
     Write the Space folder (see the module docstring) through `headclip_hf.files.output_folder`: an earlier Space
-    folder there is replaced, a folder with other files is refused.
+    folder there is replaced, a folder with other files is refused unless `overwrite`.
 
     Args:
         folder (`str` or `os.PathLike`): Where to write it.
         space_id, model_repo_id, model_revision, license: as for [`render_space_card`].
+        overwrite (`bool`, *optional*, defaults to `False`): Replace the Space's files in a folder that also holds
+            other files (those stay, and are not uploaded).
 
     Returns:
         `Path`: The folder.
     """
-    with output_folder(folder, SPACE_OUTPUT) as staging:
-        (staging / SPACE_APP_FILE).write_text(SPACE_APP)
+    with output_folder(folder, SPACE_OUTPUT, overwrite) as staging:
+        shutil.copyfile(SPACE_APP_SOURCE, staging / SPACE_APP_FILE)
         (staging / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
         card = render_space_card(space_id, model_repo_id, model_revision=model_revision, license=license)
         card.save(staging / "README.md")
         shutil.copytree(PACKAGE_DIR, staging / PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__"))
-        if SAMPLE_IMAGES_DIR.is_dir():
-            shutil.copytree(SAMPLE_IMAGES_DIR, staging / SPACE_EXAMPLES_DIR)
     return Path(folder)
 
 
@@ -172,6 +155,7 @@ def publish_space(
     license: str | None = None,
     private: bool = False,
     token: str | None = None,
+    overwrite: bool = False,
 ) -> str | None:
     """
     Write the Space folder of `model_repo_id` ([`save_space_folder`]) and upload it to the Gradio Space `space_id`,
@@ -184,6 +168,7 @@ def publish_space(
         upload (`bool`, *optional*, defaults to `True`): Upload it; `False` only writes it (a dry run).
         private (`bool`, *optional*, defaults to `False`): Create the Space as private.
         token (`str`, *optional*): A Hub token (default: the one of `hf auth login`).
+        overwrite (`bool`, *optional*, defaults to `False`): As for [`save_space_folder`].
 
     Returns:
         The URL of the upload's commit, `None` without `upload`.
@@ -195,6 +180,7 @@ def publish_space(
             model_repo_id,
             model_revision=model_revision,
             license=license,
+            overwrite=overwrite,
         )
         if not upload:
             return None
@@ -205,6 +191,7 @@ def publish_space(
             token=token,
             commit_message="Upload the HeadCLIP demo",
             repo_type="space",
+            output_kind=SPACE_OUTPUT,
         )
 
 
@@ -234,22 +221,20 @@ def space_model(app_dir: str | os.PathLike) -> tuple[str, str | None]:
 
 def build_space_demo(app_dir: str | os.PathLike) -> gradio.Blocks:
     """
-    The demo of a Space (or of `hub/app.py` run locally): the model of [`space_model`] (a Hub repository is
-    downloaded whole, so that full models and adapter-only repositories load alike), on the first accelerator if
-    any, with the images of `app_dir/examples` (else the repository's sample images) as examples.
+    The demo of a Space (or of `python -m headclip_hf.space_app` run locally): the model of [`space_model`] (a Hub
+    repository is downloaded whole, so that full models and adapter-only repositories load alike), on the first
+    accelerator if any, with the package's sample images as examples.
     """
     model_name, revision = space_model(app_dir)
     local = model_name if Path(model_name).exists() else snapshot_download(model_name, revision=revision)
     model, processor = load_headclip_model_and_processor(local)
     model = model.to(PartialState().device).eval()
-    examples_dir = Path(app_dir) / SPACE_EXAMPLES_DIR
-    examples = sample_images(examples_dir) if examples_dir.is_dir() else None
-    return build_demo(model, processor, examples=examples, model_name=model_name)
+    return build_demo(model, processor, model_name=model_name)
 
 
 __all__ = [
     "MODEL_ENVIRONMENT_VARIABLE",
-    "SPACE_APP",
+    "SPACE_APP_SOURCE",
     "SPACE_OUTPUT",
     "build_space_demo",
     "publish_space",

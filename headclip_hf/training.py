@@ -48,7 +48,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed
 from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -66,7 +65,8 @@ from .adapters import (
 from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from .data import AnomalyCollator
 from .evaluation import evaluate_model
-from .files import output_file, output_folder, replace_directory
+from .files import check_writable_folder, output_file, output_folder, replace_directory
+from .hub import check_repo_id
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor, check_working_size
@@ -137,15 +137,65 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """The auxiliary training set and optional held-out sets."""
+    """
+    The auxiliary training set and optional held-out sets: any source `load_anomaly_dataset` reads (a folder, Parquet,
+    a `save_to_disk` folder, a Hub data set id), with the data options of the other `headclip` commands. `split`,
+    `categories`, `revision` and the column mapping describe `train_data`; the held-out sets are read with
+    `eval_split` and their columns found by name; `skip_unreadable` and `allow_outside_root` apply to every set.
+    """
 
-    train_data: str = field(metadata={"help": "Training data set folder (MVTec AD, VisA, meta.json or generic)."})
+    train_data: str = field(
+        metadata={
+            "help": "Training data set: a folder (MVTec AD, VisA, meta.json, generic, ...), Parquet or a Hub id."
+        }
+    )
     train_layout: str = field(default="auto", metadata={"help": "Layout of train_data (see load_anomaly_dataset)."})
     eval_data: list[str] = field(
         default_factory=list,
-        metadata={"help": "Held-out data set folders, evaluated during training (see --eval_steps) and at the end."},
+        metadata={"help": "Held-out data sets, evaluated during training (see --eval_steps) and at the end."},
     )
     eval_layout: str = field(default="auto", metadata={"help": "Layout of the eval_data folders."})
+    split: str = field(
+        default="test", metadata={"help": "Split of train_data (default: test, the labelled split the protocol uses)."}
+    )
+    eval_split: str = field(default="test", metadata={"help": "Split of the eval_data sets (default: test)."})
+    categories: list[str] | None = field(default=None, metadata={"help": "Train on these categories only."})
+    revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub train_data."})
+    skip_unreadable: bool = field(
+        default=False, metadata={"help": "Skip (and list) unreadable images of every set instead of stopping."}
+    )
+    allow_outside_root: bool = field(
+        default=False,
+        metadata={
+            "help": "Read files that a meta file, CSV or table lists outside its data folder (refused by default)."
+        },
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Table column of train_data's images."})
+    mask_column: str | None = field(default=None, metadata={"help": "Table column of train_data's masks."})
+    label_column: str | None = field(default=None, metadata={"help": "Table column of train_data's labels."})
+    category_column: str | None = field(default=None, metadata={"help": "Table column of train_data's categories."})
+    defect_type_column: str | None = field(
+        default=None, metadata={"help": "Table column of train_data's defect types."}
+    )
+
+    def train_load_arguments(self) -> dict:
+        """The `load_anomaly_dataset` keyword arguments of `train_data`."""
+        columns = ("image", "mask", "label", "category", "defect_type")
+        return {
+            "layout": self.train_layout,
+            "split": self.split,
+            "categories": self.categories,
+            "revision": self.revision,
+            **self._safety_arguments(),
+            **{f"{name}_column": getattr(self, f"{name}_column") for name in columns},
+        }
+
+    def eval_load_arguments(self) -> dict:
+        """The `load_anomaly_dataset` keyword arguments of each `eval_data` set."""
+        return {"layout": self.eval_layout, "split": self.eval_split, **self._safety_arguments()}
+
+    def _safety_arguments(self) -> dict:
+        return {"skip_unreadable": self.skip_unreadable, "allow_outside_root": self.allow_outside_root}
 
 
 @dataclass
@@ -341,7 +391,7 @@ class HeadCLIPTrainingArguments:
             return
         if not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id, the repository to push to (user/name).")
-        validate_repo_id(self.hub_model_id)  # a ValueError naming the id and what is allowed
+        check_repo_id(self.hub_model_id)
 
     @property
     def trackers(self) -> list[str] | None:
@@ -439,9 +489,10 @@ def check_training_inputs(
     args: HeadCLIPTrainingArguments,
 ) -> Path | None:
     """
-    Check everything about a run that can be checked before a model is loaded: the data, what needs evaluation data,
-    the run's length against the warmup, the output folder and the checkpoint to resume from. [`train`] calls it
-    first; `headclip train` calls it before loading the model.
+    Check everything about a run that can be checked before a model is loaded: the output folder (a folder that can be
+    written), the data, what needs evaluation data, the run's length against the warmup, a previous run in the output
+    folder and the checkpoint to resume from. [`train`] calls it first; `headclip train` calls it before loading the
+    model.
 
     Returns:
         The checkpoint to resume from, or `None`.
@@ -452,7 +503,10 @@ def check_training_inputs(
             the run, or a checkpoint that cannot be resumed (see [`read_checkpoint`]).
         `FileExistsError`: `output_dir` holds a previous run (and neither resuming nor `overwrite_output_dir`).
         `FileNotFoundError`: no checkpoint to resume from.
+        `NotADirectoryError`, `PermissionError`: `output_dir` is a file or cannot be written
+            ([`headclip_hf.files.check_writable_folder`]).
     """
+    check_writable_folder(args.output_dir, "the training run (checkpoints, evaluations, the adapter)")
     eval_datasets = eval_datasets or {}
     if len(train_dataset) == 0:
         raise ValueError("The training data set is empty.")

@@ -19,6 +19,7 @@ from headclip_hf.calibration import calibrate, check_calibration_data
 from headclip_hf.cli import main
 from headclip_hf.cli.calibrate import CALIBRATED_ADAPTER_OUTPUT, CALIBRATED_MODEL_OUTPUT
 from headclip_hf.data import AnomalyCollator
+from headclip_hf.files import OUTPUT_MARKER
 from headclip_hf.hub import render_model_card, save_hub_folder
 from headclip_hf.pipeline_headclip import TASK, resolve_thresholds
 
@@ -130,7 +131,7 @@ def test_f1_thresholds_are_the_operating_points_of_evaluates_f1_max(
     assert main(["calibrate", str(data), "--method", "f1", "--out", str(calibrated), *common]) == 0
     printed = capsys.readouterr().out
     record = json.loads((calibrated / "calibration.json").read_text())
-    assert {path.name for path in calibrated.iterdir()} <= CALIBRATED_MODEL_OUTPUT.entries
+    assert {path.name for path in calibrated.iterdir()} <= CALIBRATED_MODEL_OUTPUT.entries | {OUTPUT_MARKER}
     assert {"config.json", "model.safetensors", "processor_config.json", "calibration.json"} <= {
         path.name for path in calibrated.iterdir()
     }
@@ -352,7 +353,7 @@ def test_calibrate_writes_an_adapter_for_an_adapter(headclip_checkpoint, test_da
     good = test_data_dir / "mvtec_ad" / "bottle"
     arguments = ["calibrate", str(good), "--model", str(adapter), "--out", str(out), "--device", "cpu"]
     assert main([*arguments, "--method", "normal_quantile", "--target_fpr", "0.1", "--per_category"]) == 0
-    assert {path.name for path in out.iterdir()} == CALIBRATED_ADAPTER_OUTPUT.entries
+    assert {path.name for path in out.iterdir()} == CALIBRATED_ADAPTER_OUTPUT.entries | {OUTPUT_MARKER}
     record = json.loads((out / "calibration.json").read_text())
     assert record["model"] == str(adapter) and record["calibration"]["target_fpr"] == 0.1
     loaded = load_headclip_model(out)
@@ -455,3 +456,19 @@ def test_calibrate_command_checks_the_data_before_loading_the_model(test_data_di
     with pytest.raises(SystemExit) as exit_info:
         main(["calibrate", str(polyps), "--out", str(out), "--target_fpr", "1"])
     assert exit_info.value.code == 2 and "1 is not strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_calibrate_takes_the_shared_data_flags(test_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("headclip_hf.cli.calibrate.load_model_and_processor", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    bottle = test_data_dir / "mvtec_ad" / "bottle"
+
+    def calibrate_error(*flags) -> str:
+        assert main(["calibrate", str(bottle), "--out", str(tmp_path / "out"), *map(str, flags)]) == 1
+        return capsys.readouterr().err
+
+    error = calibrate_error("--image_column", "picture")
+    assert f"headclip: error: Cannot load the data set {bottle}: image_column name columns of a table" in error
+    assert "has only a test split, not 'validation'" in calibrate_error("--split", "validation")
+    assert "could be decompression bomb" in calibrate_error("--max_image_pixels", 100)  # the images are larger
+    assert not (tmp_path / "out").exists()

@@ -207,6 +207,22 @@ def test_invalid_arguments_exit_with_usage_errors(capsys):
     assert "1.5 is not in [0, 1]" in capsys.readouterr().err
 
 
+def test_counts_and_devices_are_checked_by_the_parser(capsys):
+    for argv in (["evaluate", "data"], ["calibrate", "data", "--out", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--num_workers", "-1"])
+        assert exit_info.value.code == 2
+        assert ": -1 is negative: give 0 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["push", "--help"])
+    assert "(default: cpu: publishing only loads and saves the model, no accelerator needed)" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    args = build_parser().parse_args(["push", "--repo_id", "a/b", "--results", "r", "--train_dataset", "t"]
+                                     + ["--eval_dataset", "e"])  # fmt: skip
+    assert args.device == "cpu"
+
+
 def test_evaluate_bottle(test_data_dir, headclip_checkpoint, tmp_path, capsys):
     out = tmp_path / "eval"
     bottle = test_data_dir / "mvtec_ad" / "bottle"
@@ -251,12 +267,12 @@ def test_convert_anomalyclip(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "anomalyclip", "--help"])
     text = capsys.readouterr().out
-    assert exit_info.value.code == 0 and "examples:" in text and "--adapter" in text
+    assert exit_info.value.code == 0 and "examples:" in text and "--adapter_only" in text
     received = []
     monkeypatch.setattr(convert_command, "run", lambda args: received.append(args) or 0)
-    assert main(["convert", "anomalyclip", "epoch_15.pth", "--out", "converted", "--adapter"]) == 0
+    assert main(["convert", "anomalyclip", "epoch_15.pth", "--out", "converted", "--adapter_only"]) == 0
     (args,) = received
-    assert (args.checkpoint, args.output_dir, args.adapter, args.base) == (
+    assert (args.checkpoint, args.output_dir, args.adapter_only, args.model) == (
         "epoch_15.pth",
         "converted",
         True,

@@ -16,6 +16,7 @@ from headclip_hf import HeadCLIPConfig, HeadCLIPModel, HeadCLIPProcessor
 from headclip_hf.adapters import load_headclip_model
 from headclip_hf.cli import build_parser, main
 from headclip_hf.cli import convert as convert_command
+from headclip_hf.configuration_headclip import nearest_image_size
 from headclip_hf.conversion import (
     HEADCLIP_MODEL_OUTPUT,
     anomalyclip_config,
@@ -293,10 +294,10 @@ def parse_convert_args(argv: list[str]) -> argparse.Namespace:
 def test_convert_command_writes_a_loadable_model_folder(base_dir, tmp_path, pixel_values, reference, caplog):
     out = tmp_path / "converted"
     args = parse_convert_args(
-        [str(CHECKPOINT), "--base", str(base_dir), "--out", str(out), "--n_ctx", "4", "--depth", "3"]
+        [str(CHECKPOINT), "--model", str(base_dir), "--out", str(out), "--n_ctx", "4", "--depth", "3"]
         + ["--t_n_ctx", "2", "--vv-start-layer", "2", "--image-size", "32"]
     )
-    assert args.feature_layers is None and not args.adapter
+    assert args.feature_layers is None and not args.adapter_only
     with caplog.at_level(logging.WARNING, logger="headclip_hf.conversion"):
         convert_command.run(args)
     assert "No processor saved" in caplog.text  # the tiny base has no tokenizer
@@ -311,9 +312,9 @@ def test_convert_command_writes_a_loadable_model_folder(base_dir, tmp_path, pixe
 def test_convert_command_adapter(base_dir, tmp_path, pixel_values, reference):
     out = tmp_path / "adapter"
     args = parse_convert_args(
-        [str(CHECKPOINT), "--base", str(base_dir), "--out", str(out), "--adapter", "--feature-layers", "2", "3", "4"]
-        + ["--prompt-length", "4", "--deep-prompt-depth", "3", "--deep-prompt-length", "2"]
-        + ["--vv-start-layer", "2", "--image_size", "32"]
+        [str(CHECKPOINT), "--model", str(base_dir), "--out", str(out), "--adapter-only"]
+        + ["--feature-layers", "2", "3", "4", "--prompt-length", "4", "--deep-prompt-depth", "3"]
+        + ["--deep-prompt-length", "2", "--vv-start-layer", "2", "--image_size", "32"]
     )
     convert_command.run(args)
     assert not (out / "model.safetensors").exists()
@@ -322,6 +323,28 @@ def test_convert_command_adapter(base_dir, tmp_path, pixel_values, reference):
         output = loaded(pixel_values=pixel_values)
     assert_close(output.layer_maps, reference["features_2_3_4.layer_maps"])
     assert_close(output.image_score, reference["image_score"])
+
+
+def test_convert_command_takes_the_nearest_working_size_of_the_base_by_default(base_dir, tmp_path):
+    """518 px on the base's patch grid: 516 on the patch-4 fixture (518 itself is no multiple of 4)."""
+    out = tmp_path / "converted"
+    flags = ["--n_ctx", "4", "--depth", "3", "--t_n_ctx", "2"]
+    args = parse_convert_args([str(CHECKPOINT), "--model", str(base_dir), "--out", str(out), *flags])
+    assert args.image_size is None
+    convert_command.run(args)
+    config = HeadCLIPModel.from_pretrained(out).config
+    assert config.vision_config.patch_size == 4 and config.image_size == 516 == nearest_image_size(518, 4)
+
+
+def test_convert_flags_match_the_other_commands_and_keep_their_earlier_names(base_dir, capsys):
+    args = parse_convert_args([str(CHECKPOINT), "--model", str(base_dir), "--out", "x", "--adapter_only"])
+    assert (args.model, args.adapter_only) == (str(base_dir), True)
+    args = parse_convert_args([str(CHECKPOINT), "--base", str(base_dir), "--out", "x", "--adapter"])
+    assert (args.model, args.adapter_only) == (str(base_dir), True)
+    with pytest.raises(SystemExit):
+        main(["convert", "anomalyclip", "--help"])
+    options = capsys.readouterr().out.split("examples:")[0]
+    assert "--model MODEL" in options and "--adapter_only" in options and "--base" not in options
 
 
 def test_processor_is_saved_when_the_base_has_one(base_dir, tmp_path, clip_tokenizer_dir):
@@ -347,7 +370,7 @@ FIXTURE_FLAGS = ["--n_ctx", "4", "--depth", "3", "--t_n_ctx", "2", "--vv_start_l
 
 
 def run_convert(capsys, base_dir, checkpoint, out, *extra) -> tuple[int, str]:
-    argv = ["convert", "anomalyclip", str(checkpoint), "--base", str(base_dir), "--output_dir", str(out)]
+    argv = ["convert", "anomalyclip", str(checkpoint), "--model", str(base_dir), "--output_dir", str(out)]
     status = main([*argv, *FIXTURE_FLAGS, *map(str, extra)])
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr
@@ -366,7 +389,7 @@ def user_folder(path: Path) -> Path:
 @pytest.mark.parametrize("adapter", [False, True], ids=["full_model", "adapter"])
 def test_convert_never_deletes_or_mixes_the_users_files(base_dir, tmp_path, capsys, pixel_values, reference, adapter):
     out = user_folder(tmp_path / "out")
-    extra = ["--adapter"] if adapter else []
+    extra = ["--adapter_only"] if adapter else []
     kind = "HeadCLIP adapter" if adapter else "HeadCLIP model"
     status, stderr = run_convert(capsys, base_dir, CHECKPOINT, out, *extra)
     assert status == 1

@@ -229,8 +229,8 @@ def test_export_and_push_to_hub(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert status == 0, captured.err
     calls = dict(RecordingHfApi.calls)
-    assert [name for name, _ in RecordingHfApi.calls] == ["init", "create_repo", "upload_folder"]
-    assert calls["init"] == {"token": "hf_test"}
+    assert [name for name, _ in RecordingHfApi.calls] == ["init", "whoami", "init", "create_repo", "upload_folder"]
+    assert calls["init"] == {"token": "hf_test"}  # the login is checked first
     assert calls["create_repo"] == {
         "repo_id": "someone/widgets",
         "repo_type": "dataset",
@@ -246,6 +246,23 @@ def test_export_and_push_to_hub(tmp_path, monkeypatch, capsys):
     assert "commit/abc" in captured.out
 
 
+def test_push_to_hub_uploads_only_the_export_of_a_shared_folder(tmp_path, monkeypatch, capsys):
+    RecordingHfApi.calls = []
+    monkeypatch.setattr("headclip_hf.hub.HfApi", RecordingHfApi)
+    root = make_generic_tree(tmp_path / "widgets")
+    out = tmp_path / "project"
+    (out / "private").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "private" / "secrets.csv").write_text("a,b")
+
+    status = main(["dataset", "export", str(root), "--output_dir", str(out), "--overwrite", "--push_to_hub", "a/b"])
+
+    assert status == 0, capsys.readouterr().err
+    upload = dict(RecordingHfApi.calls)["upload_folder"]
+    assert upload["files"] == {"README.md", "data/test-00000-of-00001.parquet"}  # not the user's other files
+    assert (out / "notes.txt").read_text() == "mine" and (out / "private" / "secrets.csv").read_text() == "a,b"
+
+
 def test_export_errors_come_before_any_work(tmp_path, capsys):
     root = make_generic_tree(tmp_path / "widgets")
     out = tmp_path / "export"
@@ -255,9 +272,11 @@ def test_export_errors_come_before_any_work(tmp_path, capsys):
         return status, capsys.readouterr().err
 
     status, err = export("--push_to_hub", "not a valid id!!")
-    assert status == 1 and "headclip: error: --push_to_hub 'not a valid id!!' is not a Hub repository id" in err
+    assert status == 1 and "headclip: error: 'not a valid id!!' is not a valid Hub repository id" in err
     status, err = export("--max_shard_size", "lots")
     assert status == 1 and "max_shard_size 'lots' is not a size" in err
+    status, err = export("--push_to_hub", "someone/widgets")  # HF_HUB_OFFLINE=1
+    assert status == 1 and "Cannot upload to the Hugging Face Hub" in err and "leave out --push_to_hub" in err
     status, err = export("--image_column", "picture")
     assert status == 1 and "image_column name columns of a table" in err
     assert not out.exists()
@@ -274,7 +293,11 @@ def test_evaluate_takes_the_data_flags(tmp_path, capsys):
     status = main(["evaluate", "someone/not-cached", "--split", "test", "--out", str(tmp_path / "eval")])
     err = capsys.readouterr().err
     assert status == 1
-    assert "headclip: error: Cannot load the data set someone/not-cached: Cannot load the Hub data set" in err
+    assert "headclip: error: Cannot load the Hub data set someone/not-cached" in err  # named once
+    assert "Cannot load the data set" not in err
+    # The tests run offline (HF_HUB_OFFLINE=1): the advice is not to set what is already set.
+    assert "`datasets` is offline here (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) and its local cache holds no copy" in err
+    assert "set HF_DATASETS_OFFLINE=1" not in err
     table = tmp_path / "rows.parquet"
     datasets.Dataset.from_dict({"picture": ["a.png"], "label": [0]}).to_parquet(table)
     status = main(["evaluate", str(table), "--image_column", "img", "--out", str(tmp_path / "eval")])

@@ -24,14 +24,12 @@ from headclip_hf.demo import (
     model_thresholds,
     render,
     sample_images,
-    supports_few_shot,
 )
 from headclip_hf.pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANOMALOUS_SAMPLE = SAMPLE_IMAGES_DIR / "bottle_broken_large_000.png"
 NORMAL_SAMPLE = SAMPLE_IMAGES_DIR / "bottle_good_000.png"
-FEW_SHOT_MISSING = "few-shot mode (model.encode_references) is not in this version of the model"
 
 
 @pytest.fixture
@@ -59,6 +57,18 @@ def test_sample_images_are_real_images_with_masks_and_small():
             with Image.open(mask) as mask_image:
                 assert mask_image.size == size and np.asarray(mask_image).any()
     assert "CC BY-NC-SA 4.0" in readme and "Kvasir-SEG" in readme and "Changes made" in readme
+
+
+def test_sample_images_are_package_data():
+    """pyproject's package-data globs (as setuptools expands them) cover every sample file: a wheel ships them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(REPO_ROOT / "pyproject.toml", "rb") as file:
+        patterns = tomllib.load(file)["tool"]["setuptools"]["package-data"]["headclip_hf"]
+    package = SAMPLE_IMAGES_DIR.parent
+    assert package == Path(sys.modules["headclip_hf"].__file__).parent
+    shipped = {path for pattern in patterns for path in package.glob(pattern) if path.is_file()}
+    files = {path for path in SAMPLE_IMAGES_DIR.rglob("*") if path.is_file()}
+    assert len(files) == 9 and files <= shipped
 
 
 def test_thresholds_start_at_the_calibrated_values(tiny_model):
@@ -93,13 +103,6 @@ def test_detect_refuses_files_that_are_not_images(detector, tmp_path):
         detect(detector, ANOMALOUS_SAMPLE, [NORMAL_SAMPLE, notes])
 
 
-@pytest.mark.skipif(supports_few_shot(HeadCLIPModel), reason="this model has a few-shot mode")
-def test_references_need_a_few_shot_model(detector):
-    with pytest.raises(ValueError, match="This model has no few-shot mode: remove the reference images"):
-        detect(detector, ANOMALOUS_SAMPLE, [NORMAL_SAMPLE])
-
-
-@pytest.mark.skipif(not supports_few_shot(HeadCLIPModel), reason=FEW_SHOT_MISSING)
 def test_detect_with_references_is_the_few_shot_pipeline(detector):
     references = [NORMAL_SAMPLE, SAMPLE_IMAGES_DIR / "bottle_good_001.png"]
     detection = detect(detector, ANOMALOUS_SAMPLE, references)
@@ -119,7 +122,7 @@ def test_build_demo_sets_the_sliders_and_the_reference_input(detector):
     demo = build_demo(model, processor, examples=[ANOMALOUS_SAMPLE])
     assert _component(demo, "image-threshold").value == 0.62
     assert _component(demo, "pixel-threshold").value == 0.41
-    assert _component(demo, "reference-files").visible is supports_few_shot(model)
+    assert _component(demo, "reference-files").visible is True
 
 
 def test_without_gradio_the_message_names_the_extra(monkeypatch, headclip_checkpoint, capsys):
@@ -148,9 +151,49 @@ def test_demo_command_checks_the_model_before_serving(monkeypatch, tmp_path, hea
     assert main(["demo", "--model", str(broken)]) == 1
     assert capsys.readouterr().err.startswith(f"headclip: error: Cannot load the model or processor from '{broken}'")
     assert main(["demo", "--model", str(tmp_path / "missing")]) == 1
-    assert "headclip: error: Cannot load the model" in capsys.readouterr().err
+    assert f"headclip: error: --model {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
     assert main(["demo", "--model", str(headclip_checkpoint), "--examples", str(tmp_path / "nowhere")]) == 1
     assert f"--examples {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
+
+
+def test_demo_port_is_checked_before_the_model_loads(monkeypatch, headclip_checkpoint, capsys):
+    import_gradio()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr("headclip_hf.cli.demo.load_model_and_processor", no_model)
+    for port, shown in (("99999", "99999"), ("0", "0"), ("http", "'http'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--model", str(headclip_checkpoint), "--port", port])
+        assert exit_info.value.code == 2
+        assert f"argument --port: {shown} is not a port number (1 to 65535)" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["demo", "--model", str(headclip_checkpoint), "--port", str(port)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"headclip: error: Cannot serve on 127.0.0.1:{port}: Address already in use.")
+    assert f"choose another with --port (e.g. --port {port + 1})" in captured.err and "Serving" not in captured.out
+
+
+def test_demo_says_serving_only_once_the_server_is_up(monkeypatch, headclip_checkpoint, capsys):
+    gradio = import_gradio()
+    events = []
+
+    def launch(self, **kwargs):
+        events.append(("launch", kwargs["prevent_thread_lock"], capsys.readouterr().out))
+        raise OSError("Cannot find empty port")  # what Gradio raises when the server cannot start
+
+    monkeypatch.setattr(gradio.Blocks, "launch", launch)
+    monkeypatch.setattr(gradio.Blocks, "block_thread", lambda self: events.append(("block_thread",)))
+    port = str(_free_port())
+    assert main(["demo", "--model", str(headclip_checkpoint), "--port", port, "--device", "cpu"]) == 1
+    assert events == [("launch", True, "")] and "Serving" not in capsys.readouterr().out
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: events.append(("launch",)))
+    assert main(["demo", "--model", str(headclip_checkpoint), "--port", port, "--device", "cpu"]) == 0
+    assert events[1:] == [("launch",), ("block_thread",)] and "Serving the HeadCLIP demo" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -289,7 +332,6 @@ def test_demo_in_a_browser(demo_url, browser, detector, tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not supports_few_shot(HeadCLIPModel), reason=FEW_SHOT_MISSING)
 def test_demo_few_shot_in_a_browser(demo_url, browser, detector, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -22,6 +22,7 @@ from headclip_hf.evaluation_report import (
     report_thresholds,
     select_gallery,
 )
+from headclip_hf.files import OUTPUT_MARKER
 from headclip_hf.metrics import AnomalyMetricsAccumulator
 from headclip_hf.pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline
 
@@ -65,9 +66,8 @@ def test_report_in_a_browser(sample_data, headclip_checkpoint, tmp_path, browser
     out = tmp_path / "eval"
     args = ["evaluate", str(sample_data), "--model", str(headclip_checkpoint), "--output_dir", str(out)]
     assert main([*args, "--report", "--gallery_size", "1", "--batch_size", "1", "--device", "cpu"]) == 0
-    assert {"report.html", "per_image.csv", "report_files", "plots", "results.json", "results.md"} == {
-        path.name for path in out.iterdir()
-    }
+    written = {"report.html", "per_image.csv", "report_files", "plots", "results.json", "results.md", OUTPUT_MARKER}
+    assert written == {path.name for path in out.iterdir()}
 
     # per_image.csv: every image, its score as the model computes it, the decision at the category's threshold.
     model = HeadCLIPModel.from_pretrained(headclip_checkpoint).eval()

@@ -22,6 +22,7 @@ from headclip_hf.export import (
     read_export_config,
     resize_bilinear,
 )
+from headclip_hf.files import OUTPUT_MARKER
 from headclip_hf.image_utils_headclip import anomaly_heatmap
 from headclip_hf.pipeline_headclip import TASK, ZeroShotAnomalyDetectionPipeline, resolve_thresholds
 
@@ -171,7 +172,8 @@ def test_runner_works_where_torch_cannot_be_imported(format, exports, real_image
 
 def test_export_folder_contents(exports, model_and_processor):
     folder = exports("onnx", dynamic_batch=False)
-    assert sorted(path.name for path in folder.iterdir()) == [EXPORT_CONFIG_NAME, "model.onnx", "model.onnx.data"]
+    expected = [OUTPUT_MARKER, EXPORT_CONFIG_NAME, "model.onnx", "model.onnx.data"]
+    assert sorted(path.name for path in folder.iterdir()) == expected
     config = json.loads((folder / EXPORT_CONFIG_NAME).read_text())
     assert config["format_version"] == EXPORT_FORMAT_VERSION and config["format"] == "onnx"
     assert config["image_size"] == 64 and config["dynamic_batch"] is False and config["opset"] >= 18
@@ -273,7 +275,7 @@ def test_earlier_exports_are_replaced_and_other_files_kept(exports, model_and_pr
     earlier = shutil.copytree(exports("onnx"), tmp_path / "earlier")
     export_model(model, processor, earlier, format="torchscript")  # an earlier export alone is replaced whole
     assert read_export_config(earlier)["format"] == "torchscript"
-    assert sorted(path.name for path in earlier.iterdir()) == [EXPORT_CONFIG_NAME, "model.pt"]
+    assert sorted(path.name for path in earlier.iterdir()) == [OUTPUT_MARKER, EXPORT_CONFIG_NAME, "model.pt"]
 
     shared = shutil.copytree(exports("onnx"), tmp_path / "shared")
     (shared / "notes.txt").write_text("mine")
@@ -281,7 +283,8 @@ def test_earlier_exports_are_replaced_and_other_files_kept(exports, model_and_pr
         export_model(model, processor, shared, format="torchscript")
     assert read_export_config(shared)["format"] == "onnx"
     export_model(model, processor, shared, format="torchscript", overwrite=True)
-    assert sorted(path.name for path in shared.iterdir()) == [EXPORT_CONFIG_NAME, "model.pt", "notes.txt"]
+    expected = [OUTPUT_MARKER, EXPORT_CONFIG_NAME, "model.pt", "notes.txt"]
+    assert sorted(path.name for path in shared.iterdir()) == expected
     assert (shared / "notes.txt").read_text() == "mine" and ExportedDetector(shared).config["format"] == "torchscript"
 
 

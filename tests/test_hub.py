@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard, SpaceCard
+from huggingface_hub.utils import filter_repo_objects
 from packaging.requirements import Requirement
 from PIL import Image
 
 from headclip_hf import HeadCLIPModel, HeadCLIPProcessor, save_results
 from headclip_hf.cli import main
 from headclip_hf.demo import sample_images
+from headclip_hf.files import OUTPUT_MARKER
 from headclip_hf.hub import HUB_PIPELINE_TAG, custom_pipeline_declaration
 from headclip_hf.metrics import AnomalyMetricsAccumulator
 from headclip_hf.provenance import evaluation_provenance
-from headclip_hf.space import SPACE_APP, space_model, space_requirements
+from headclip_hf.space import SPACE_APP_SOURCE, space_model, space_requirements
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "someone/headclip-tiny"
@@ -117,7 +119,7 @@ def listing(folder: Path) -> set[str]:
 def test_dry_run_folder_of_full_model(headclip_checkpoint, results_dir, tmp_path):
     folder = tmp_path / "repo"
     assert push(headclip_checkpoint, results_dir, "--base-model", BASE_MODEL, "--dry-run", "--output-dir", folder) == 0
-    assert listing(folder) == FULL_MODEL_FILES
+    assert listing(folder) == FULL_MODEL_FILES | {OUTPUT_MARKER}  # the marker is never uploaded (see below)
     config = json.loads((folder / "config.json").read_text())
     assert config["custom_pipelines"] == {
         "zero-shot-anomaly-detection": {
@@ -151,6 +153,22 @@ def test_dry_run_folder_of_full_model(headclip_checkpoint, results_dir, tmp_path
     loaded = HeadCLIPModel.from_pretrained(folder)
     original = HeadCLIPModel.from_pretrained(headclip_checkpoint)
     assert torch.equal(loaded.head_weights, original.head_weights)
+
+
+def test_only_the_results_and_plots_of_the_evaluation_are_published(headclip_checkpoint, results_dir, tmp_path):
+    (results_dir / "plots").mkdir()
+    Image.new("RGB", (4, 4)).save(results_dir / "plots" / "bottle.png")
+    (results_dir / "report.html").write_text("<html>the evaluation images</html>")
+    (results_dir / "report_files").mkdir()
+    Image.new("RGB", (4, 4)).save(results_dir / "report_files" / "bottle_000.png")
+    (results_dir / "per_image.csv").write_text("path\n/home/someone/private/bottle/000.png\n")
+    (results_dir / "notes.txt").write_text("mine")
+    folder = tmp_path / "repo"
+    assert push(headclip_checkpoint, results_dir, "--dry-run", "--output-dir", folder) == 0
+    assert listing(folder / "evaluation") == {"results.json", "results.md", "plots/bottle.png"}
+    assert (folder / "evaluation" / "plots" / "bottle.png").read_bytes() == (
+        results_dir / "plots" / "bottle.png"
+    ).read_bytes()
 
 
 def test_model_card_metadata_and_text(headclip_checkpoint, results_dir, tmp_path):
@@ -271,7 +289,7 @@ def test_dry_run_folder_of_adapter_only(headclip_checkpoint, results_dir, tmp_pa
     folder = tmp_path / "repo"
     args = ("--adapter-only", "--base-model", BASE_MODEL, "--dry-run", "--output-dir", folder)
     assert push(headclip_checkpoint, results_dir, *args) == 0
-    assert listing(folder) == ADAPTER_FILES
+    assert listing(folder) == ADAPTER_FILES | {OUTPUT_MARKER}
     adapter_config = json.loads((folder / "headclip_adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == BASE_MODEL
     card = ModelCard.load(folder / "README.md")
@@ -368,7 +386,13 @@ class RecordingHfApi:
         self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
 
     def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", {**kwargs, "files": listing(Path(kwargs["folder_path"]))}))
+        # The files `HfApi.upload_folder` would send: the folder's files filtered by its patterns, as it filters them.
+        files = filter_repo_objects(
+            sorted(listing(Path(kwargs["folder_path"]))),
+            allow_patterns=kwargs.get("allow_patterns"),
+            ignore_patterns=kwargs.get("ignore_patterns"),
+        )
+        self.calls.append(("upload_folder", {**kwargs, "files": set(files)}))
 
         class Commit:
             commit_url = "https://huggingface.co/someone/headclip-tiny/commit/abc"
@@ -415,18 +439,19 @@ def test_dry_run_space_folder(headclip_checkpoint, results_dir, tmp_path, capsys
     args = ("--dry-run", "--output-dir", tmp_path / "repo", "--space", SPACE_ID, "--space-dir", space)
     assert push(headclip_checkpoint, results_dir, *args) == 0
     assert f"wrote the Space folder for {SPACE_ID} to {space}; nothing was uploaded" in capsys.readouterr().out
-    assert listing(tmp_path / "repo") == FULL_MODEL_FILES  # the model's folder holds nothing of the Space
+    assert listing(tmp_path / "repo") == FULL_MODEL_FILES | {OUTPUT_MARKER}  # the model's folder: nothing of the Space
     files = listing(space)
-    assert {"app.py", "README.md", "requirements.txt", "examples/README.md"} <= files
+    assert {"app.py", "README.md", "requirements.txt", "headclip_hf/sample_images/README.md"} <= files
     assert not any("__pycache__" in name for name in files)
-    # The app is the repository's hub/app.py; the package's source travels with it, unchanged.
-    assert (space / "app.py").read_text() == SPACE_APP == (REPO_ROOT / "hub" / "app.py").read_text()
+    # The app is the package's space_app.py; the package's source travels with it, unchanged.
     package = Path(sys.modules["headclip_hf"].__file__).parent
+    assert SPACE_APP_SOURCE == package / "space_app.py"
+    assert (space / "app.py").read_text() == SPACE_APP_SOURCE.read_text()
     sources = {path.relative_to(package).as_posix() for path in package.rglob("*.py")}
     assert {f"headclip_hf/{name}" for name in sources} <= files
     for name in ("demo.py", "space.py", "pipeline_headclip.py", "cli/demo.py"):
         assert (space / "headclip_hf" / name).read_text() == (package / name).read_text()
-    examples = sorted(path.name for path in sample_images(space / "examples"))
+    examples = sorted(path.name for path in sample_images(space / "headclip_hf" / "sample_images"))
     assert examples == sorted(path.name for path in sample_images()) and examples
     # Space metadata: Gradio, the app file, the model it shows.
     card = SpaceCard.load(space / "README.md")
@@ -485,6 +510,8 @@ def test_space_errors(headclip_checkpoint, results_dir, tmp_path, capsys):
     assert "holds files that are not part of a HeadCLIP Space folder (notes.txt)" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()  # refused before anything was written
     assert listing(occupied) == {"notes.txt"}
+    assert push(headclip_checkpoint, results_dir, *args, "--overwrite") == 0  # --overwrite applies to it too
+    assert (occupied / "notes.txt").read_text() == "mine" and (occupied / "app.py").is_file()
 
 
 def test_push_uploads_the_space_after_the_model(headclip_checkpoint, results_dir, monkeypatch, capsys):

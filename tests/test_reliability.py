@@ -135,6 +135,64 @@ def test_push_output_dir_keeps_the_users_files_and_never_uploads_them(
     assert not {"notes.txt", "sub/data.csv"} & uploaded["files"]
 
 
+@pytest.mark.usefixtures("no_model_loading")
+def test_folders_of_user_files_named_like_an_output_are_not_replaced(headclip_checkpoint, tmp_path, capsys):
+    """Only a folder with the writer's marker is an earlier output; a user's README.md, data/, app.py, ... are not."""
+    data = tmp_path / "data"
+    (data / "widget" / "good").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(data / "widget" / "good" / "000.png")
+
+    def make_user_folder(name: str, files: list[str]) -> Path:
+        folder = tmp_path / name
+        for file in files:
+            (folder / file).parent.mkdir(parents=True, exist_ok=True)
+            (folder / file).write_text(f"the user's {file}")
+        return folder
+
+    export_dir = make_user_folder("proj", ["README.md", "data/raw.csv"])
+    status, _, stderr = run(capsys, "dataset", "export", data, "--layout", "generic", "--output_dir", export_dir)
+    assert status == 1 and f"{export_dir} holds files that are not part of a HeadCLIP data set export" in stderr
+    assert "(README.md, data); it is not an earlier output (it has no .headclip_output.json marker)" in stderr
+
+    results = make_user_folder("eval", ["results.json", "results.md"])
+    push = ["push", "--model", headclip_checkpoint, "--results", results, "--train_dataset", "MVTec AD"]
+    push += ["--eval_dataset", "VisA", "--repo_id", "someone/tiny", "--device", "cpu", "--dry_run"]
+    repo_dir = make_user_folder("site", ["README.md", "config.json", "evaluation/notes.md"])
+    status, _, stderr = run(capsys, *push, "--output_dir", repo_dir)
+    assert status == 1 and f"{repo_dir} holds files that are not part of a Hub repository folder" in stderr
+    space_dir = make_user_folder("app", ["README.md", "app.py", "requirements.txt", "examples/a.txt"])
+    status, _, stderr = run(
+        capsys, *push, "--output_dir", tmp_path / "repo", "--space", "a/b", "--space_dir", space_dir
+    )
+    assert status == 1 and f"{space_dir} holds files that are not part of a HeadCLIP Space folder" in stderr
+
+    for folder in (export_dir, repo_dir, space_dir):
+        assert all(content == f"the user's {name}".encode() for name, content in listing(folder).items())
+    assert not (tmp_path / "repo").exists()  # refused before anything was written
+    # An export written by the command is its earlier output: exported again there without --overwrite.
+    again = ["dataset", "export", data, "--layout", "generic", "--output_dir", tmp_path / "export"]
+    assert run(capsys, *again)[0] == 0 and run(capsys, *again)[0] == 0
+
+
+@pytest.mark.parametrize("spelling", ["runs/mvtec/adapter", "./adapter", "~/no-such-headclip-folder", "runs/x"])
+def test_a_missing_model_folder_is_named_before_anything_loads(images, tmp_path, capsys, monkeypatch, spelling):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr("headclip_hf.cli._common.load_headclip_model_and_processor", lambda *a: pytest.fail("loaded"))
+    for flag in ("--model", "--adapter"):
+        status, _, stderr = run(capsys, "detect", images, flag, spelling, "--output_dir", tmp_path / "out")
+        missing = Path(spelling).expanduser().resolve()
+        assert status == 1 and stderr.startswith(f"headclip: error: {flag} {spelling}: no such folder ({missing} ")
+        if spelling.startswith("runs/"):
+            assert f"runs exists, but holds no {spelling.removeprefix('runs/')})" in stderr
+        assert "Repo id" not in stderr and "HF_HUB_OFFLINE" not in stderr
+    status, _, stderr = run(
+        capsys, "train", "--model_name_or_path", spelling, "--train_data", images, "--output_dir", "o"
+    )
+    assert status == 1 and f"--model_name_or_path {spelling}: no such folder" in stderr
+    assert not (tmp_path / "out").exists()
+
+
 # 3. Non-finite weights are refused when loading; non-finite outputs are errors, never labels.
 
 

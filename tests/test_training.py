@@ -575,6 +575,26 @@ def test_train_command_user_errors_before_the_model_loads(base_dir, tmp_path, ca
             "Repo id must use alphanumeric chars",
         ),
     ]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases += [
+        ((*common, "--output_dir", a_file), f"{a_file} is a file, not a folder: choose a folder for the training run"),
+        ((*common, "--output_dir", a_file / "run"), f"Cannot write {a_file / 'run'}: {a_file} is a file"),
+        (
+            (*common, "--output_dir", tmp_path / "new", "--eval_data", data, "--push_to_hub", "--hub_model_id", "a/b"),
+            "headclip: error: Cannot upload to the Hugging Face Hub: no token. Uploading needs the network .* log in "
+            "with `hf auth login` or pass --hub_token. To work without uploading, leave out --push_to_hub.",
+        ),
+    ]
+
+    class NotLoggedIn:
+        def __init__(self, token=None):
+            pass
+
+        def whoami(self):
+            raise OSError("no token")
+
+    cli_environment.setattr("headclip_hf.hub.HfApi", NotLoggedIn)
     (run / "checkpoints" / "step_2" / "optimizer.pt").unlink()
     cases.append(
         (
@@ -588,6 +608,42 @@ def test_train_command_user_errors_before_the_model_loads(base_dir, tmp_path, ca
         assert err.startswith("headclip: error: "), err
         assert re.search(message, err), (message, err)
     assert not (tmp_path / "new").exists() and not (tmp_path / "empty").exists()
+
+
+def test_train_command_shares_the_flags_of_the_other_commands(base_dir, tmp_path, capsys, cli_environment):
+    """`--out`, the data flags of every command taking data (applied to --train_data), usage errors named `headclip
+    train`."""
+    data = write_generic_folder(tmp_path / "data")
+    table = tmp_path / "rows.parquet"
+    datasets.Dataset.from_dict({"picture": [str(data / "good" / "000.png")], "anomalous": [0]}).to_parquet(table)
+    model = ("--model_name_or_path", base_dir, "--image_size", 64)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        ((*model, "--train_data", data, "--out", a_file), f"{a_file} is a file, not a folder"),
+        ((*model, "--train_data", data, "--out", tmp_path / "new", "--split", "train"), "has only a test split"),
+        ((*model, "--train_data", data, "--out", tmp_path / "new", "--categories", "nuts"), "nuts"),
+        (
+            (*model, "--train_data", data, "--out", tmp_path / "new", "--image_column", "picture"),
+            f"Cannot load the data set {data}: image_column name columns of a table",
+        ),
+        (
+            (*model, "--train_data", table, "--out", tmp_path / "new", "--image_column", "img"),
+            r"image_column='img' is not a column of .*\['picture', 'anomalous'\]",
+        ),
+        (
+            (*model, "--train_data", data, "--eval_data", data, "--eval_split", "train", "--out", tmp_path / "new"),
+            "has only a test split",
+        ),
+    ]
+    for argv, message in cases:
+        code, err, _ = headclip_train(capsys, *argv)
+        assert code == 1 and re.search(message, err), (argv, err)
+    with pytest.raises(SystemExit) as exit_info:
+        headclip_main(["train", "--train_data", str(data)])  # no --output_dir
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: headclip train" in err and "headclip train: error:" in err
+    assert "__main__" not in err and not (tmp_path / "new").exists()
 
 
 def test_train_command_errors_after_the_model_loads(base_dir, tmp_path, capsys, tiny_config_factory, monkeypatch):
@@ -774,3 +830,29 @@ def test_reproduce_zero_shot_script(clip_checkpoint, clip_tokenizer, tmp_path, t
     markdown = (output_dir / "reproduction.md").read_text()
     assert markdown == table
     assert "| headclip |" in markdown and "Trained on MVTec AD, evaluated on VisA" in markdown
+
+
+def test_reproduce_zero_shot_errors_before_any_work(clip_checkpoint, tmp_path, test_data_dir):
+    """User errors are one `reproduce_zero_shot.py: error:` line; the table files of the user are never replaced."""
+    script_path = REPO_ROOT / "examples" / "reproduce_zero_shot.py"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    data = ["--mvtec", tmp_path / "missing", "--visa", test_data_dir / "kvasir_seg" / "colon"]
+    argv = [*data, "--model_name_or_path", clip_checkpoint, "--output_dir", tmp_path / "out"]
+    result = subprocess.run(
+        [sys.executable, str(script_path), *map(str, argv)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"reproduce_zero_shot.py: error: Data set root {tmp_path / 'missing'} does not exist" in result.stderr
+
+    script = runpy.run_path(str(script_path))
+    output_dir = tmp_path / "reproduction"
+    output_dir.mkdir()
+    (output_dir / "reproduction.md").write_text("my notes on the reproduction\n")
+    with pytest.raises(FileExistsError, match="reproduction.md already exists and was not written by this command"):
+        script["main"](list(map(str, argv[:-1] + [output_dir])))  # refused before the (missing) data is read
+    assert (output_dir / "reproduction.md").read_text() == "my notes on the reproduction\n"
+    assert script["is_earlier_table"](output_dir / "reproduction.md") is False
+    (output_dir / "reproduction.md").write_text(script["MARKDOWN_TITLE"] + "\n\n| variant |\n")
+    (output_dir / "reproduction.json").write_text(json.dumps({"settings": {}, "results": {}}))
+    assert script["is_earlier_table"](output_dir / "reproduction.md")
+    assert script["is_earlier_table"](output_dir / "reproduction.json")

@@ -30,7 +30,7 @@ Each command module has `add_parser(commands)` (it sets `handler=run` as the par
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import calibrate, convert, dataset, demo, detect, evaluate, export, push, references, train
 from ._common import CommandError, HelpFormatter, apply_flag_convention
@@ -56,20 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `headclip` command with `argv` (default: the process arguments); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run_command() -> int:
         if argv[:1] == ["train"]:
             train.main(argv[1:])
             return 0
         args = build_parser().parse_args(argv)
         return args.handler(args)
+
+    return report_errors(run_command)
+
+
+def report_errors(command: Callable[[], object], prog: str = "headclip") -> int:
+    """
+    Run `command()` on the `headclip` error path, for the command and the example scripts: a user error
+    (`CommandError`, `ValueError`, `OSError`) is one line `<prog>: error: <message>` on stderr and exit status 1,
+    without a traceback (`HEADCLIP_DEBUG=1` shows it); Ctrl-C is status 130.
+
+    Returns:
+        The exit status: `command()`'s when it returns an `int`, else 0.
+    """
+    try:
+        status = command()
     except (CommandError, ValueError, OSError) as error:
         if os.environ.get("HEADCLIP_DEBUG"):
             raise
-        print(f"headclip: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("headclip: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    return status if isinstance(status, int) else 0
 
 
-__all__ = ["COMMANDS", "CommandError", "build_parser", "main"]
+__all__ = ["COMMANDS", "CommandError", "build_parser", "main", "report_errors"]

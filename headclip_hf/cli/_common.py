@@ -66,9 +66,15 @@ def apply_flag_convention(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         for option in list(action.option_strings):
             dashed = dash_spelling(option)
             if dashed is not None and dashed not in parser._option_string_actions:
-                action.option_strings.append(dashed)
-                parser._option_string_actions[dashed] = action
+                add_option_alias(parser, option, dashed)
     return parser
+
+
+def add_option_alias(parser: argparse.ArgumentParser, option: str, alias: str) -> None:
+    """Let `parser` accept `alias` for its existing `option` (e.g. `--out` for `--output_dir`); help shows `option`."""
+    action = parser._option_string_actions[option]
+    action.option_strings.append(alias)
+    parser._option_string_actions[alias] = action
 
 
 def _number(text: str) -> float:
@@ -94,12 +100,24 @@ def rate(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An argument type: an integer >= 1."""
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def non_negative_int(text: str) -> int:
+    """An argument type: an integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: give 0 or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argument type: an integer >= 1."""
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
@@ -136,10 +154,18 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
     return list(files), problems
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> argparse._ArgumentGroup:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, device: bool = True, cpu_default: str | None = None
+) -> argparse._ArgumentGroup:
     """
     `--model`, `--adapter`, `--image_size` and (with `device`) `--device`, shared by the commands that run a model.
     Returns the argument group, for a command's own model options.
+
+    Args:
+        parser (`argparse.ArgumentParser`): The command's parser.
+        device (`bool`, defaults to `True`): Offer `--device`.
+        cpu_default (`str`, *optional*): For a command that needs no accelerator, why: `--device` then defaults to
+            the CPU and its help says so (by default: the first accelerator, else the CPU).
     """
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -157,8 +183,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) ->
         "for ViT-L/14)",
     )
     if device:
+        default = "the first accelerator, else the CPU" if cpu_default is None else f"cpu: {cpu_default}"
         group.add_argument(
-            "--device", help="device, e.g. cpu, cuda, cuda:1, mps (default: the first accelerator, else the CPU)"
+            "--device",
+            default=None if cpu_default is None else "cpu",
+            help=f"device, e.g. cpu, cuda, cuda:1, mps (default: {default})",
         )
     return group
 
@@ -248,10 +277,23 @@ def load_data(args: argparse.Namespace) -> datasets.Dataset | datasets.IterableD
     Raises:
         `CommandError`: the data set cannot be loaded; the message names it and says why.
     """
+    return load_data_set(args.data, split=args.split, **data_arguments(args))
+
+
+def load_data_set(source: str, **load_arguments: Any) -> datasets.Dataset | datasets.IterableDataset:
+    """
+    `load_anomaly_dataset(source, **load_arguments)` for a command: its errors become one `CommandError`.
+
+    Raises:
+        `CommandError`: the data set cannot be loaded; the message names it and says why.
+    """
     try:
-        return load_anomaly_dataset(args.data, split=args.split, **data_arguments(args))
+        return load_anomaly_dataset(source, **load_arguments)
     except (OSError, ValueError) as error:
-        raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
+        message = str(error)  # named once: some messages already say "Cannot load <the source>: ..."
+        raise CommandError(
+            message if message.startswith("Cannot load") else f"Cannot load the data set {source}: {message}"
+        ) from error
 
 
 def add_output_dir_argument(
@@ -373,6 +415,35 @@ def add_output_file_argument(parser: argparse.ArgumentParser, default: str | Non
     )
 
 
+def check_model_location(name: str | None, flag: str = "--model") -> None:
+    """
+    Refuse a `--model` / `--adapter` value that names a local path which does not exist, before anything loads (else
+    it would be taken for a Hub id and fail with the Hub's id rules and offline advice). A value is a local path when
+    it starts with `.`, `/` or `~`, holds a backslash or more than one `/`, or a folder on its way exists (`runs/x`
+    with `runs/` here).
+
+    Raises:
+        `CommandError`: naming the flag, the path and the part of it that exists.
+    """
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        return
+    existing_parent = next((parent for parent in path.parents if parent != Path(".") and parent.is_dir()), None)
+    looks_local = (
+        name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or existing_parent is not None
+    )
+    if looks_local:
+        found = ""
+        if existing_parent is not None:
+            found = f"; {existing_parent} exists, but holds no {path.relative_to(existing_parent)}"
+        raise CommandError(
+            f"{flag} {name}: no such folder ({path.resolve()} does not exist{found}). Pass an existing model or "
+            "adapter folder, or a Hub repository id (user/name)."
+        )
+
+
 def load_model_and_processor(
     model_name_or_path: str,
     adapter: str | None = None,
@@ -388,9 +459,12 @@ def load_model_and_processor(
     [`resolve_device`] before anything loads; commands that do other work first check it earlier themselves.
 
     Raises:
-        `CommandError`: the device is not available, or the model or processor cannot be loaded (no network and no
-            local copy, a wrong path, ...); the message says how to work offline.
+        `CommandError`: a local path that does not exist ([`check_model_location`]), the device is not available, or
+            the model or processor cannot be loaded (no network and no local copy, ...); the message says how to work
+            offline.
     """
+    check_model_location(model_name_or_path, "--model")
+    check_model_location(adapter, "--adapter")
     if not isinstance(device, torch.device):
         device = resolve_device(device)
     try:

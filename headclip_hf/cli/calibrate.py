@@ -5,16 +5,19 @@ import argparse
 import json
 from pathlib import Path
 
-from ..adapters import ADAPTER_OUTPUT, is_headclip_adapter, save_headclip_adapter
+from ..adapters import ADAPTER_OUTPUT, is_headclip_adapter, write_headclip_adapter
 from ..calibration import DEFAULT_TARGET_FPR, METHODS, CalibrationResult, calibrate, check_calibration_data
 from ..conversion import HEADCLIP_MODEL_OUTPUT
-from ..data import LAYOUTS, load_anomaly_dataset
 from ..files import OutputKind, check_output_folder, output_folder
 from ._common import (
-    CommandError,
+    add_data_arguments,
+    add_max_image_pixels_argument,
     add_model_arguments,
     add_output_dir_argument,
+    image_pixel_limit,
+    load_data,
     load_model_and_processor,
+    non_negative_int,
     positive_int,
     rate,
 )
@@ -50,9 +53,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "model.",
         epilog=EPILOG,
     )
-    parser.add_argument("data", help="data set root or one category folder (the layouts of `headclip evaluate`)")
-    parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="folder layout (default: auto-detect)")
-    parser.add_argument("--categories", nargs="+", help="calibrate on these categories only")
+    add_data_arguments(parser, streaming=False)
     add_output_dir_argument(parser, None, "the calibrated model or adapter and calibration.json")
     parser.add_argument("--method", default="auto", choices=METHODS, help="calibration method (default: auto)")
     parser.add_argument(
@@ -69,7 +70,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--per_category", action="store_true", help="also calibrate each category on its own images")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
-    parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="data loading processes (default: 0)")
+    add_max_image_pixels_argument(parser)
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -78,28 +80,26 @@ def run(args: argparse.Namespace) -> int:
     as_adapter = is_headclip_adapter(args.adapter or args.model)
     kind = CALIBRATED_ADAPTER_OUTPUT if as_adapter else CALIBRATED_MODEL_OUTPUT
     check_output_folder(args.output_dir, kind, args.overwrite)
-    try:
-        dataset = load_anomaly_dataset(args.data, layout=args.layout, categories=args.categories)
-    except (OSError, ValueError) as error:
-        raise CommandError(f"Cannot load the data set {args.data}: {error}") from error
-    check_calibration_data(dataset, args.method, args.target_fpr, args.pixel_target_fpr, args.per_category)
-    model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
-    result = calibrate(
-        model,
-        processor,
-        dataset,
-        method=args.method,
-        target_fpr=args.target_fpr,
-        pixel_target_fpr=args.pixel_target_fpr,
-        per_category=args.per_category,
-        data_source=args.data,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-    )
+    with image_pixel_limit(args.max_image_pixels):
+        dataset = load_data(args)
+        check_calibration_data(dataset, args.method, args.target_fpr, args.pixel_target_fpr, args.per_category)
+        model, processor = load_model_and_processor(args.model, args.adapter, args.image_size, args.device)
+        result = calibrate(
+            model,
+            processor,
+            dataset,
+            method=args.method,
+            target_fpr=args.target_fpr,
+            pixel_target_fpr=args.pixel_target_fpr,
+            per_category=args.per_category,
+            data_source=args.data,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+        )
     result.apply(model)
     with output_folder(args.output_dir, kind, args.overwrite) as staging:
         if as_adapter:
-            save_headclip_adapter(model, staging)
+            write_headclip_adapter(model, staging)
         else:
             model.save_pretrained(staging)
             processor.save_pretrained(staging)

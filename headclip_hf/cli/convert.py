@@ -6,19 +6,20 @@ import logging
 
 from ..configuration_headclip import DEFAULT_CLIP_CHECKPOINT
 from ..conversion import ANOMALYCLIP_SETTINGS, convert_anomalyclip_checkpoint
-from ._common import add_output_dir_argument
+from ._common import add_output_dir_argument, check_model_location, positive_int
 
 logger = logging.getLogger(__name__)
 
 EPILOG = """examples:
   headclip convert anomalyclip checkpoints/9_12_4_multiscale_visa/epoch_15.pth --output_dir anomalyclip-visa
-  headclip convert anomalyclip epoch_15.pth --base /models/clip-vit-large-patch14-336 --output_dir adapter/ --adapter
+  headclip convert anomalyclip epoch_15.pth --model /models/clip-vit-large-patch14-336 --output_dir adapter/ \\
+      --adapter_only
 
-Writes a HeadCLIP save_pretrained folder (or, with --adapter, a HeadCLIP adapter of --base) that computes what
+Writes a HeadCLIP save_pretrained folder (or, with --adapter_only, a HeadCLIP adapter of --model) that computes what
 AnomalyCLIP computes; use it with --model in the other commands. The output folder is checked before anything loads;
 an earlier output there is replaced, a folder with other files is refused unless --overwrite. The checkpoint is read
 with torch.load(weights_only=True): tensors only, nothing is unpickled. AnomalyCLIP's own flag names (--n_ctx, --depth,
---t_n_ctx) are accepted too."""
+--t_n_ctx) are accepted too, and so are --base and --adapter, the earlier names of --model and --adapter_only."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -38,13 +39,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "checkpoint", help="AnomalyCLIP checkpoint, e.g. checkpoints/9_12_4_multiscale/epoch_15.pth"
     )
     anomalyclip.add_argument(
-        "--base", default=DEFAULT_CLIP_CHECKPOINT, help="the CLIP the checkpoint was trained on (%(default)s)"
+        "--model",
+        "--base",
+        default=DEFAULT_CLIP_CHECKPOINT,
+        help="the CLIP the checkpoint was trained on, a Hub id or a local folder (%(default)s)",
     )
     add_output_dir_argument(
-        anomalyclip, None, "a complete HeadCLIP save_pretrained folder (with --adapter: an adapter)"
+        anomalyclip, None, "a complete HeadCLIP save_pretrained folder (with --adapter_only: an adapter)"
     )
     anomalyclip.add_argument(
-        "--adapter", action="store_true", help="write only the HeadCLIP parameters, as a HeadCLIP adapter of --base"
+        "--adapter_only",
+        "--adapter",
+        action="store_true",
+        help="write only the HeadCLIP parameters, as a HeadCLIP adapter of --model (as push --adapter_only)",
     )
     anomalyclip.add_argument(
         "--feature_layers",
@@ -60,20 +67,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         (("--prompt_length", "--n_ctx"), "prompt_length", "context vectors per prompt"),
         (("--deep_prompt_depth", "--depth"), "deep_prompt_depth", "deep prompts at text layers 2..depth"),
         (("--deep_prompt_length", "--t_n_ctx"), "deep_prompt_length", "tokens per deep prompt"),
-        (("--image_size",), "image_size", "working image size in pixels"),
     ):
         anomalyclip.add_argument(
             *flags, type=int, default=ANOMALYCLIP_SETTINGS[field], help=f"{meaning} (default: %(default)s)"
         )
+    anomalyclip.add_argument(
+        "--image_size",
+        type=positive_int,
+        help=f"working image size in pixels, a multiple of the patch size (default: AnomalyCLIP's "
+        f"{ANOMALYCLIP_SETTINGS['image_size']} on the base's patch grid: {ANOMALYCLIP_SETTINGS['image_size']} on "
+        "ViT-L/14, the nearest multiple of the patch size on other bases, e.g. 512 on ViT-B/16)",
+    )
     anomalyclip.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `headclip convert anomalyclip`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_model_location(args.model)
     convert_anomalyclip_checkpoint(
         args.checkpoint,
-        base=args.base,
+        base=args.model,
         output_dir=args.output_dir,
         feature_layers=args.feature_layers,
         vv_start_layer=args.vv_start_layer,
@@ -81,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
         deep_prompt_depth=args.deep_prompt_depth,
         deep_prompt_length=args.deep_prompt_length,
         image_size=args.image_size,
-        adapter=args.adapter,
+        adapter=args.adapter_only,
         overwrite=args.overwrite,
     )
-    logger.info("Converted %s (base %s) to %s", args.checkpoint, args.base, args.output_dir)
+    logger.info("Converted %s (base %s) to %s", args.checkpoint, args.model, args.output_dir)
     return 0

@@ -3,9 +3,6 @@
 
 import argparse
 
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-
 from ..dataset_export import (
     DATA_FOLDER,
     DATASET_CARD,
@@ -14,6 +11,7 @@ from ..dataset_export import (
     parse_shard_size,
     upload_anomaly_dataset,
 )
+from ..hub import check_repo_id, check_upload_access
 from ._common import CommandError, add_data_arguments, add_output_dir_argument, data_arguments
 
 EXPORT_EPILOG = f"""examples:
@@ -25,7 +23,7 @@ EXPORT_EPILOG = f"""examples:
 Writes OUTPUT_DIR/{DATA_FOLDER}/<split>-<index>-of-<count>.parquet (image and mask bytes embedded; `path` relative to
 the source folder) and OUTPUT_DIR/{DATASET_CARD}, a dataset card (features, images per split and category, licence
 and citation from the source's README when it has them). With --push_to_hub the folder is then uploaded (log in first
-with `hf auth login`, or pass --token)."""
+with `hf auth login`, or pass --token; the login is checked before the export)."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -61,14 +59,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     if args.push_to_hub is not None:
-        try:
-            validate_repo_id(args.push_to_hub)
-        except HFValidationError as error:
-            raise CommandError(f"--push_to_hub {args.push_to_hub!r} is not a Hub repository id: {error}") from error
+        check_repo_id(args.push_to_hub)
     try:
         parse_shard_size(args.max_shard_size)
     except ValueError as error:
         raise CommandError(str(error)) from error
+    if args.push_to_hub is not None:  # the login, before the export
+        check_upload_access(args.token, without_upload="leave out --push_to_hub")
     folder = export_anomaly_dataset(
         args.data,
         args.output_dir,

@@ -33,6 +33,7 @@ from ._common import (
     image_pixel_limit,
     load_data,
     load_model_and_processor,
+    non_negative_int,
     positive_int,
     process_state,
     resolve_device,
@@ -72,7 +73,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_data_arguments(parser)
     add_output_dir_argument(parser, "evaluation", "the results table, JSON and plots")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass (default: 8)")
-    parser.add_argument("--num_workers", type=int, default=0, help="data loading processes (default: 0)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="data loading processes (default: 0)")
     parser.add_argument("--no_plots", action="store_true", help="write the table and JSON only")
     add_max_image_pixels_argument(parser)
     parser.add_argument(

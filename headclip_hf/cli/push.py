@@ -81,9 +81,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--space", metavar="SPACE_ID", help="also publish the demo app as a Gradio Space (user/name) showing the model"
     )
     parser.add_argument(
-        "--space_dir", help="where to write the Space folder (needed with --dry_run; default: a temporary folder)"
+        "--space_dir",
+        help="where to write the Space folder (needed with --dry_run; default: a temporary folder); --overwrite "
+        "applies to it too",
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, cpu_default="publishing only loads and saves the model, no accelerator needed")
     parser.set_defaults(handler=run)
 
 
@@ -137,7 +139,7 @@ def _check_inputs(args: argparse.Namespace) -> torch.device:
     if args.space is not None and args.dry_run and args.space_dir is None:
         raise CommandError("--dry_run writes the Space folder to --space_dir: pass --space_dir DIR.")
     if args.space is not None and args.space_dir is not None:
-        check_output_folder(args.space_dir, SPACE_OUTPUT)
+        check_output_folder(args.space_dir, SPACE_OUTPUT, args.overwrite)
     results_dir = Path(args.results)
     if not all((results_dir / name).is_file() for name in (RESULTS_JSON, RESULTS_MARKDOWN)):
         raise CommandError(
@@ -151,7 +153,7 @@ def _check_inputs(args: argparse.Namespace) -> torch.device:
         )
     if args.output_dir is not None:
         check_output_folder(args.output_dir, HUB_FOLDER_OUTPUT, args.overwrite)
-    device = resolve_device(args.device or "cpu")
+    device = resolve_device(args.device)
     if not args.dry_run:
         check_upload_access(args.token)
     return device
@@ -194,6 +196,7 @@ def _publish_space(args: argparse.Namespace) -> None:
         license=args.license,
         private=args.private,
         token=args.token,
+        overwrite=args.overwrite,
     )
     if space_url is None:
         print(f"Dry run: wrote the Space folder for {args.space} to {args.space_dir}; nothing was uploaded.")

@@ -14,7 +14,7 @@ from accelerate.utils import set_seed
 from transformers import HfArgumentParser
 
 from ..adapters import is_peft_adapter, load_headclip_model_and_processor
-from ..data import load_anomaly_dataset
+from ..hub import check_upload_access
 from ..reporting import safe_file_name
 from ..training import (
     ALL_RESULTS_NAME,
@@ -25,7 +25,7 @@ from ..training import (
     check_training_inputs,
     train,
 )
-from ._common import HelpFormatter
+from ._common import HelpFormatter, add_option_alias, check_model_location, load_data_set
 
 
 def parse_config_overrides(overrides: str | None) -> dict:
@@ -93,12 +93,17 @@ def main(argv: list[str] | None = None) -> Path:
     """
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, HeadCLIPTrainingArguments),
+        prog="headclip train",
         description="Train HeadCLIP's prompts and head weights on an auxiliary labelled anomaly data set.",
         epilog=TRAIN_EXAMPLES,
         formatter_class=HelpFormatter,
     )
+    add_option_alias(parser, "--output_dir", "--out")  # as every other command (HfArgumentParser adds --output-dir)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_model_location(model_args.model_name_or_path, "--model_name_or_path")
+    if training_args.push_to_hub:  # the login, before hours of training
+        check_upload_access(training_args.hub_token, "--hub_token", "leave out --push_to_hub")
     if is_peft_adapter(model_args.model_name_or_path):
         raise ValueError(
             f"{model_args.model_name_or_path} is a LoRA (PEFT) adapter: training cannot continue from it (the new "
@@ -106,9 +111,9 @@ def main(argv: list[str] | None = None) -> Path:
             "a full model saved with `load_headclip_model(adapter).save_pretrained(folder)`."
         )
     config_overrides = parse_config_overrides(model_args.config_overrides)
-    train_dataset = load_anomaly_dataset(data_args.train_data, layout=data_args.train_layout)
+    train_dataset = load_data_set(data_args.train_data, **data_args.train_load_arguments())
     eval_datasets = {
-        dataset_name(path): load_anomaly_dataset(path, layout=data_args.eval_layout) for path in data_args.eval_data
+        dataset_name(path): load_data_set(path, **data_args.eval_load_arguments()) for path in data_args.eval_data
     }
     check_training_inputs(train_dataset, eval_datasets, training_args)
     set_seed(training_args.seed)  # before loading: prompt positions left free by the init phrase start random
