@@ -241,9 +241,7 @@ REFERENCE_SOURCE_TEST = "test"
 
 
 def load_training_normals(
-    root: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
-    layout: str = "auto",
-    cache_dir: str | os.PathLike | None = None,
+    root: str | os.PathLike | datasets.Dataset | datasets.DatasetDict, **load_arguments: Any
 ) -> datasets.Dataset | None:
     """
     The normal training images of a data set (`load_anomaly_dataset(root, split="train")`, normal rows: MVTec AD and
@@ -252,10 +250,11 @@ def load_training_normals(
     Args:
         root (`str`, `os.PathLike`, `datasets.Dataset` or `datasets.DatasetDict`):
             The data set, as `load_anomaly_dataset` takes it.
-        layout (`str`, *optional*, defaults to `"auto"`):
-            Its folder layout.
-        cache_dir (`str` or `os.PathLike`, *optional*):
-            The `datasets` cache folder.
+        load_arguments:
+            The other keyword arguments of `load_anomaly_dataset` (`layout`, `categories`, `revision`, the column
+            names, `skip_unreadable`, `allow_outside_root`, `cache_dir`, ...), as the test data was loaded with, so
+            that both splits come from the same source, revision and columns; not `split` or `streaming` (the
+            references are drawn from the whole split).
 
     Returns:
         `datasets.Dataset` or `None`: the normal training rows; `None` when the source has no training split (then
@@ -271,7 +270,7 @@ def load_training_normals(
         logger.info(f"{root} is one table (the test data): k-shot references come from the test normals.")
         return None
     try:
-        train = load_anomaly_dataset(root, layout=layout, split="train", cache_dir=cache_dir)
+        train = load_anomaly_dataset(root, split="train", **load_arguments)
     except SplitNotFoundError as error:
         logger.info(f"No training normals in {root} ({error}); k-shot references come from the test normals.")
         return None

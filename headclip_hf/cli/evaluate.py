@@ -30,6 +30,7 @@ from ._common import (
     add_model_arguments,
     add_output_dir_argument,
     add_speed_arguments,
+    data_arguments,
     image_pixel_limit,
     load_data,
     load_model_and_processor,
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = load_data(args)
         training_normals = None
         if args.k_shot is not None:  # the references are drawn (and checked) before the model loads
-            training_normals = load_training_normals(args.data, layout=args.layout)
+            training_normals = load_training_normals(args.data, **data_arguments(args))  # as the test data
             draw_k_shot_references(dataset, args.k_shot, seeds, training_normals)
         model, processor = load_model_and_processor(
             args.model, args.adapter, args.image_size, device, args.dtype, args.compile
