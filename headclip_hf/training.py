@@ -59,6 +59,7 @@ from .adapters import (
     HEADCLIP_MODULES,
     PEFT_ADAPTER_OUTPUT,
     PEFT_HEADCLIP_CONFIG_NAME,
+    check_finite_tensors,
     save_headclip_adapter,
     state_dict_mismatches,
 )
@@ -66,7 +67,7 @@ from .configuration_headclip import DEFAULT_CLIP_CHECKPOINT, DEFAULT_IMAGE_SIZE
 from .data import AnomalyCollator
 from .evaluation import evaluate_model
 from .files import check_writable_folder, output_file, output_folder, replace_directory
-from .hub import check_repo_id
+from .hub import ADAPTER_LIBRARY, HUB_PIPELINE_TAG, check_repo_id
 from .metrics import METRIC_NAMES
 from .modeling_headclip import HeadCLIPModel
 from .processing_headclip import HeadCLIPProcessor, check_working_size
@@ -760,6 +761,8 @@ def _peft_adapter_card(
     data = ModelCardData(
         base_model=base_model_name_or_path if _is_hub_id(base_model_name_or_path) else None,
         tags=["headclip", "anomaly-detection", "zero-shot-anomaly-detection", "peft", "lora"],
+        library_name=ADAPTER_LIBRARY,  # loaded with this package (`load_headclip_model`), as a HeadCLIP adapter
+        pipeline_tag=HUB_PIPELINE_TAG,
     )
     config = model.get_base_model().config
     text = f"""
@@ -904,8 +907,12 @@ class _TrainingRun:
         logger.info(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1}).")
 
     def _load_trainable_parameters(self, checkpoint: Path) -> None:
-        """Load the trainable parameters of `checkpoint`; a model of another shape is refused, mismatches named."""
+        """
+        Load the trainable parameters of `checkpoint`; a model of another shape, or parameters holding NaN or infinite
+        values, are refused, with the tensors named.
+        """
         saved = _load_tensors(checkpoint / CHECKPOINT_WEIGHTS_NAME)
+        check_finite_tensors(saved, str(checkpoint / CHECKPOINT_WEIGHTS_NAME))
         model = self.unwrapped_model
         expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
         problems = state_dict_mismatches(saved, expected)

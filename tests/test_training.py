@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_hub import RecordingHfApi
 from transformers import get_scheduler
 
@@ -218,6 +218,7 @@ def test_lora_trains_saves_and_reloads_identically(base_dir, tmp_path, synthetic
     card = ModelCard.load(adapter / "README.md")
     assert "More Information Needed" not in card.text and "rank 2, alpha 16" in card.text
     assert "load_headclip_model" in card.text and card.data.base_model is None
+    assert (card.data.library_name, card.data.pipeline_tag) == ("headclip_hf", "image-segmentation")
     # `model` was wrapped in place by PEFT: LoRA layers exist, the backbone weights themselves are unchanged.
     peft_model = PeftModel.from_pretrained(HeadCLIPModel.from_pretrained(base_dir, joint_alpha=0.25), adapter).eval()
     lora_weights = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
@@ -364,6 +365,19 @@ def test_resuming_never_unpickles(base_dir, tmp_path, synthetic_set, file_name, 
     with pytest.raises(ValueError, match=message):
         run_training(base_dir, synthetic_set, resume)
     assert not marker.exists()
+
+
+def test_checkpoint_with_non_finite_parameters_is_refused(base_dir, tmp_path, synthetic_set):
+    """Issue 9, item 3: resuming from a checkpoint whose parameters hold NaN stops, naming the file and the tensor."""
+    run_training(base_dir, synthetic_set, training_args(tmp_path / "run"))
+    weights = tmp_path / "run" / "checkpoints" / "step_2" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(name for name in tensors if "head_weights" in name)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights)
+    resume = training_args(tmp_path / "run", resume_from_checkpoint="latest", num_train_epochs=2)
+    with pytest.raises(ValueError, match=rf"Refused to load {re.escape(str(weights))}: the tensors {name} hold NaN"):
+        run_training(base_dir, synthetic_set, resume)
 
 
 def test_checkpoint_files_are_tensors_and_json(base_dir, tmp_path, synthetic_set):
