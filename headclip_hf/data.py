@@ -1236,7 +1236,7 @@ def label_from_value(value: Any, class_names: Sequence[str] | None = None) -> tu
     - a `ClassLabel` index, read as its name (`class_names`).
 
     Args:
-        value: The label.
+        value (`Any`): The label.
         class_names (`Sequence[str]`, *optional*): The names of a `ClassLabel` column, to read indices as names.
 
     Returns:
@@ -1291,7 +1291,7 @@ class AnomalyCollator:
     a `None` mask (a normal image, or an unknown mask) becomes all zeros; `mask_valid` says which zeros are real.
 
     Args:
-        processor: A `HeadCLIPProcessor` (or anything with its call signature).
+        processor (`HeadCLIPProcessor`): The processor (or anything with its call signature).
     """
 
     processor: Any

@@ -71,7 +71,8 @@ def export_anomaly_dataset(
     labels and masks bit for bit.
 
     Args:
-        source: What [`load_anomaly_dataset`] accepts (a folder, Parquet files, a Hub id, a `datasets` data set).
+        source (`Any`): What [`load_anomaly_dataset`] accepts (a folder, Parquet files, a Hub id, a `datasets` data
+            set).
         output_dir (`str` or `os.PathLike`): The folder to write (`README.md` and `data/`).
         splits (`str` or `Sequence[str]`, defaults to `("test",)`): The splits to export.
         max_shard_size (`int` or `str`, defaults to `"500MB"`): The largest Parquet shard, before compression (a

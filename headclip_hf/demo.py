@@ -143,9 +143,10 @@ def detect(
     Run the pipeline on one uploaded image file, in few-shot mode when `reference_files` are given.
 
     Args:
-        detector: the pipeline.
-        image_file: the uploaded image; `None` (nothing uploaded) gives `None`.
-        reference_files: normal images of the same object (few-shot mode).
+        detector (`ZeroShotAnomalyDetectionPipeline`): The pipeline.
+        image_file (`str` or `os.PathLike`, *optional*): The uploaded image; `None` (nothing uploaded) gives `None`.
+        reference_files (`Sequence[str | os.PathLike]`, *optional*): Normal images of the same object (few-shot
+            mode).
 
     Raises:
         `ValueError`: the image or a reference is not a readable image (the message names the file).

@@ -523,7 +523,8 @@ class ExportedDetector:
         Detect anomalies in one image or a list of images.
 
         Args:
-            inputs: image file paths, PIL images in any mode or numpy arrays (as the pipeline takes them), or a list.
+            inputs (`str`, `os.PathLike`, `PIL.Image.Image`, `np.ndarray` or a list of them): Image file paths, PIL
+                images in any mode or numpy arrays (as the pipeline takes them), or a list.
             batch_size (`int`, *optional*, defaults to 1): images per graph run (more than 1 needs an export with a
                 dynamic batch).
             threshold (`float`, *optional*): `label` is "anomaly" when `score >= threshold`. Defaults to the export's

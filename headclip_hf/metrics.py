@@ -1,9 +1,8 @@
 """Anomaly detection metrics: image AUROC / AP / F1-max, pixel AUROC / AP / F1-max / AUPRO, per category and mean.
 
-This module is the one home of the metric math. Its conventions are those of the field (DESIGN.md, "Metrics"):
-label / mask value 1 means anomalous, a higher score means more anomalous, every metric is computed per category
-and then averaged over categories, mAD image is the mean of the three image metrics and mAD pixel the mean of the
-four pixel metrics.
+This module is the one home of the metric math. Its conventions are those of the field: label / mask value 1 means
+anomalous, a higher score means more anomalous, every metric is computed per category and then averaged over
+categories, mAD image is the mean of the three image metrics and mAD pixel the mean of the four pixel metrics.
 
 Two ways in, one computation:
 

@@ -129,7 +129,10 @@ def save_space_folder(
 
     Args:
         folder (`str` or `os.PathLike`): Where to write it.
-        space_id, model_repo_id, model_revision, license: as for [`render_space_card`].
+        space_id (`str`): The Space, `user/name`.
+        model_repo_id (`str`): The model repository the Space shows.
+        model_revision (`str`, *optional*): The model's branch, if not main.
+        license (`str`, *optional*): A Hub licence id (the model's).
         overwrite (`bool`, *optional*, defaults to `False`): Replace the Space's files in a folder that also holds
             other files (those stay, and are not uploaded).
 
@@ -162,10 +165,13 @@ def publish_space(
     created when missing (`headclip push --space`).
 
     Args:
-        space_id, model_repo_id, model_revision, license: as for [`render_space_card`].
+        space_id (`str`): The Space, `user/name`.
+        model_repo_id (`str`): The model repository the Space shows.
         folder (`str` or `os.PathLike`, *optional*): Where to write the folder (default: a temporary folder, removed
             after the upload).
         upload (`bool`, *optional*, defaults to `True`): Upload it; `False` only writes it (a dry run).
+        model_revision (`str`, *optional*): The model's branch, if not main.
+        license (`str`, *optional*): A Hub licence id (the model's).
         private (`bool`, *optional*, defaults to `False`): Create the Space as private.
         token (`str`, *optional*): A Hub token (default: the one of `hf auth login`).
         overwrite (`bool`, *optional*, defaults to `False`): As for [`save_space_folder`].
