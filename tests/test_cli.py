@@ -4,6 +4,9 @@ the offline error, and the train / convert delegation."""
 import csv
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import huggingface_hub
 import numpy as np
@@ -278,3 +281,11 @@ def test_convert_anomalyclip(monkeypatch, capsys):
         True,
         "openai/clip-vit-large-patch14-336",
     )
+
+
+@pytest.mark.parametrize("script, command", [("hub/app.py", "demo"), ("hub/publish.py", "push")])
+def test_hub_scripts_run_their_commands(script, command):
+    """`python hub/app.py` is `headclip demo` and `python hub/publish.py` is `headclip push`, with the same options."""
+    path = Path(__file__).resolve().parents[1] / script
+    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith(f"usage: headclip {command} ") and f"headclip {command} --model" in result.stdout
