@@ -175,7 +175,7 @@ def main() -> None:
     )
     print()
     print(
-        "| model | image | batch | path | references (MB) | s/img | vs bare | vs eager float32 "
+        "| model | image | batch | path | references (MiB) | s/img | vs bare | vs eager float32 "
         "| max map diff to eager float32 |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
