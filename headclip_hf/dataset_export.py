@@ -77,8 +77,10 @@ def export_anomaly_dataset(
         splits (`str` or `Sequence[str]`, defaults to `("test",)`): The splits to export.
         max_shard_size (`int` or `str`, defaults to `"500MB"`): The largest Parquet shard, before compression (a
             number of bytes, or a size such as "500MB" or "1GiB").
-        license (`str`, *optional*): The Hub licence id of the card (default: read from the source's README).
-        citation (`str`, *optional*): The citation of the card (default: read from the source's README).
+        license (`str`, *optional*): The Hub licence id of the card (default: read from the source's README, or for
+            a `datasets` data set from its `info.license`).
+        citation (`str`, *optional*): The citation of the card (default: read from the source's README, or for a
+            `datasets` data set from its `info.citation`).
         pretty_name (`str`, *optional*): The card's title (default: the source's name).
         repo_id (`str`, *optional*): The Hub repository the folder is meant for, used in the card's examples.
         overwrite (`bool`, defaults to `False`): Replace this writer's files in a folder that also holds other files.
@@ -101,7 +103,7 @@ def export_anomaly_dataset(
     output_dir = check_output_folder(output_dir, DATASET_EXPORT_OUTPUT, overwrite)
     loaded = {split: load_anomaly_dataset(source, split=split, **load_kwargs) for split in splits}
     source_folder = _source_folder(source)
-    notes = read_source_notes(source_folder) if source_folder is not None else SourceNotes()
+    notes = read_source_notes(source_folder) if source_folder is not None else dataset_info_notes(source)
     card = render_dataset_card(
         loaded,
         source_name=_source_name(source, source_folder, notes.readme),
@@ -288,6 +290,24 @@ def _citation(items: list[str]) -> str | None:
             return bibtex.group(1).strip()
     cited = [match.group(1).strip() for item in items if (match := _CITE.search(item))]
     return "\n\n".join(cited or items) or None
+
+
+def dataset_info_notes(source: Any) -> SourceNotes:
+    """
+    The licence and citation a `datasets` data set carries in its `DatasetInfo` (a `DatasetDict`'s first split's);
+    an empty `SourceNotes` for other sources. A licence that is not a Hub licence id (one word such as "mit" or
+    "cc-by-nc-sa-4.0") is kept as the card's licence text, with the id read from it.
+    """
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        source = next(iter(source.values()), None)
+    if not isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        return SourceNotes()
+    license, citation = (source.info.license or "").strip(), (source.info.citation or "").strip()
+    if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        return SourceNotes(license=license, citation=citation or None)
+    return SourceNotes(
+        license=_license_id(license) if license else None, license_text=license or None, citation=citation or None
+    )
 
 
 def _license_id(text: str) -> str:

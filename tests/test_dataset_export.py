@@ -16,7 +16,7 @@ from test_hub import RecordingHfApi
 from headclip_hf import HeadCLIPProcessor, export_anomaly_dataset, load_anomaly_dataset
 from headclip_hf import evaluation as evaluation_module
 from headclip_hf.cli import main
-from headclip_hf.dataset_export import read_source_notes
+from headclip_hf.dataset_export import SourceNotes, dataset_info_notes, read_source_notes
 from headclip_hf.evaluation import evaluate_model
 from headclip_hf.metrics import AnomalyMetricsAccumulator
 
@@ -134,6 +134,24 @@ def test_source_notes_from_a_dataset_card(tmp_path):
     assert notes.license == "apache-2.0"
     assert notes.citation == "@article{widgets,\n  title={Widgets}\n}"
     assert read_source_notes(tmp_path / "widgets", levels=0).license is None  # the README is one level up
+
+
+def test_source_notes_of_an_in_memory_data_set(tmp_path):
+    # A `datasets` data set carries its licence and citation in its DatasetInfo: the card takes them from there.
+    root = make_mvtec_tree(tmp_path / "mvtec")
+    rows = load_anomaly_dataset(root, cache_dir=tmp_path / "cache")
+    citation = "@article{widgets,\n  title={Widgets}\n}"
+    rows.info.license, rows.info.citation = "cc-by-nc-sa-4.0", citation
+    export_anomaly_dataset(datasets.DatasetDict({"test": rows}), tmp_path / "export")
+    card = DatasetCard.load(tmp_path / "export" / "README.md")
+    assert card.data.license == "cc-by-nc-sa-4.0" and citation in card.text
+
+    rows.info.license = "CC BY-NC-SA 4.0: non-commercial use only"
+    notes = dataset_info_notes(rows)
+    assert (notes.license, notes.license_text, notes.citation) == ("cc-by-nc-sa-4.0", rows.info.license, citation)
+    assert dataset_info_notes(str(root)) == SourceNotes()
+    rows.info.license = rows.info.citation = ""
+    assert dataset_info_notes(rows) == SourceNotes()
 
 
 def results_of(folder: Path) -> dict:
