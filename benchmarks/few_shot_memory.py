@@ -19,18 +19,14 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from _common import MMAP_THRESHOLD, add_configs_dir_argument, require_configs_dir, run_child
 
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel
 from headclip_hf.cli._common import apply_flag_convention
 from headclip_hf.modeling_headclip import REFERENCE_CHUNK_SIZE
-
-CONFIGS_DIR_VARIABLE = "HEADCLIP_CONFIGS_DIR"
-MMAP_THRESHOLD = 131072  # as benchmarks/training.py
 
 
 def resident_bytes() -> int:
@@ -61,12 +57,7 @@ def measure(config_dir: str, image_size: int, batch_size: int, k_shot: int, thre
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--configs_dir",
-        type=Path,
-        default=os.environ.get(CONFIGS_DIR_VARIABLE),
-        help=f"folder holding one CLIP config folder per case (config.json) (default: ${CONFIGS_DIR_VARIABLE})",
-    )
+    add_configs_dir_argument(parser)
     parser.add_argument("--case", default="clip-vit-large-patch14-336:518", help="config_folder:image_size")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--k_shots", nargs="+", type=int, default=[0, 1, 4, 16], help="0: the zero-shot forward")
@@ -76,8 +67,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return
-    if args.configs_dir is None:
-        parser.error(f"pass --configs_dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config folders")
+    require_configs_dir(parser, args)
     if not Path("/proc/self/clear_refs").exists():
         parser.error("this benchmark reads Linux's /proc to measure the peak memory of one forward")
 
@@ -93,7 +83,6 @@ def main() -> None:
         "| vs zero-shot (MiB) |"
     )
     print("|---|---|---|---|---|")
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     zero_shot_growth = None
     for k_shot in args.k_shots:
         child = {
@@ -103,11 +92,7 @@ def main() -> None:
             "k_shot": k_shot,
             "threads": args.threads,
         }
-        command = [sys.executable, __file__, "--child", json.dumps(child)]
-        result = subprocess.run(command, capture_output=True, text=True, env=environment)
-        if result.returncode != 0:
-            raise SystemExit(f"k = {k_shot} failed:\n{result.stderr[-3000:]}")
-        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        measured = run_child(__file__, child, f"k = {k_shot}")
         growth = (measured["peak_bytes"] - measured["before_bytes"]) / 2**20
         if k_shot == 0:
             zero_shot_growth = growth

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import add_configs_dir_argument, require_configs_dir
 from transformers import CLIPTokenizer
 
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel, HeadCLIPProcessor
@@ -60,7 +61,6 @@ TINY_CONFIG = dict(
     ),
     projection_dim=16,
 )
-CONFIGS_DIR_VARIABLE = "HEADCLIP_CONFIGS_DIR"
 TOKENIZER_DIR_VARIABLE = "HEADCLIP_TOKENIZER_DIR"
 # Paths beyond the two that always run (bare and eager float32), in the order of the table.
 PATHS = ("bfloat16", "compile", "onnxruntime", "openvino")
@@ -130,12 +130,7 @@ def seconds(runner: Runner, pixel_values: torch.Tensor) -> tuple[float, np.ndarr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--configs_dir",
-        type=Path,
-        default=os.environ.get(CONFIGS_DIR_VARIABLE),
-        help=f"folder holding one CLIP config folder per case (config.json) (default: ${CONFIGS_DIR_VARIABLE})",
-    )
+    add_configs_dir_argument(parser)
     parser.add_argument(
         "--tokenizer_dir",
         type=Path,
@@ -155,11 +150,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path and case (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of every path (default: each's own)")
     args = apply_flag_convention(parser).parse_args()
-    if args.configs_dir is None and any(not case.startswith("tiny:") for case in args.cases):
-        parser.error(
-            f"pass --configs_dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config folder of each "
-            "case (e.g. clip-vit-base-patch16/config.json)"
-        )
+    if any(not case.startswith("tiny:") for case in args.cases):
+        require_configs_dir(parser, args)
     if args.tokenizer_dir is None:
         parser.error(f"pass --tokenizer_dir DIR or set {TOKENIZER_DIR_VARIABLE}: a folder holding CLIP's tokenizer")
     if args.threads:

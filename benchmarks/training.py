@@ -32,23 +32,19 @@ Usage:
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import MMAP_THRESHOLD, add_configs_dir_argument, require_configs_dir, run_child
 
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel
 from headclip_hf.cli._common import apply_flag_convention
 
-CONFIGS_DIR_VARIABLE = "HEADCLIP_CONFIGS_DIR"
 MODES = ("plain", "checkpointing", "prompts_only")
-# glibc: blocks this large (bytes) go to mmap and back to the system when freed (see the module docstring).
-MMAP_THRESHOLD = 131072
 DEFAULT_CASES = ("clip-vit-base-patch16:224:8", "clip-vit-large-patch14-336:518:2")
 
 
@@ -109,24 +105,12 @@ def run_in_subprocess(case: str, mode: str, args: argparse.Namespace) -> dict:
         "device": args.device,
         "repeats": args.repeats,
     }
-    command = [sys.executable, __file__, "--child", json.dumps(child)]
-    environment = dict(os.environ)
-    if not args.glibc_default_malloc:
-        environment["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    result = subprocess.run(command, capture_output=True, text=True, env=environment)
-    if result.returncode != 0:
-        raise SystemExit(f"{case} {mode} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(__file__, child, f"{case} {mode}", live_memory=not args.glibc_default_malloc)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--configs_dir",
-        type=Path,
-        default=os.environ.get(CONFIGS_DIR_VARIABLE),
-        help=f"folder holding one CLIP config folder per case (config.json) (default: ${CONFIGS_DIR_VARIABLE})",
-    )
+    add_configs_dir_argument(parser)
     parser.add_argument(
         "--cases", nargs="+", default=list(DEFAULT_CASES), help="config_folder:image_size:batch_size, one per case"
     )
@@ -142,11 +126,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return
-    if args.configs_dir is None:
-        parser.error(
-            f"pass --configs_dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config folder of each "
-            "case (e.g. clip-vit-base-patch16/config.json)"
-        )
+    require_configs_dir(parser, args)
 
     if args.device.startswith("cuda"):
         memory = "max allocated"
