@@ -24,13 +24,31 @@ def add_configs_dir_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def require_configs_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Stop with a usage error when neither `--configs_dir` nor `HEADCLIP_CONFIGS_DIR` says where the configs are."""
-    if args.configs_dir is None:
-        parser.error(
-            f"pass --configs_dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config folder of each "
-            "case (e.g. clip-vit-base-patch16/config.json)"
-        )
+def check_cases(
+    parser: argparse.ArgumentParser,
+    configs_dir: Path | None,
+    cases: list[str],
+    sizes: tuple[str, ...],
+    allow_tiny: bool = False,
+) -> None:
+    """
+    Stop with a usage error, before any work, unless every case is `config_folder:<sizes>` (positive whole numbers)
+    naming a folder of `configs_dir` that holds a `config.json`; with `allow_tiny`, "tiny:<sizes>" needs no folder.
+    """
+    form = ":".join(("config_folder", *sizes))
+    for case in cases:
+        name, *values = case.split(":")
+        if len(values) != len(sizes) or not all(value.isdigit() and int(value) > 0 for value in values):
+            parser.error(f"case {case!r} is not {form} (positive whole numbers)")
+        if allow_tiny and name == "tiny":
+            continue
+        if configs_dir is None:
+            parser.error(
+                f"pass --configs_dir DIR or set {CONFIGS_DIR_VARIABLE}: a folder holding the CLIP config folder of "
+                "each case (e.g. clip-vit-base-patch16/config.json)"
+            )
+        if not (configs_dir / name / "config.json").is_file():
+            parser.error(f"case {case!r}: {configs_dir / name / 'config.json'} does not exist")
 
 
 def run_child(script: str, child: dict, what: str, live_memory: bool = True) -> dict:

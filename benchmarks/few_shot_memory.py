@@ -22,7 +22,7 @@ import resource
 from pathlib import Path
 
 import torch
-from _common import MMAP_THRESHOLD, add_configs_dir_argument, require_configs_dir, run_child
+from _common import MMAP_THRESHOLD, add_configs_dir_argument, check_cases, run_child
 
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel
 from headclip_hf.cli._common import apply_flag_convention
@@ -67,7 +67,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return
-    require_configs_dir(parser, args)
+    check_cases(parser, args.configs_dir, [args.case], ("image_size",))
     if not Path("/proc/self/clear_refs").exists():
         parser.error("this benchmark reads Linux's /proc to measure the peak memory of one forward")
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import add_configs_dir_argument, require_configs_dir
+from _common import add_configs_dir_argument, check_cases
 from transformers import CLIPTokenizer
 
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel, HeadCLIPProcessor
@@ -150,8 +150,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path and case (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of every path (default: each's own)")
     args = apply_flag_convention(parser).parse_args()
-    if any(not case.startswith("tiny:") for case in args.cases):
-        require_configs_dir(parser, args)
+    check_cases(parser, args.configs_dir, args.cases, ("image_size",), allow_tiny=True)
     if args.tokenizer_dir is None:
         parser.error(f"pass --tokenizer_dir DIR or set {TOKENIZER_DIR_VARIABLE}: a folder holding CLIP's tokenizer")
     if args.threads:

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import MMAP_THRESHOLD, add_configs_dir_argument, require_configs_dir, run_child
+from _common import MMAP_THRESHOLD, add_configs_dir_argument, check_cases, run_child
 
 from headclip_hf import HeadCLIPConfig, HeadCLIPModel
 from headclip_hf.cli._common import apply_flag_convention
@@ -126,7 +126,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return
-    require_configs_dir(parser, args)
+    check_cases(parser, args.configs_dir, args.cases, ("image_size", "batch_size"))
 
     if args.device.startswith("cuda"):
         memory = "max allocated"
