@@ -263,8 +263,14 @@ def load_training_normals(
         `datasets.Dataset`), whose rows are the test rows themselves.
 
     Raises:
+        `ValueError`: a `split` or `streaming=True` in `load_arguments`.
         Every error of `load_anomaly_dataset` other than a missing split (an unreadable meta file or image, ...).
     """
+    for argument in ("split", "streaming"):
+        value = load_arguments.get(argument)
+        if value:
+            raise ValueError(f"load_training_normals reads the whole 'train' split: leave out {argument}={value!r}")
+    load_arguments.pop("streaming", None)
     one_table = isinstance(root, (datasets.Dataset, datasets.IterableDataset, list, tuple))
     if one_table or (isinstance(root, (str, os.PathLike)) and Path(root).expanduser().is_file()):
         logger.info(f"{root} is one table (the test data): k-shot references come from the test normals.")

@@ -576,6 +576,9 @@ def test_training_normals_load_with_the_test_datas_column_mapping(bottle, tmp_pa
     with pytest.raises(ValueError, match=r"No image column .* Name it with image_column="):  # not the defaults
         load_training_normals(tmp_path / "saved")
     normals = load_training_normals(tmp_path / "saved", **mapping)
+    for bad in ({"split": "test"}, {"streaming": True}):
+        with pytest.raises(ValueError, match=rf"reads the whole 'train' split: leave out {next(iter(bad))}="):
+            load_training_normals(tmp_path / "saved", **mapping, **bad)
     assert list(normals["path"]) == [rows["path"][index] for index in range(3)]
     assert set(normals["label"]) == {0}
     test = load_anomaly_dataset(tmp_path / "saved", **mapping)
